@@ -1,4 +1,15 @@
 // The command table: one line per command file. main.ts dispatches on these names.
 import type { Command } from '../command.js';
+import { doctorCommand } from './doctor.js';
+import { quantizeCommand } from './quantize.js';
+import { generateCommand } from './generate.js';
+import { evalCommand } from './eval.js';
+import { demoModelCommand } from './demo-model.js';
 
-export const commands: Command[] = [];
+export const commands: Command[] = [
+  doctorCommand,
+  quantizeCommand,
+  generateCommand,
+  evalCommand,
+  demoModelCommand,
+];

@@ -1,0 +1,70 @@
+// `edgelora quantize`: a Hugging Face checkpoint to a quantized ONNX model directory.
+import type { Command } from '../command.js';
+import { parseFlags, numberFlag, requirePositional } from '../command.js';
+import { quantizeModel, DEFAULT_BLOCK_SIZE } from '../../model/quantize.js';
+import { QUANT_FORMATS, type QuantFormat } from '../../model/weights.js';
+import { EdgeloraError } from '../../util/errors.js';
+import { Progress } from '../../util/progress.js';
+
+const help = `Usage: edgelora quantize <hf-dir> <out-dir> [flags]
+
+Quantizes the seven projections of every layer (q, k, v, o, gate, up, down) of a Llama-family
+Hugging Face checkpoint (or converts a pre-quantized bitsandbytes *-bnb-4bit checkpoint without
+re-quantizing) and writes model.onnx (+ model.onnx.data) and manifest.json to <out-dir>.
+Embeddings, norms and lm_head stay float32.
+
+Flags:
+  --format nf4|fp4|int4|fp32  nf4/fp4: bitsandbytes layout, run by MatMulBnb4; int4: MatMulNBits
+                              (fastest on CPU); fp32: plain MatMul baseline. Default nf4.
+  --block-size N              elements per quantization block (default 64 for nf4/fp4, 32 for int4)
+  --double-quant              store absmax with bitsandbytes' nested 8-bit quantization (nf4/fp4)
+  --force                     replace <out-dir> if it exists
+  --json                      print the manifest as JSON instead of a summary
+  -h, --help                  this text`;
+
+export const quantizeCommand: Command = {
+  name: 'quantize',
+  summary: 'quantize a Hugging Face checkpoint to NF4/FP4/INT4 (or fp32) ONNX',
+  help,
+  async run(argv) {
+    const { values, positionals, help: h } = parseFlags('quantize', argv, {
+      format: { type: 'string' },
+      'block-size': { type: 'string' },
+      'double-quant': { type: 'boolean' },
+      force: { type: 'boolean' },
+      json: { type: 'boolean' },
+    });
+    if (h) {
+      process.stdout.write(help + '\n');
+      return 0;
+    }
+    const hfDir = requirePositional('quantize', 'hf-dir', positionals[0]);
+    const outDir = requirePositional('quantize', 'out-dir', positionals[1]);
+    const format = (values.format ?? 'nf4') as QuantFormat;
+    if (!QUANT_FORMATS.includes(format)) {
+      throw new EdgeloraError(`unknown --format "${values.format}"`, { where: '--format', hint: `use one of ${QUANT_FORMATS.join(', ')}` });
+    }
+    const blockSize = numberFlag('block-size', values['block-size'] as string | undefined, DEFAULT_BLOCK_SIZE[format], { integer: true, min: 16 });
+    if ((blockSize & (blockSize - 1)) !== 0) throw new EdgeloraError(`--block-size ${blockSize}: must be a power of two`, { where: '--block-size' });
+    const progress = new Progress({ total: 1, label: 'quantize', silent: Boolean(values.json) });
+    const res = await quantizeModel(hfDir, outDir, {
+      format,
+      blockSize,
+      doubleQuant: Boolean(values['double-quant']),
+      force: Boolean(values.force),
+      onTensor: (_name, i, total) => progress.update(Math.min(i, total - 1), { tensor: _name.replace(/^model\./, '') }),
+    });
+    if (values.json) {
+      process.stdout.write(JSON.stringify({ dir: res.dir, seconds: res.seconds, manifest: res.manifest }) + '\n');
+    } else {
+      const m = res.manifest;
+      process.stderr.write('\n');
+      process.stdout.write(
+        `wrote ${res.dir}: ${m.quant.format} (block ${m.quant.blockSize}${m.quant.doubleQuant ? ', double-quant' : ''}, from ${m.quant.source}), ` +
+          `${(m.parameters / 1e6).toFixed(2)}M parameters, ${((m.bytes.model + m.bytes.data) / 2 ** 20).toFixed(1)} MiB, ` +
+          `fingerprint ${m.fingerprint.slice(0, 16)}…, ${res.seconds.toFixed(1)} s\n`,
+      );
+    }
+    return 0;
+  },
+};

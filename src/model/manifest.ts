@@ -1,0 +1,53 @@
+// manifest.json of a quantized model directory: what the model is, how it was quantized, and the
+// base-model fingerprint that adapters are bound to. Validated with zod at load.
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { z } from 'zod';
+import { EdgeloraError } from '../util/errors.js';
+
+export const MANIFEST_FILE = 'manifest.json';
+export const MODEL_FILE = 'model.onnx';
+export const DATA_FILE = 'model.onnx.data';
+
+export const manifestSchema = z.object({
+  format: z.literal('edgelora-model/1'),
+  architecture: z.string(),
+  quant: z.object({
+    format: z.enum(['fp32', 'nf4', 'fp4', 'int4']),
+    blockSize: z.number().int().positive(),
+    doubleQuant: z.boolean(),
+    /** Where the 4-bit codes came from: quantized here, or taken from a bnb-4bit checkpoint. */
+    source: z.enum(['float', 'bnb-4bit']),
+  }),
+  /** sha256 (hex) over the canonical config, quantization options and every stored tensor. */
+  fingerprint: z.string().regex(/^[0-9a-f]{64}$/),
+  /** config.json of the source checkpoint, verbatim. */
+  sourceConfig: z.record(z.string(), z.unknown()),
+  parameters: z.number().int().nonnegative(),
+  bytes: z.object({ model: z.number().int().nonnegative(), data: z.number().int().nonnegative() }),
+  createdAt: z.string(),
+  tool: z.string(),
+});
+export type Manifest = z.infer<typeof manifestSchema>;
+
+export async function readManifest(dir: string): Promise<Manifest> {
+  const file = path.join(dir, MANIFEST_FILE);
+  let text: string;
+  try {
+    text = await fs.readFile(file, 'utf8');
+  } catch {
+    throw new EdgeloraError(`no ${MANIFEST_FILE}`, { where: dir, hint: 'point --model at a directory written by `edgelora quantize`' });
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (err) {
+    throw new EdgeloraError(`invalid JSON: ${(err as Error).message}`, { where: file });
+  }
+  const r = manifestSchema.safeParse(json);
+  if (!r.success) {
+    const i = r.error.issues[0]!;
+    throw new EdgeloraError(`field ${i.path.join('.') || '(root)'}: ${i.message}`, { where: file, hint: 're-run `edgelora quantize`' });
+  }
+  return r.data;
+}

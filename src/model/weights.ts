@@ -1,0 +1,308 @@
+// Weight providers for the model definition. `CheckpointWeights` reads a Hugging Face float (or
+// bnb-4bit) checkpoint one tensor at a time, quantizes it and hashes it into the base-model
+// fingerprint; `QuantizedWeights` re-reads a quantized model directory (its model.onnx initializer
+// table) so other graphs (training, references) point at the same external data without copies.
+import { createHash, type Hash } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import onnxproto from 'onnx-proto';
+import { Graph, type DType, type Value, type TypedData, ONNX_DTYPE } from '../graph/builder.js';
+import type { SafetensorsReader } from '../formats/safetensors.js';
+import type { ModelConfig } from '../formats/hf-config.js';
+import { EdgeloraError } from '../util/errors.js';
+import { quantizeBnb4, dequantizeBnb4, nestAbsmax, denestAbsmax } from '../quant/bnb4.js';
+import { quantizeInt4, dequantizeInt4 } from '../quant/int4.js';
+import { readBnbWeight } from '../quant/bnb-checkpoint.js';
+import { linearWeightName, type BaseWeight, type LinearSpec, type WeightProvider, linearShape, type Proj } from './llama.js';
+import type { Manifest } from './manifest.js';
+
+export type QuantFormat = 'fp32' | 'nf4' | 'fp4' | 'int4';
+export const QUANT_FORMATS: readonly QuantFormat[] = ['fp32', 'nf4', 'fp4', 'int4'];
+
+export interface QuantOptions {
+  readonly format: QuantFormat;
+  /** Elements per quantization block (nf4/fp4 default 64, int4 default 32). */
+  readonly blockSize: number;
+  /** bitsandbytes nested quantization of absmax (nf4/fp4 only). */
+  readonly doubleQuant: boolean;
+}
+
+/** Initializer names of a projection's base weight in the graph (suffixes on the HF weight name). */
+export const WEIGHT_SUFFIX = {
+  fp32T: '.T', // float32 [K, N]
+  bnb4: '.bnb4', // uint8 [(N·K+1)/2]
+  absmax: '.absmax', // float32 [ceil(N·K/bs)]
+  int4: '.int4', // uint8 [N, K/bs, bs/2]
+  scales: '.scales', // float32 [N·K/bs]
+  zeroPoints: '.zero_points', // uint8 [N·ceil((K/bs)/2)]
+};
+
+/** Adds an initializer and folds it into the fingerprint hash (name, dtype, shape, bytes). */
+function addHashed(g: Graph, hash: Hash | null, name: string, dtype: DType, shape: number[], data: TypedData): Value {
+  if (hash) {
+    hash.update(`${name}|${dtype}|${shape.join(',')}|`);
+    hash.update(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+  }
+  return g.initializer(name, dtype, shape, data);
+}
+
+function transpose(w: Float32Array, N: number, K: number): Float32Array {
+  const t = new Float32Array(N * K);
+  for (let n = 0; n < N; n++) for (let k = 0; k < K; k++) t[k * N + n] = w[n * K + k]!;
+  return t;
+}
+
+/** Reads a float checkpoint (or a pre-quantized bnb-4bit one) and quantizes as the graph is built. */
+export class CheckpointWeights implements WeightProvider {
+  /** Which source each linear came from, for the manifest. */
+  readonly sources = new Map<string, 'float' | 'bnb-4bit'>();
+  constructor(
+    private readonly reader: SafetensorsReader,
+    private readonly opts: QuantOptions,
+    private readonly hash: Hash | null,
+    private readonly onTensor?: (name: string) => void,
+  ) {}
+
+  private async readFloat(name: string, shape: number[]): Promise<Float32Array> {
+    if (!this.reader.has(name)) {
+      throw new EdgeloraError(`missing tensor ${name}`, { where: this.reader.source, hint: 'is this a complete Llama-family checkpoint?' });
+    }
+    const info = this.reader.info(name);
+    if (info.shape.length !== shape.length || info.shape.some((d, i) => d !== shape[i])) {
+      throw new EdgeloraError(`tensor ${name} has shape [${info.shape}] but config.json implies [${shape}]`, {
+        where: info.file,
+        hint: 'does config.json belong to this checkpoint?',
+      });
+    }
+    return this.reader.readF32(name);
+  }
+
+  async linear(g: Graph, spec: LinearSpec): Promise<BaseWeight> {
+    const name = linearWeightName(spec.layer, spec.proj);
+    const { N, K } = spec;
+    this.onTensor?.(name);
+    const stateName = ['nf4', 'fp4'].map((t) => `${name}.quant_state.bitsandbytes__${t}`).find((n) => this.reader.has(n));
+    if (stateName) {
+      // Pre-quantized bitsandbytes checkpoint: take the codes as they are (no re-quantization).
+      const q = await readBnbWeight(async (n) => (this.reader.has(n) ? { dtype: this.reader.info(n).dtype, shape: this.reader.info(n).shape, data: await this.reader.readRaw(n) } : undefined), name);
+      if (q.shape[0] !== N || q.shape[1] !== K) {
+        throw new EdgeloraError(`bnb tensor ${name} has shape [${q.shape}] but config.json implies [${N}, ${K}]`, { where: this.reader.source, hint: 'does config.json belong to this checkpoint?' });
+      }
+      if (this.opts.format !== q.quantType) {
+        throw new EdgeloraError(`checkpoint is pre-quantized as ${q.quantType} but --format ${this.opts.format} was asked`, {
+          where: `${this.reader.source} (${name})`,
+          hint: `use --format ${q.quantType}; a bnb-4bit checkpoint is converted without re-quantizing`,
+        });
+      }
+      this.sources.set(name, 'bnb-4bit');
+      return {
+        kind: 'bnb4',
+        quantType: q.quantType,
+        blockSize: q.blockSize,
+        packed: addHashed(g, this.hash, name + WEIGHT_SUFFIX.bnb4, 'uint8', [q.packed.length], q.packed),
+        absmax: addHashed(g, this.hash, name + WEIGHT_SUFFIX.absmax, 'float32', [q.absmax.length], q.absmax),
+      };
+    }
+    const w = await this.readFloat(name, [N, K]);
+    this.sources.set(name, 'float');
+    switch (this.opts.format) {
+      case 'fp32':
+        return { kind: 'fp32', wT: addHashed(g, this.hash, name + WEIGHT_SUFFIX.fp32T, 'float32', [K, N], transpose(w, N, K)) };
+      case 'nf4':
+      case 'fp4': {
+        const q = quantizeBnb4(w, { quantType: this.opts.format, blockSize: this.opts.blockSize });
+        let absmax = q.absmax;
+        if (this.opts.doubleQuant) {
+          // Stored the bitsandbytes way, then de-nested to float32 for the graph (MatMulBnb4 takes float absmax).
+          const nested = nestAbsmax(absmax);
+          absmax = denestAbsmax(nested.qAbsmax, nested.nestedAbsmax, nested.offset, nested.nestedCode);
+        }
+        return {
+          kind: 'bnb4',
+          quantType: this.opts.format,
+          blockSize: this.opts.blockSize,
+          packed: addHashed(g, this.hash, name + WEIGHT_SUFFIX.bnb4, 'uint8', [q.packed.length], q.packed),
+          absmax: addHashed(g, this.hash, name + WEIGHT_SUFFIX.absmax, 'float32', [absmax.length], absmax),
+        };
+      }
+      case 'int4': {
+        const bs = this.opts.blockSize;
+        const q = quantizeInt4(w, N, K, { blockSize: bs });
+        const kb = q.kBlocks;
+        return {
+          kind: 'int4',
+          blockSize: bs,
+          packed: addHashed(g, this.hash, name + WEIGHT_SUFFIX.int4, 'uint8', [N, kb, bs / 2], q.packed),
+          scales: addHashed(g, this.hash, name + WEIGHT_SUFFIX.scales, 'float32', [N * kb], q.scales),
+          zeroPoints: q.zeroPoints ? addHashed(g, this.hash, name + WEIGHT_SUFFIX.zeroPoints, 'uint8', [q.zeroPoints.length], q.zeroPoints) : null,
+        };
+      }
+    }
+  }
+
+  async float(g: Graph, name: string, shape: number[]): Promise<Value> {
+    if (g.values.has(name)) return g.value(name);
+    this.onTensor?.(name);
+    return addHashed(g, this.hash, name, 'float32', shape, await this.readFloat(name, shape));
+  }
+}
+
+/** Starts the fingerprint hash with the canonical (sorted-key) config. */
+export function startFingerprint(rawConfig: Record<string, unknown>, quant: QuantOptions): Hash {
+  const h = createHash('sha256');
+  h.update(canonicalJson({ config: rawConfig, quant }));
+  return h;
+}
+
+/** JSON with object keys sorted recursively: the same object always gives the same bytes. */
+export function canonicalJson(v: unknown): string {
+  if (Array.isArray(v)) return `[${v.map(canonicalJson).join(',')}]`;
+  if (v && typeof v === 'object') {
+    const o = v as Record<string, unknown>;
+    return `{${Object.keys(o).sort().filter((k) => o[k] !== undefined).map((k) => `${JSON.stringify(k)}:${canonicalJson(o[k])}`).join(',')}}`;
+  }
+  return JSON.stringify(v);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+const { onnx } = onnxproto;
+const DTYPE_BY_CODE = new Map<number, DType>(Object.entries(ONNX_DTYPE).map(([k, v]) => [v, k as DType]));
+
+export interface StoredTensor {
+  readonly name: string;
+  readonly dtype: DType;
+  readonly shape: number[];
+  /** Embedded bytes (small tensors) or a location in the external data file. */
+  readonly raw?: Uint8Array;
+  readonly external?: { offset: number; length: number };
+}
+
+/**
+ * A quantized model directory's weights, read from model.onnx's initializer table. Tensors are read
+ * from model.onnx.data one at a time; graphs built from it reference the same data file.
+ */
+export class QuantizedWeights implements WeightProvider {
+  private constructor(
+    readonly dir: string,
+    readonly manifest: Manifest,
+    readonly tensors: Map<string, StoredTensor>,
+    readonly dataFile: string | null,
+  ) {}
+
+  static async open(dir: string, manifest: Manifest): Promise<QuantizedWeights> {
+    const file = path.join(dir, 'model.onnx');
+    let bytes: Uint8Array;
+    try {
+      bytes = await fs.readFile(file);
+    } catch (err) {
+      throw new EdgeloraError(`cannot read ${file}: ${(err as Error).message}`, { where: dir, hint: 'is this a directory written by `edgelora quantize`?' });
+    }
+    const model = onnx.ModelProto.decode(bytes);
+    const tensors = new Map<string, StoredTensor>();
+    let dataFile: string | null = null;
+    for (const t of model.graph?.initializer ?? []) {
+      const dtype = DTYPE_BY_CODE.get(t.dataType ?? 0);
+      if (!dtype || !t.name) continue;
+      const shape = (t.dims ?? []).map(Number);
+      if (t.dataLocation === onnx.TensorProto.DataLocation.EXTERNAL) {
+        const kv = new Map((t.externalData ?? []).map((e) => [e.key ?? '', e.value ?? '']));
+        dataFile = kv.get('location') ?? null;
+        tensors.set(t.name, { name: t.name, dtype, shape, external: { offset: Number(kv.get('offset') ?? 0), length: Number(kv.get('length') ?? 0) } });
+      } else {
+        tensors.set(t.name, { name: t.name, dtype, shape, raw: t.rawData ?? new Uint8Array(0) });
+      }
+    }
+    return new QuantizedWeights(dir, manifest, tensors, dataFile);
+  }
+
+  has(name: string): boolean {
+    return this.tensors.has(name);
+  }
+
+  /** Raw bytes of one stored tensor. */
+  async readRaw(name: string): Promise<Uint8Array> {
+    const t = this.tensors.get(name);
+    if (!t) throw new EdgeloraError(`no tensor ${name} in the quantized model`, { where: this.dir });
+    if (t.raw) return t.raw;
+    const fh = await fs.open(path.join(this.dir, this.dataFile ?? ''), 'r');
+    try {
+      const buf = new Uint8Array(t.external!.length);
+      await fh.read(buf, 0, buf.length, t.external!.offset);
+      return buf;
+    } finally {
+      await fh.close();
+    }
+  }
+
+  async readF32(name: string): Promise<Float32Array> {
+    const raw = await this.readRaw(name);
+    const copy = new Uint8Array(raw); // aligned copy
+    return new Float32Array(copy.buffer, 0, copy.byteLength / 4);
+  }
+
+  /** The base weight of a projection, dequantized to float32 [N, K] (references and merging). */
+  async dequantizedLinear(cfg: ModelConfig, layer: number, proj: Proj): Promise<Float32Array> {
+    const name = linearWeightName(layer, proj);
+    const { N, K } = linearShape(cfg, proj);
+    if (this.has(name + WEIGHT_SUFFIX.fp32T)) {
+      const t = await this.readF32(name + WEIGHT_SUFFIX.fp32T);
+      return transpose(t, K, N);
+    }
+    if (this.has(name + WEIGHT_SUFFIX.bnb4)) {
+      const packed = await this.readRaw(name + WEIGHT_SUFFIX.bnb4);
+      const absmax = await this.readF32(name + WEIGHT_SUFFIX.absmax);
+      return dequantizeBnb4(packed, absmax, N * K, { quantType: this.bnbType(), blockSize: this.manifest.quant.blockSize });
+    }
+    if (this.has(name + WEIGHT_SUFFIX.int4)) {
+      const info = this.tensors.get(name + WEIGHT_SUFFIX.int4)!;
+      const bs = info.shape[2]! * 2;
+      const packed = await this.readRaw(name + WEIGHT_SUFFIX.int4);
+      const scales = await this.readF32(name + WEIGHT_SUFFIX.scales);
+      const zp = this.has(name + WEIGHT_SUFFIX.zeroPoints) ? await this.readRaw(name + WEIGHT_SUFFIX.zeroPoints) : undefined;
+      const kBlocks = Math.ceil(K / bs);
+      return dequantizeInt4(zp ? { N, K, blockSize: bs, kBlocks, packed, scales, zeroPoints: zp } : { N, K, blockSize: bs, kBlocks, packed, scales });
+    }
+    throw new EdgeloraError(`no base weight for ${name}`, { where: this.dir });
+  }
+
+  private ref(g: Graph, name: string): Value {
+    if (g.values.has(name)) return g.value(name);
+    const t = this.tensors.get(name);
+    if (!t) throw new EdgeloraError(`no tensor ${name} in the quantized model`, { where: this.dir, hint: 'was the model written by another edgelora version?' });
+    if (t.external) return g.externalInitializer(name, t.dtype, t.shape, t.external);
+    return g.initializer(name, t.dtype, t.shape, t.raw!);
+  }
+
+  async linear(g: Graph, spec: LinearSpec): Promise<BaseWeight> {
+    const name = linearWeightName(spec.layer, spec.proj);
+    if (this.has(name + WEIGHT_SUFFIX.fp32T)) return { kind: 'fp32', wT: this.ref(g, name + WEIGHT_SUFFIX.fp32T) };
+    if (this.has(name + WEIGHT_SUFFIX.bnb4)) {
+      return {
+        kind: 'bnb4',
+        quantType: this.bnbType(),
+        blockSize: this.manifest.quant.blockSize,
+        packed: this.ref(g, name + WEIGHT_SUFFIX.bnb4),
+        absmax: this.ref(g, name + WEIGHT_SUFFIX.absmax),
+      };
+    }
+    const packed = this.ref(g, name + WEIGHT_SUFFIX.int4);
+    return {
+      kind: 'int4',
+      blockSize: (packed.shape[2] as number) * 2,
+      packed,
+      scales: this.ref(g, name + WEIGHT_SUFFIX.scales),
+      zeroPoints: this.has(name + WEIGHT_SUFFIX.zeroPoints) ? this.ref(g, name + WEIGHT_SUFFIX.zeroPoints) : null,
+    };
+  }
+
+  private bnbType(): 'nf4' | 'fp4' {
+    return this.manifest.quant.format === 'fp4' ? 'fp4' : 'nf4';
+  }
+
+  async float(g: Graph, name: string, _shape: number[]): Promise<Value> {
+    return this.ref(g, name);
+  }
+}
+
+
