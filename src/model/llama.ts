@@ -49,8 +49,12 @@ export type BaseWeight =
   | { kind: 'fp32'; wT: Value }
   /** bitsandbytes layout for com.microsoft.MatMulBnb4: packed [(N·K+1)/2] uint8, absmax [ceil(N·K/bs)]. */
   | { kind: 'bnb4'; quantType: 'nf4' | 'fp4'; blockSize: number; packed: Value; absmax: Value }
-  /** ORT int4 for com.microsoft.MatMulNBits: packed [N, K/bs, bs/2], scales [N·K/bs], zero points packed uint8. */
-  | { kind: 'int4'; blockSize: number; packed: Value; scales: Value; zeroPoints: Value | null };
+  /**
+   * ORT int4 for com.microsoft.MatMulNBits: packed [N, K/bs, bs/2], scales [N·K/bs], zero points packed
+   * uint8. accuracyLevel 4 quantizes activations to int8 inside the kernel (the fast CPU path); 0 keeps
+   * them float32 (exact against a float reference).
+   */
+  | { kind: 'int4'; blockSize: number; packed: Value; scales: Value; zeroPoints: Value | null; accuracyLevel: number };
 
 /** Supplies weights to the graph (from a float checkpoint while quantizing, or from a quantized model). */
 export interface WeightProvider {
@@ -93,7 +97,7 @@ export function linear(g: Graph, x: Value, spec: LinearSpec, base: BaseWeight, b
         N: int(spec.N),
         bits: int(4),
         block_size: int(base.blockSize),
-        accuracy_level: int(4),
+        accuracy_level: int(base.accuracyLevel),
       });
       break;
   }

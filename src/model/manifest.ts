@@ -18,6 +18,8 @@ export const manifestSchema = z.object({
     doubleQuant: z.boolean(),
     /** Where the 4-bit codes came from: quantized here, or taken from a bnb-4bit checkpoint. */
     source: z.enum(['float', 'bnb-4bit']),
+    /** MatMulNBits accuracy_level (int4 only). */
+    int4AccuracyLevel: z.number().int().min(0).max(4).optional(),
   }),
   /** sha256 (hex) over the canonical config, quantization options and every stored tensor. */
   fingerprint: z.string().regex(/^[0-9a-f]{64}$/),

@@ -56,6 +56,7 @@ export async function quantizeModel(
       async (tmp) => {
         const sink = new FileDataSink(path.join(tmp, DATA_FILE), DATA_FILE, 1024);
         const hash = startFingerprint(raw, { format: opts.format, blockSize: opts.blockSize, doubleQuant: opts.doubleQuant });
+        const int4AccuracyLevel = opts.format === 'int4' ? (opts.int4AccuracyLevel ?? 4) : undefined;
         const weights = new CheckpointWeights(reader, opts, hash, (name) => opts.onTensor?.(name, ++index, total));
         const g = new Graph({ external: sink });
         try {
@@ -81,6 +82,7 @@ export async function quantizeModel(
             blockSize: opts.blockSize,
             doubleQuant: opts.doubleQuant,
             source: sources.has('bnb-4bit') ? 'bnb-4bit' : 'float',
+            ...(int4AccuracyLevel === undefined ? {} : { int4AccuracyLevel }),
           },
           fingerprint: hash.digest('hex'),
           sourceConfig: raw,

@@ -25,6 +25,8 @@ export interface QuantOptions {
   readonly blockSize: number;
   /** bitsandbytes nested quantization of absmax (nf4/fp4 only). */
   readonly doubleQuant: boolean;
+  /** MatMulNBits accuracy_level for int4: 4 = int8 activations (fast CPU path, default), 0 = float. */
+  readonly int4AccuracyLevel?: number;
 }
 
 /** Initializer names of a projection's base weight in the graph (suffixes on the HF weight name). */
@@ -135,6 +137,7 @@ export class CheckpointWeights implements WeightProvider {
           packed: addHashed(g, this.hash, name + WEIGHT_SUFFIX.int4, 'uint8', [N, kb, bs / 2], q.packed),
           scales: addHashed(g, this.hash, name + WEIGHT_SUFFIX.scales, 'float32', [N * kb], q.scales),
           zeroPoints: q.zeroPoints ? addHashed(g, this.hash, name + WEIGHT_SUFFIX.zeroPoints, 'uint8', [q.zeroPoints.length], q.zeroPoints) : null,
+          accuracyLevel: this.opts.int4AccuracyLevel ?? 4,
         };
       }
     }
@@ -293,6 +296,7 @@ export class QuantizedWeights implements WeightProvider {
       packed,
       scales: this.ref(g, name + WEIGHT_SUFFIX.scales),
       zeroPoints: this.has(name + WEIGHT_SUFFIX.zeroPoints) ? this.ref(g, name + WEIGHT_SUFFIX.zeroPoints) : null,
+      accuracyLevel: this.manifest.quant.int4AccuracyLevel ?? 4,
     };
   }
 

@@ -18,6 +18,8 @@ Flags:
                               (fastest on CPU); fp32: plain MatMul baseline. Default nf4.
   --block-size N              elements per quantization block (default 64 for nf4/fp4, 32 for int4)
   --double-quant              store absmax with bitsandbytes' nested 8-bit quantization (nf4/fp4)
+  --int4-accuracy 0|4         MatMulNBits accuracy_level: 4 quantizes activations to int8 (fast on
+                              CPU, default), 0 keeps them float32
   --force                     replace <out-dir> if it exists
   --json                      print the manifest as JSON instead of a summary
   -h, --help                  this text`;
@@ -32,6 +34,7 @@ export const quantizeCommand: Command = {
       'block-size': { type: 'string' },
       'double-quant': { type: 'boolean' },
       force: { type: 'boolean' },
+      'int4-accuracy': { type: 'string' },
       json: { type: 'boolean' },
     });
     if (h) {
@@ -51,6 +54,7 @@ export const quantizeCommand: Command = {
       format,
       blockSize,
       doubleQuant: Boolean(values['double-quant']),
+      int4AccuracyLevel: numberFlag('int4-accuracy', values['int4-accuracy'] as string | undefined, 4, { integer: true, min: 0, max: 4 }),
       force: Boolean(values.force),
       onTensor: (_name, i, total) => progress.update(Math.min(i, total - 1), { tensor: _name.replace(/^model\./, '') }),
     });
