@@ -1,0 +1,154 @@
+// 4-bit integer blockwise quantization in ONNX Runtime's com.microsoft.MatMulNBits layout (bits 4).
+//
+// The weight is the PyTorch Linear weight [N=out, K=in]; each row n is cut along K into kBlocks = ceil(K/blockSize)
+// blocks (K padded with zeros to kBlocks·blockSize). Layouts (FIRST element of each pair in the LOW nibble):
+//   packed     [N, kBlocks, blockSize/2]   uint8
+//   scales     [N, kBlocks]                float32
+//   zeroPoints [N, ceil(kBlocks/2)]        uint8, block 2j in the low nibble, 2j+1 in the high (pad nibble 8)
+// Dequantized = (q − zp) · scale, zp = 8 when zero points are absent (symmetric).
+// The arithmetic follows MLAS' BlockwiseQuantizer (range2scalezp / range2scale / quantizeAndTranspose), which is
+// what ORT's own MatMul4BitsQuantizer runs; asymmetric (min/max with zero points) is its default.
+import { EdgeloraError } from '../util/errors.js';
+
+export interface Int4Options {
+  /** Elements of K per scale: a power of two ≥ 16. Default 32. */
+  blockSize?: number;
+  /** Symmetric (scale only, zero point fixed at 8) instead of min/max with zero points. Default false. */
+  symmetric?: boolean;
+}
+
+export interface Int4Quantized {
+  N: number;
+  K: number;
+  blockSize: number;
+  kBlocks: number;
+  /** [N, kBlocks, blockSize/2] */
+  packed: Uint8Array;
+  /** [N, kBlocks] */
+  scales: Float32Array;
+  /** [N, ceil(kBlocks/2)]; absent for symmetric quantization (the kernel then uses 8). */
+  zeroPoints?: Uint8Array;
+}
+
+const f32 = Math.fround;
+
+/** C's roundf: halves away from zero. */
+function roundf(x: number): number {
+  return x < 0 ? -Math.round(-x) : Math.round(x);
+}
+
+function checkShape(w: Float32Array, N: number, K: number, blockSize: number): void {
+  if (!Number.isInteger(N) || !Number.isInteger(K) || N <= 0 || K <= 0 || w.length !== N * K) {
+    throw new EdgeloraError(`int4: weight of ${w.length} values does not match N=${N} × K=${K}`);
+  }
+  if (!Number.isInteger(blockSize) || blockSize < 16 || (blockSize & (blockSize - 1)) !== 0) {
+    throw new EdgeloraError(`int4: block size ${blockSize} is not a power of two ≥ 16`, {
+      hint: 'MatMulNBits takes 16, 32 (default), 64, 128, 256, …',
+    });
+  }
+}
+
+export function quantizeInt4(w: Float32Array, N: number, K: number, opts: Int4Options = {}): Int4Quantized {
+  const blockSize = opts.blockSize ?? 32;
+  const symmetric = opts.symmetric ?? false;
+  checkShape(w, N, K, blockSize);
+  const kBlocks = Math.ceil(K / blockSize);
+  const blob = blockSize / 2;
+  const zpRow = Math.ceil(kBlocks / 2);
+  const packed = new Uint8Array(N * kBlocks * blob);
+  const scales = new Float32Array(N * kBlocks);
+  // Pad nibbles of an odd kBlocks stay 8, as MLAS leaves them.
+  const zeroPoints = symmetric ? undefined : new Uint8Array(N * zpRow).fill(0x88);
+  for (let n = 0; n < N; n++) {
+    const row = n * K;
+    for (let b = 0; b < kBlocks; b++) {
+      const k0 = b * blockSize;
+      const k1 = Math.min(k0 + blockSize, K);
+      let min = Infinity;
+      let max = -Infinity;
+      for (let k = k0; k < k1; k++) {
+        const v = w[row + k]!;
+        if (v < min) min = v;
+        if (v > max) max = v;
+      }
+      if (k1 - k0 < blockSize) {
+        // the zero padding takes part in the range
+        if (min > 0) min = 0;
+        if (max < 0) max = 0;
+      }
+      let scale: number;
+      let zp: number;
+      if (symmetric) {
+        // range2scale: the signed extreme of larger magnitude maps to −8 (scale may be negative).
+        const m = Math.abs(max) > Math.abs(min) ? max : min;
+        scale = f32(m / -8);
+        zp = 8;
+      } else {
+        // range2scalezp: the range always contains 0, so 0 is exactly representable.
+        const lo = Math.min(min, 0);
+        const hi = Math.max(max, 0);
+        scale = f32(f32(hi - lo) / 15);
+        const zpf = scale !== 0 ? f32(0 - f32(lo / scale)) : lo;
+        zp = zpf < 0 ? 0 : zpf > 15 ? 15 : roundf(zpf);
+        const zi = n * zpRow + (b >> 1);
+        zeroPoints![zi] = (b & 1) === 0 ? (zeroPoints![zi]! & 0xf0) | zp : (zeroPoints![zi]! & 0x0f) | (zp << 4);
+      }
+      scales[n * kBlocks + b] = scale;
+      const rs = scale !== 0 ? f32(1 / scale) : 0;
+      const base = (n * kBlocks + b) * blob;
+      for (let j = 0; j < blockSize; j += 2) {
+        const k = k0 + j;
+        const v0 = k < K ? w[row + k]! : 0;
+        const v1 = k + 1 < K ? w[row + k + 1]! : 0;
+        const q0 = Math.min(15, Math.max(0, roundf(f32(f32(v0 * rs) + zp))));
+        const q1 = Math.min(15, Math.max(0, roundf(f32(f32(v1 * rs) + zp))));
+        packed[base + (j >> 1)] = q0 | (q1 << 4);
+      }
+    }
+  }
+  return zeroPoints
+    ? { N, K, blockSize, kBlocks, packed, scales, zeroPoints }
+    : { N, K, blockSize, kBlocks, packed, scales };
+}
+
+/** (q − zp) · scale in float32 → [N*K] row-major (the padding past K dropped). */
+export function dequantizeInt4(q: Int4Quantized): Float32Array {
+  const { N, K, blockSize, packed, scales, zeroPoints } = q;
+  const kBlocks = Math.ceil(K / blockSize);
+  const blob = blockSize / 2;
+  const zpRow = Math.ceil(kBlocks / 2);
+  if (packed.length !== N * kBlocks * blob || scales.length !== N * kBlocks) {
+    throw new EdgeloraError(
+      `int4: N=${N} K=${K} block ${blockSize} needs ${N * kBlocks * blob} packed bytes and ${N * kBlocks} scales, got ${packed.length} and ${scales.length}`,
+    );
+  }
+  if (zeroPoints && zeroPoints.length !== N * zpRow) {
+    throw new EdgeloraError(`int4: expected ${N * zpRow} zero-point bytes, got ${zeroPoints.length}`);
+  }
+  const out = new Float32Array(N * K);
+  for (let n = 0; n < N; n++) {
+    for (let b = 0; b < kBlocks; b++) {
+      const scale = scales[n * kBlocks + b]!;
+      let zp = 8;
+      if (zeroPoints) {
+        const byte = zeroPoints[n * zpRow + (b >> 1)]!;
+        zp = (b & 1) === 0 ? byte & 0x0f : byte >> 4;
+      }
+      const base = (n * kBlocks + b) * blob;
+      const k0 = b * blockSize;
+      const k1 = Math.min(k0 + blockSize, K);
+      for (let k = k0; k < k1; k++) {
+        const j = k - k0;
+        const byte = packed[base + (j >> 1)]!;
+        const c = (j & 1) === 0 ? byte & 0x0f : byte >> 4;
+        out[n * K + k] = (c - zp) * scale;
+      }
+    }
+  }
+  return out;
+}
+
+/** Storage bytes of an int4 weight: packed codes + float32 scales + packed zero points. */
+export function int4Bytes(q: Int4Quantized): number {
+  return q.packed.byteLength + q.scales.byteLength + (q.zeroPoints?.byteLength ?? 0);
+}
