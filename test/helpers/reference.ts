@@ -33,7 +33,7 @@ function linearRef(x: Float64Array, T: number, K: number, w: Float32Array, N: nu
       for (let n = 0; n < N; n++) {
         let s = 0;
         for (let j = 0; j < l.r; j++) s += l.b[n * l.r + j]! * ax[j]!;
-        y[t * N + n] += l.scale * s;
+        y[t * N + n] = y[t * N + n]! + l.scale * s;
       }
     }
   }
