@@ -1,7 +1,7 @@
 // `edgelora eval`: mean token NLL and perplexity of a quantized model on a JSONL data set.
 import type { Command } from '../command.js';
 import { parseFlags, numberFlag, requireFlag } from '../command.js';
-import { ModelRuntime } from '../../runtime/model.js';
+import { loadModelWithAdapters } from '../load.js';
 import { evaluate } from '../../runtime/eval.js';
 import { loadJsonl } from '../../data/jsonl.js';
 import { Progress } from '../../util/progress.js';
@@ -18,6 +18,7 @@ Flags:
   --data FILE        JSONL data set (required)
   --batch-size B     rows per forward pass (default 4)
   --seq-len L        truncate rows to L tokens, with a warning (default: the model's context)
+  --adapter DIR[:SCALE]  apply a LoRA adapter, optionally scaled; repeatable (deltas add)
   --json             print {"loss", "perplexity", "tokens"} as JSON
   -h, --help         this text`;
 
@@ -31,6 +32,7 @@ export const evalCommand: Command = {
       data: { type: 'string' },
       'batch-size': { type: 'string' },
       'seq-len': { type: 'string' },
+      adapter: { type: 'string', multiple: true },
       json: { type: 'boolean' },
     });
     if (h) {
@@ -40,12 +42,12 @@ export const evalCommand: Command = {
     const dir = requireFlag('eval', 'model', values.model as string | undefined);
     const data = requireFlag('eval', 'data', values.data as string | undefined);
     const batchSize = numberFlag('batch-size', values['batch-size'] as string | undefined, 4, { integer: true, min: 1 });
-    const model = await ModelRuntime.load(dir);
+    const { model, lora } = await loadModelWithAdapters(dir, (values.adapter as string[] | undefined) ?? []);
     const seqLen = numberFlag('seq-len', values['seq-len'] as string | undefined, model.cfg.maxPositionEmbeddings, { integer: true, min: 2 });
     const examples = await loadJsonl(data, model.tokenizer, { seqLen, onWarning: (m) => process.stderr.write(`warning: ${m}\n`) });
     const json = Boolean(values.json);
     const progress = new Progress({ total: examples.length, label: 'eval', silent: json });
-    const res = await evaluate(model, examples, { batchSize, onBatch: (d) => progress.update(d) });
+    const res = await evaluate(model, examples, { batchSize, ...(lora ? { lora } : {}), onBatch: (d) => progress.update(d) });
     if (json) {
       process.stdout.write(JSON.stringify({ loss: res.loss, perplexity: res.perplexity, tokens: res.tokens, rows: res.rows }) + '\n');
     } else {

@@ -1,7 +1,7 @@
 // `edgelora generate`: stream a completion from a quantized model.
 import type { Command } from '../command.js';
 import { parseFlags, numberFlag, requireFlag } from '../command.js';
-import { ModelRuntime } from '../../runtime/model.js';
+import { loadModelWithAdapters } from '../load.js';
 import { generate } from '../../runtime/generate.js';
 import { EdgeloraError } from '../../util/errors.js';
 
@@ -16,6 +16,8 @@ Flags:
   --top-k K              sample among the K most likely tokens; 0 = all (default 0)
   --top-p P              nucleus sampling threshold in (0, 1] (default 1)
   --seed S               sampling seed (default 0)
+  --adapter DIR[:SCALE]  apply a LoRA adapter (PEFT directory), optionally scaled; repeatable:
+                         several adapters stack (their deltas add)
   --json                 print one JSON object (text, token ids, prefill ms, decode tokens/s) instead of streaming
   -h, --help             this text`;
 
@@ -33,6 +35,7 @@ export const generateCommand: Command = {
       'top-k': { type: 'string' },
       'top-p': { type: 'string' },
       seed: { type: 'string' },
+      adapter: { type: 'string', multiple: true },
       json: { type: 'boolean' },
     });
     if (h) {
@@ -47,7 +50,7 @@ export const generateCommand: Command = {
     const topK = numberFlag('top-k', values['top-k'] as string | undefined, 0, { integer: true, min: 0 });
     const topP = numberFlag('top-p', values['top-p'] as string | undefined, 1, { positive: true, max: 1 });
     const seed = numberFlag('seed', values.seed as string | undefined, 0, { integer: true });
-    const model = await ModelRuntime.load(dir);
+    const { model, lora } = await loadModelWithAdapters(dir, (values.adapter as string[] | undefined) ?? []);
     const tok = model.tokenizer;
     const text = values.chat ? tok.applyChatTemplate([{ role: 'user', content: prompt }], { addGenerationPrompt: true }) : prompt;
     const promptIds = tok.encode(text, { addSpecialTokens: !values.chat });
@@ -59,6 +62,7 @@ export const generateCommand: Command = {
       topK,
       topP,
       seed,
+      ...(lora ? { lora } : {}),
       ...(json ? {} : { onText: (t: string) => process.stdout.write(t) }),
     });
     if (json) {

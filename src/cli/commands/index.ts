@@ -5,6 +5,7 @@ import { quantizeCommand } from './quantize.js';
 import { generateCommand } from './generate.js';
 import { evalCommand } from './eval.js';
 import { demoModelCommand } from './demo-model.js';
+import { adapterInspectCommand, adapterMergeCommand } from './adapter.js';
 
 export const commands: Command[] = [
   doctorCommand,
@@ -12,4 +13,6 @@ export const commands: Command[] = [
   generateCommand,
   evalCommand,
   demoModelCommand,
+  adapterInspectCommand,
+  adapterMergeCommand,
 ];

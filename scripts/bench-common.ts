@@ -1,0 +1,71 @@
+// Shared pieces of the benchmark scripts: cached demo models, child-process measurement (so peak
+// RSS is per configuration), and table/JSON output.
+import { existsSync, promises as fs } from 'node:fs';
+import path from 'node:path';
+import { spawn } from 'node:child_process';
+import { makeDemoModel } from '../src/formats/demo-model.js';
+import { quantizeModel, DEFAULT_BLOCK_SIZE } from '../src/model/quantize.js';
+import type { QuantFormat } from '../src/model/weights.js';
+
+export const CACHE = path.resolve('.cache/bench');
+
+/** The `small` demo checkpoint and its quantized variants, made once and cached. */
+export async function benchModel(format: QuantFormat, preset: 'small' | 'tiny' = 'small'): Promise<string> {
+  const hf = path.join(CACHE, `${preset}-hf`);
+  if (!existsSync(hf)) {
+    process.stderr.write(`making the ${preset} demo checkpoint in ${hf}…\n`);
+    await makeDemoModel(hf, { preset, seed: 0 });
+  }
+  const out = path.join(CACHE, `${preset}-${format}`);
+  if (!existsSync(out)) {
+    process.stderr.write(`quantizing ${preset} to ${format}…\n`);
+    await quantizeModel(hf, out, { format, blockSize: DEFAULT_BLOCK_SIZE[format], doubleQuant: false });
+  }
+  return out;
+}
+
+/** Runs `node --import tsx <script> <args>` and parses the last stdout line as JSON. */
+export function runChild<T>(script: string, args: string[]): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, ['--import', 'tsx', script, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    p.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    p.on('exit', (code) => {
+      if (code !== 0) return reject(new Error(`${script} ${args.join(' ')} exited ${code}`));
+      const last = out.trim().split('\n').pop() ?? '';
+      try {
+        resolve(JSON.parse(last) as T);
+      } catch {
+        reject(new Error(`${script}: no JSON result in: ${out.slice(-500)}`));
+      }
+    });
+  });
+}
+
+export function printTable(rows: Record<string, string | number>[]): void {
+  if (rows.length === 0) return;
+  const cols = Object.keys(rows[0]!);
+  const fmt = (v: string | number) => (typeof v === 'number' ? (Number.isInteger(v) ? String(v) : v.toFixed(2)) : v);
+  const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => fmt(r[c] ?? '').length)));
+  const line = (cells: string[]) => cells.map((s, i) => s.padStart(widths[i]!)).join('  ');
+  process.stdout.write(line(cols) + '\n' + line(widths.map((w) => '-'.repeat(w))) + '\n');
+  for (const r of rows) process.stdout.write(line(cols.map((c) => fmt(r[c] ?? ''))) + '\n');
+}
+
+export async function writeJson(name: string, data: unknown): Promise<string> {
+  const dir = path.resolve('bench-results');
+  await fs.mkdir(dir, { recursive: true });
+  const file = path.join(dir, name);
+  await fs.writeFile(file, JSON.stringify(data, null, 2) + '\n');
+  return file;
+}
+
+export async function dirBytes(dir: string): Promise<number> {
+  let n = 0;
+  for (const f of await fs.readdir(dir)) n += (await fs.stat(path.join(dir, f))).size;
+  return n;
+}
+
+export function peakRssMiB(): number {
+  return process.resourceUsage().maxRSS / 1024; // maxRSS is in KiB
+}
