@@ -1,21 +1,68 @@
-// Shared by generate/eval: load a quantized model, then the --adapter dir[:scale] list, activated in order.
+// Shared by generate/eval: resolve the device profile (--profile, --profile-set), check the memory
+// plan against its budget, load the quantized model with the profile's execution providers, then the
+// --adapter dir[:scale] list, activated in order.
+import path from 'node:path';
 import { ModelRuntime, type LoraFeeds } from '../runtime/model.js';
 import { AdapterManager, parseAdapterSpec } from '../adapters/manager.js';
-import type { InferenceSession } from 'onnxruntime-node';
+import { readManifest } from '../model/manifest.js';
+import { parseHfConfig } from '../formats/hf-config.js';
+import { resolveProfile, parseProfileSets, estimateInferenceMemory, type ResolvedProfile } from '../profiles/index.js';
+import type { FlagSpec } from './command.js';
 
 export interface Loaded {
   model: ModelRuntime;
   adapters: AdapterManager;
   lora: LoraFeeds | undefined;
+  profile: ResolvedProfile;
 }
 
-export async function loadModelWithAdapters(dir: string, specs: string[], sessionOptions?: InferenceSession.SessionOptions): Promise<Loaded> {
-  const model = await ModelRuntime.load(dir, sessionOptions ? { sessionOptions } : {});
+/** The flags every model-running command takes. */
+export const PROFILE_FLAGS = {
+  profile: { type: 'string' },
+  'profile-set': { type: 'string', multiple: true },
+} as const satisfies FlagSpec;
+
+export const PROFILE_HELP = `  --profile P            device profile: auto (detect; default), a profile id, or a JSON file
+  --profile-set K=V      override one profile field, e.g. budget=4e9 (repeatable)`;
+
+export interface LoadRequest {
+  readonly dir: string;
+  readonly adapters: string[];
+  readonly profile?: string | undefined;
+  readonly profileSets?: string[] | undefined;
+  /** Tokens of context the job needs (prompt + new tokens, or the longest row); 0 = the model's maximum. */
+  readonly context: number;
+  readonly batch?: number;
+  /** Flags that lower the plan, named in the refusal. */
+  readonly lower: string[];
+}
+
+export async function loadModelWithAdapters(req: LoadRequest): Promise<Loaded> {
+  const profile = await resolveProfile({
+    profile: req.profile ?? 'auto',
+    overrides: parseProfileSets(req.profileSets ?? []),
+  });
+  const manifest = await readManifest(req.dir);
+  const cfg = parseHfConfig(manifest.sourceConfig, path.join(req.dir, 'manifest.json'));
+  profile.checkMemoryPlan(
+    estimateInferenceMemory(
+      {
+        modelBytes: manifest.bytes.model + manifest.bytes.data,
+        layers: cfg.numLayers,
+        kvHeads: cfg.numKvHeads,
+        headDim: cfg.headDim,
+        context: req.context > 0 ? Math.min(req.context, cfg.maxPositionEmbeddings) : cfg.maxPositionEmbeddings,
+        batch: req.batch ?? 1,
+      },
+      { what: path.basename(path.resolve(req.dir)), lower: req.lower },
+    ),
+  );
+  const model = await ModelRuntime.load(req.dir, { sessionOptions: profile.sessionOptions({ graphOptimizationLevel: 'all' }) });
   const adapters = new AdapterManager(model);
-  for (const spec of specs) {
+  for (const spec of req.adapters) {
     const { dir: adir, scale } = parseAdapterSpec(spec);
     const id = await adapters.load(adir);
     adapters.activate(id, scale);
   }
-  return { model, adapters, lora: specs.length > 0 ? adapters.feeds() : undefined };
+  return { model, adapters, lora: req.adapters.length > 0 ? adapters.feeds() : undefined, profile };
 }

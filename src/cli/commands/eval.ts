@@ -1,7 +1,7 @@
 // `edgelora eval`: mean token NLL and perplexity of a quantized model on a JSONL data set.
 import type { Command } from '../command.js';
 import { parseFlags, numberFlag, requireFlag } from '../command.js';
-import { loadModelWithAdapters } from '../load.js';
+import { loadModelWithAdapters, PROFILE_FLAGS, PROFILE_HELP } from '../load.js';
 import { evaluate } from '../../runtime/eval.js';
 import { loadJsonl } from '../../data/jsonl.js';
 import { Progress } from '../../util/progress.js';
@@ -19,6 +19,7 @@ Flags:
   --batch-size B     rows per forward pass (default 4)
   --seq-len L        truncate rows to L tokens, with a warning (default: the model's context)
   --adapter DIR[:SCALE]  apply a LoRA adapter, optionally scaled; repeatable (deltas add)
+${PROFILE_HELP}
   --json             print {"loss", "perplexity", "tokens"} as JSON
   -h, --help         this text`;
 
@@ -33,6 +34,7 @@ export const evalCommand: Command = {
       'batch-size': { type: 'string' },
       'seq-len': { type: 'string' },
       adapter: { type: 'string', multiple: true },
+      ...PROFILE_FLAGS,
       json: { type: 'boolean' },
     });
     if (h) {
@@ -42,8 +44,17 @@ export const evalCommand: Command = {
     const dir = requireFlag('eval', 'model', values.model as string | undefined);
     const data = requireFlag('eval', 'data', values.data as string | undefined);
     const batchSize = numberFlag('batch-size', values['batch-size'] as string | undefined, 4, { integer: true, min: 1 });
-    const { model, lora } = await loadModelWithAdapters(dir, (values.adapter as string[] | undefined) ?? []);
-    const seqLen = numberFlag('seq-len', values['seq-len'] as string | undefined, model.cfg.maxPositionEmbeddings, { integer: true, min: 2 });
+    const seqLenFlag = values['seq-len'] as string | undefined;
+    const { model, lora } = await loadModelWithAdapters({
+      dir,
+      adapters: (values.adapter as string[] | undefined) ?? [],
+      profile: values.profile as string | undefined,
+      profileSets: values['profile-set'] as string[] | undefined,
+      context: seqLenFlag ? numberFlag('seq-len', seqLenFlag, 0, { integer: true, min: 2 }) : 0,
+      batch: batchSize,
+      lower: ['--batch-size', '--seq-len'],
+    });
+    const seqLen = numberFlag('seq-len', seqLenFlag, model.cfg.maxPositionEmbeddings, { integer: true, min: 2 });
     const examples = await loadJsonl(data, model.tokenizer, { seqLen, onWarning: (m) => process.stderr.write(`warning: ${m}\n`) });
     const json = Boolean(values.json);
     const progress = new Progress({ total: examples.length, label: 'eval', silent: json });

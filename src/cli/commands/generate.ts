@@ -1,7 +1,7 @@
 // `edgelora generate`: stream a completion from a quantized model.
 import type { Command } from '../command.js';
 import { parseFlags, numberFlag, requireFlag } from '../command.js';
-import { loadModelWithAdapters } from '../load.js';
+import { loadModelWithAdapters, PROFILE_FLAGS, PROFILE_HELP } from '../load.js';
 import { generate } from '../../runtime/generate.js';
 import { EdgeloraError } from '../../util/errors.js';
 
@@ -18,6 +18,7 @@ Flags:
   --seed S               sampling seed (default 0)
   --adapter DIR[:SCALE]  apply a LoRA adapter (PEFT directory), optionally scaled; repeatable:
                          several adapters stack (their deltas add)
+${PROFILE_HELP}
   --json                 print one JSON object (text, token ids, prefill ms, decode tokens/s) instead of streaming
   -h, --help             this text`;
 
@@ -36,6 +37,7 @@ export const generateCommand: Command = {
       'top-p': { type: 'string' },
       seed: { type: 'string' },
       adapter: { type: 'string', multiple: true },
+      ...PROFILE_FLAGS,
       json: { type: 'boolean' },
     });
     if (h) {
@@ -50,7 +52,14 @@ export const generateCommand: Command = {
     const topK = numberFlag('top-k', values['top-k'] as string | undefined, 0, { integer: true, min: 0 });
     const topP = numberFlag('top-p', values['top-p'] as string | undefined, 1, { positive: true, max: 1 });
     const seed = numberFlag('seed', values.seed as string | undefined, 0, { integer: true });
-    const { model, lora } = await loadModelWithAdapters(dir, (values.adapter as string[] | undefined) ?? []);
+    const { model, lora } = await loadModelWithAdapters({
+      dir,
+      adapters: (values.adapter as string[] | undefined) ?? [],
+      profile: values.profile as string | undefined,
+      profileSets: values['profile-set'] as string[] | undefined,
+      context: Math.ceil(prompt.length / 2) + maxNewTokens, // a conservative token estimate before tokenizing
+      lower: ['--max-new-tokens', 'the prompt length'],
+    });
     const tok = model.tokenizer;
     const text = values.chat ? tok.applyChatTemplate([{ role: 'user', content: prompt }], { addGenerationPrompt: true }) : prompt;
     const promptIds = tok.encode(text, { addSpecialTokens: !values.chat });

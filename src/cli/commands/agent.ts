@@ -1,0 +1,77 @@
+// `edgelora agent`: runs the device agent that receives, verifies, installs and activates adapters.
+import type { Command } from '../command.js';
+import { numberFlag, parseFlags, requireFlag } from '../command.js';
+import { Agent } from '../../sync/agent.js';
+import { loadPublicKey } from '../../sync/signing.js';
+import { readModelFingerprint } from '../../sync/pack.js';
+import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../../sync/cli-flags.js';
+
+export const agentCommand: Command = {
+  name: 'agent',
+  summary: 'run a device agent: receive, verify, install and activate adapters',
+  help: `Usage: edgelora agent --broker <url> --device-id <id> --fleet <name> [--group <name>]
+                      --state <dir> --trust <hub-public-key-file> [--model <quantized-dir>] [flags]
+
+Runs until SIGINT/SIGTERM. Installed adapters are PEFT directories under <state>/adapters/; a
+killed agent resumes its download from <state>/transfer/.
+
+  --device-id <id>           this device's id (with the shipped ACL also its MQTT user name)
+  --fleet <name>             fleet to follow
+  --group <name>             group to follow (optional)
+  --state <dir>              state directory (created when missing)
+  --trust <file>             the hub's public key (.pub from \`edgelora keygen\`)
+  --model <dir>              quantized model directory: adapters for another base model are refused
+  --upload <adapter-dir>     upload this adapter directory to the hub after connecting
+  --upload-name <name>       adapter id for --upload (default: the directory name)
+  --quiet-ms <ms>            silence before asking for missing chunks (default 2000)
+  --status-interval-ms <ms>  least time between progress status messages (default 1000)
+  --quiet                    no log lines on stderr
+
+${brokerHelp}`,
+  async run(argv) {
+    const { values: v, help } = parseFlags('agent', argv, {
+      ...brokerFlags,
+      'device-id': { type: 'string' },
+      fleet: { type: 'string' },
+      group: { type: 'string' },
+      state: { type: 'string' },
+      trust: { type: 'string' },
+      model: { type: 'string' },
+      upload: { type: 'string' },
+      'upload-name': { type: 'string' },
+      'quiet-ms': { type: 'string' },
+      'status-interval-ms': { type: 'string' },
+      quiet: { type: 'boolean' },
+    });
+    if (help) {
+      process.stdout.write(`${this.help}\n`);
+      return 0;
+    }
+    const deviceId = requireFlag('agent', 'device-id', v['device-id']);
+    const log = v.quiet ? undefined : (line: string) => process.stderr.write(`${line}\n`);
+    const agent = new Agent({
+      broker: brokerOptions('agent', v),
+      deviceId,
+      fleet: requireFlag('agent', 'fleet', v.fleet),
+      ...(v.group ? { group: v.group } : {}),
+      stateDir: requireFlag('agent', 'state', v.state),
+      trustedKey: await loadPublicKey(requireFlag('agent', 'trust', v.trust)),
+      modelFingerprint: v.model ? await readModelFingerprint(v.model) : null,
+      quietMs: numberFlag('quiet-ms', v['quiet-ms'], 2000, { min: 10 }),
+      statusIntervalMs: numberFlag('status-interval-ms', v['status-interval-ms'], 1000, { min: 0 }),
+      ...(log ? { log } : {}),
+    });
+    await agent.start();
+    log?.(`[${deviceId}] connected; active: ${agent.active ? `${agent.active.id} v${agent.active.version}` : 'none'}`);
+    if (v.upload) {
+      const path = await import('node:path');
+      const name = v['upload-name'] ?? path.basename(path.resolve(v.upload));
+      const sha = await agent.uploadDir(v.upload, name);
+      log?.(`[${deviceId}] uploaded ${name}: sha256 ${sha}`);
+    }
+    const sig = await untilSignal();
+    log?.(`[${deviceId}] ${sig}, stopping`);
+    await agent.stop();
+    return 0;
+  },
+};

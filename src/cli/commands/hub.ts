@@ -1,0 +1,78 @@
+// `edgelora hub`: runs the fleet hub (adapter store, signed manifests, chunk broadcast, uploads),
+// optionally with an embedded MQTT 3.1.1 broker (aedes) in the same process.
+import type { Command } from '../command.js';
+import { numberFlag, parseFlags, requireFlag } from '../command.js';
+import { Hub } from '../../sync/hub.js';
+import { loadSigningKey } from '../../sync/signing.js';
+import { startEmbeddedBroker, type EmbeddedBroker } from '../../sync/embedded-broker.js';
+import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../../sync/cli-flags.js';
+
+export const hubCommand: Command = {
+  name: 'hub',
+  summary: 'run the fleet hub: store, sign and distribute adapters over MQTT',
+  help: `Usage: edgelora hub --broker <url> --store <dir> --key <signing-key-file> [flags]
+       edgelora hub --embedded-broker [port] --store <dir> --key <signing-key-file>
+
+Runs until SIGINT/SIGTERM. Operators publish with \`edgelora publish\`; devices run \`edgelora agent\`.
+
+  --store <dir>              adapter store (content-addressed blobs + index.json); created when missing
+  --key <file>               Ed25519 private key from \`edgelora keygen\`
+  --embedded-broker [port]   start an MQTT 3.1.1 broker (aedes) in process on 127.0.0.1:port (default 1883)
+                             and connect to it; --broker is then optional
+  --host <addr>              address the embedded broker listens on (default 127.0.0.1)
+  --client-id <id>           MQTT client id (default edgelora-hub)
+  --chunk-size <bytes>       chunk payload size for new publications (default 262144)
+  --coalesce-ms <ms>         gather missing-chunk requests this long before one resend (default 250)
+  --rate <bytes/s>           cap on broadcast chunk bytes per second (default unlimited)
+  --quiet                    no log lines on stderr
+
+${brokerHelp}`,
+  async run(argv) {
+    const args = [...argv];
+    const i = args.indexOf('--embedded-broker');
+    if (i >= 0 && (args[i + 1] === undefined || args[i + 1]?.startsWith('-'))) args[i] = '--embedded-broker=1883';
+    const { values: v, help } = parseFlags('hub', args, {
+      ...brokerFlags,
+      store: { type: 'string' },
+      key: { type: 'string' },
+      'embedded-broker': { type: 'string' },
+      host: { type: 'string' },
+      'client-id': { type: 'string' },
+      'chunk-size': { type: 'string' },
+      'coalesce-ms': { type: 'string' },
+      rate: { type: 'string' },
+      quiet: { type: 'boolean' },
+    });
+    if (help) {
+      process.stdout.write(`${this.help}\n`);
+      return 0;
+    }
+    const store = requireFlag('hub', 'store', v.store);
+    const key = await loadSigningKey(requireFlag('hub', 'key', v.key));
+    const log = v.quiet ? undefined : (line: string) => process.stderr.write(`${line}\n`);
+    let embedded: EmbeddedBroker | null = null;
+    if (v['embedded-broker'] !== undefined) {
+      const port = numberFlag('embedded-broker', v['embedded-broker'], 1883, { integer: true, min: 0, max: 65535 });
+      embedded = await startEmbeddedBroker(port, v.host ?? '127.0.0.1');
+      log?.(`hub: embedded MQTT 3.1.1 broker on ${embedded.url}`);
+    }
+    const rate = v.rate === undefined ? undefined : numberFlag('rate', v.rate, 0, { positive: true });
+    const hub = new Hub({
+      broker: brokerOptions('hub', v, embedded?.url),
+      storeDir: store,
+      key,
+      ...(v['client-id'] ? { clientId: v['client-id'] } : {}),
+      chunkSize: numberFlag('chunk-size', v['chunk-size'], 256 * 1024, { integer: true, min: 1024, max: 16 * 1024 * 1024 }),
+      coalesceMs: numberFlag('coalesce-ms', v['coalesce-ms'], 250, { min: 0 }),
+      ...(rate !== undefined ? { rateBytesPerSec: rate } : {}),
+      ...(log ? { log } : {}),
+    });
+    await hub.start();
+    log?.(`hub: connected, key id ${hub.keyId}, store ${store}`);
+    const sig = await untilSignal();
+    log?.(`hub: ${sig}, stopping`);
+    await hub.stop();
+    await embedded?.close();
+    return 0;
+  },
+};
