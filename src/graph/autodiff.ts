@@ -1,0 +1,529 @@
+// Reverse-mode differentiation over the graph IR (builder.ts): given a scalar loss and the values to
+// differentiate (the LoRA inputs), appends the backward nodes and one gradient output per value.
+// ONE rule per op in RULES below: a new op in the model needs only its rule. Gradients that reach a
+// value from several consumers are summed (as llm.c accumulates). Only paths from the wanted values
+// to the loss are differentiated; frozen weights (fp32, 4-bit) never get gradients.
+//
+// Frozen 4-bit bases: dX = dY·W. ORT's CPU MatMulBnb4 ignores transB=0 (wrong values, FACTS.md), so by
+// default each 4-bit weight is dequantized inside the graph (unpack nibbles, codebook lookup, block
+// scale), used for one MatMul, and freed by ORT's planner. To keep ORT from constant-folding those
+// dequantizations into float copies of every weight at session start, the small tables they start
+// from (nibble shift/mask, codebooks) are graph INPUTS: `runtimeFeeds` holds their values.
+//
+// Optional recomputation (gradient checkpointing): nodes are grouped in segments (e.g. one per decoder
+// layer); each segment's forward is emitted again right before its backward, behind a data dependency
+// on the incoming gradient, so only segment boundaries stay alive between forward and backward.
+import { Graph, numel, type AttrValue, type Dim, type DType, type Node, type TypedData, type Value } from './builder.js';
+import { EdgeloraError } from '../util/errors.js';
+
+/** bitsandbytes NF4 codebook (FACTS.md). */
+export const NF4_CODE = [
+  -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+  0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+  0.7229568362236023, 1.0,
+];
+/** bitsandbytes FP4 codebook by bit pattern, normalized by its maximum (12). */
+export const FP4_CODE = [0, 0.0625, 8, 12, 4, 6, 2, 3, -0, -0.0625, -8, -12, -4, -6, -2, -3].map((v) => v / 12);
+
+export interface AutodiffOptions {
+  /**
+   * How dX flows through a frozen com.microsoft.MatMulBnb4 weight. 'dequantize' (default): dequantize
+   * that weight inside the graph and MatMul (correct on every EP). 'transB0': MatMulBnb4 with transB=0,
+   * which the CUDA EP implements (NOT the CPU EP: it silently returns wrong values there). The
+   * 'transB0' route is emitted but could not be run on this project's CPU-only test machines.
+   */
+  readonly bnb4Backward?: 'dequantize' | 'transB0';
+  /** Segment of a forward node for recomputation (e.g. "layers.3"), or null to keep its outputs. */
+  readonly segmentOf?: (node: Node) => string | null;
+  /** Gradient output name for a differentiated value; default `grad.<name>`. */
+  readonly gradName?: (name: string) => string;
+}
+
+export interface RuntimeFeed {
+  readonly dtype: DType;
+  readonly shape: number[];
+  readonly data: TypedData;
+}
+
+export interface AutodiffResult {
+  /** Gradient output value by differentiated value name. */
+  readonly grads: Map<string, Value>;
+  /** Inputs the backward added that the caller must feed with these values on every run. */
+  readonly runtimeFeeds: Map<string, RuntimeFeed>;
+  /** Nodes appended (backward + recomputation). */
+  readonly nodesAdded: number;
+}
+
+/** What a rule sees of one forward node. x/y return recomputed values inside a recomputed segment. */
+export interface RuleContext {
+  readonly g: Graph;
+  readonly node: Node;
+  x(i: number): Value;
+  y(i: number): Value;
+  /** Gradient of output i, or null when no gradient reaches it. */
+  dy(i: number): Value | null;
+  /** Whether input i needs a gradient. */
+  needs(i: number): boolean;
+  attrInt(name: string, def: number): number;
+  /** int64 values of a constant initializer input (axes, shapes). */
+  constInts(i: number): number[];
+  /** A runtime-fed constant (kept out of ORT's constant folding). */
+  feed(name: string, dtype: DType, shape: number[], data: TypedData): Value;
+  readonly opts: AutodiffOptions;
+}
+
+/** Gradients of the inputs, by input index (null/undefined: none). */
+export type GradRule = (c: RuleContext) => (Value | null | undefined)[];
+
+const isNum = (d: Dim): d is number => typeof d === 'number';
+const ints = (value: number[]): AttrValue => ({ kind: 'ints', value });
+const int = (value: number): AttrValue => ({ kind: 'int', value });
+
+/** Sums `d` (shaped like a broadcast result) down to `target`'s shape (numpy broadcasting reversed). */
+export function sumToShape(g: Graph, d: Value, target: Value): Value {
+  const lead = d.shape.length - target.shape.length;
+  let out = d;
+  if (lead > 0) out = g.reduce('ReduceSum', out, [...Array(lead).keys()], false);
+  const axes: number[] = [];
+  target.shape.forEach((t, i) => {
+    if (t === 1 && out.shape[i] !== 1) axes.push(i);
+  });
+  if (axes.length > 0) out = g.reduce('ReduceSum', out, axes, true);
+  return out;
+}
+
+/**
+ * Reshapes `d` to `x`'s shape: a static spec when x's shape can be expressed against d's (numbers,
+ * copied symbols, at most one inferred), otherwise x's runtime shape (a Shape node placed right
+ * after x is produced, so x itself need not stay alive for it).
+ */
+function reshapeLike(g: Graph, d: Value, x: Value): Value {
+  let inferred = 0;
+  const spec = x.shape.map((dim, i) => {
+    if (isNum(dim)) return dim;
+    if (d.shape[i] === dim) return 0;
+    inferred++;
+    return -1;
+  });
+  if (inferred <= 1) return g.node('Reshape', [d, g.constI64(spec)], [{ dtype: d.dtype, shape: [...x.shape] }])[0]!;
+  return g.reshapeTo(d, earlyShapeOf(g, x), [...x.shape]);
+}
+
+function earlyShapeOf(g: Graph, x: Value): Value {
+  const s = g.shapeOf(x);
+  const node = g.nodes.pop()!;
+  const at = g.nodes.findIndex((n) => n.outputs.includes(x.name));
+  g.nodes.splice(at + 1, 0, node); // at = -1 (graph input): first
+  return s;
+}
+
+function fusedMatMul(g: Graph, a: Value, b: Value, transA: boolean, transB: boolean): Value {
+  const ar = a.shape.length;
+  const br = b.shape.length;
+  const m = transA ? a.shape[ar - 1]! : a.shape[ar - 2]!;
+  const n = transB ? b.shape[br - 2]! : b.shape[br - 1]!;
+  const batch = g.broadcast(a.shape.slice(0, -2), b.shape.slice(0, -2), 'FusedMatMul');
+  return g.contrib('FusedMatMul', [a, b], a.dtype, [...batch, m, n], {
+    transA: int(transA ? 1 : 0),
+    transB: int(transB ? 1 : 0),
+    alpha: { kind: 'float', value: 1 },
+  });
+}
+
+/** dW-free gradient of a linear layer through a frozen weight given as a float [N, K] value: dX = dY·W. */
+function dxThroughWeight(g: Graph, dy: Value, w: Value): Value {
+  return g.matmul(dy, w);
+}
+
+/** Dequantizes one bitsandbytes 4-bit weight to float [N, K] inside the graph. */
+function dequantBnb4(c: RuleContext, packed: Value, absmax: Value, N: number, K: number, blockSize: number, quantType: number): Value {
+  const { g } = c;
+  const four = c.feed('autodiff.u8_4', 'uint8', [1], Uint8Array.of(4));
+  const fifteen = c.feed('autodiff.u8_15', 'uint8', [1], Uint8Array.of(15));
+  const code = quantType === 1 ? c.feed('autodiff.nf4_code', 'float32', [16], Float32Array.from(NF4_CODE)) : c.feed('autodiff.fp4_code', 'float32', [16], Float32Array.from(FP4_CODE));
+  const P = packed.shape[0] as number;
+  const hi = g.node('BitShift', [packed, four], [{ dtype: 'uint8', shape: [P] }], { direction: { kind: 'string', value: 'RIGHT' } })[0]!;
+  const lo = g.node('BitwiseAnd', [packed, fifteen], [{ dtype: 'uint8', shape: [P] }])[0]!;
+  // First element of each pair in the HIGH nibble (FACTS.md).
+  const pairs = g.concat([g.unsqueeze(hi, [1]), g.unsqueeze(lo, [1])], 1, 2); // [P, 2]
+  let idx = g.reshape(g.cast(pairs, 'int32'), [2 * P]);
+  if (2 * P !== N * K) idx = g.slice(idx, 0, 0, N * K, N * K);
+  const blocks = Math.ceil((N * K) / blockSize);
+  const vals = g.gather(code, idx); // [N·K]
+  let w: Value;
+  if (blocks * blockSize === N * K) {
+    w = g.mul(g.reshape(vals, [blocks, blockSize]), g.reshape(absmax, [blocks, 1]));
+  } else {
+    // Ragged last block: expand absmax per element.
+    const per = g.gather(absmax, g.constI64([...Array(N * K).keys()].map((i) => Math.floor(i / blockSize))));
+    w = g.mul(vals, per);
+  }
+  return g.reshape(w, [N, K]);
+}
+
+/** Dequantizes one MatMulNBits (4-bit) weight to float [N, K] inside the graph. */
+function dequantNBits(c: RuleContext, packed: Value, scales: Value, zp: Value | null, N: number, K: number, blockSize: number): Value {
+  const { g } = c;
+  const four = c.feed('autodiff.u8_4', 'uint8', [1], Uint8Array.of(4));
+  const fifteen = c.feed('autodiff.u8_15', 'uint8', [1], Uint8Array.of(15));
+  const levels = c.feed('autodiff.u4_levels', 'float32', [16], Float32Array.from([...Array(16).keys()]));
+  const kb = packed.shape[1] as number;
+  const half = packed.shape[2] as number;
+  // First element in the LOW nibble (FACTS.md).
+  const lo = g.node('BitwiseAnd', [packed, fifteen], [{ dtype: 'uint8', shape: [N, kb, half] }])[0]!;
+  const hi = g.node('BitShift', [packed, four], [{ dtype: 'uint8', shape: [N, kb, half] }], { direction: { kind: 'string', value: 'RIGHT' } })[0]!;
+  const q = g.reshape(g.concat([g.unsqueeze(lo, [3]), g.unsqueeze(hi, [3])], 3, 2), [N, kb, 2 * half]);
+  let vals = g.gather(levels, g.cast(q, 'int32')); // [N, kb, bs] float
+  let zero: Value;
+  if (zp) {
+    // Packed uint8 [N·ceil(kb/2)], low nibble first.
+    const zb = Math.ceil(kb / 2);
+    const z2 = g.reshape(zp, [N, zb]);
+    const zlo = g.node('BitwiseAnd', [z2, fifteen], [{ dtype: 'uint8', shape: [N, zb] }])[0]!;
+    const zhi = g.node('BitShift', [z2, four], [{ dtype: 'uint8', shape: [N, zb] }], { direction: { kind: 'string', value: 'RIGHT' } })[0]!;
+    let zq = g.reshape(g.concat([g.unsqueeze(zlo, [2]), g.unsqueeze(zhi, [2])], 2, 2), [N, 2 * zb]);
+    if (2 * zb !== kb) zq = g.slice(zq, 1, 0, kb, kb);
+    zero = g.unsqueeze(g.gather(levels, g.cast(zq, 'int32')), [2]); // [N, kb, 1]
+  } else {
+    zero = g.constF32([8], [1]);
+  }
+  vals = g.mul(g.sub(vals, zero), g.reshape(scales, [N, kb, 1]));
+  let w = g.reshape(vals, [N, kb * blockSize]);
+  if (kb * blockSize !== K) w = g.slice(w, 1, 0, K, K);
+  return w;
+}
+
+function unary(fn: (c: RuleContext, dy: Value) => Value): GradRule {
+  return (c) => {
+    const dy = c.dy(0);
+    return [dy && c.needs(0) ? fn(c, dy) : null];
+  };
+}
+
+/** One rule per op. */
+export const RULES: Record<string, GradRule> = {
+  Identity: unary((_c, dy) => dy),
+  Cast: unary((c, dy) => (c.x(0).dtype === dy.dtype ? dy : c.g.cast(dy, c.x(0).dtype))),
+  Neg: unary((c, dy) => c.g.neg(dy)),
+  Sqrt: unary((c, dy) => c.g.div(c.g.mul(dy, c.g.constF32([0.5], [1])), c.y(0))),
+  Reciprocal: unary((c, dy) => c.g.neg(c.g.mul(dy, c.g.mul(c.y(0), c.y(0))))),
+  Sigmoid: unary((c, dy) => {
+    const y = c.y(0);
+    return c.g.mul(dy, c.g.mul(y, c.g.sub(c.g.constF32([1], [1]), y)));
+  }),
+  Exp: unary((c, dy) => c.g.mul(dy, c.y(0))),
+  Log: unary((c, dy) => c.g.div(dy, c.x(0))),
+  Add: (c) => {
+    const dy = c.dy(0);
+    if (!dy) return [];
+    return [c.needs(0) ? sumToShape(c.g, dy, c.x(0)) : null, c.needs(1) ? sumToShape(c.g, dy, c.x(1)) : null];
+  },
+  Sub: (c) => {
+    const dy = c.dy(0);
+    if (!dy) return [];
+    return [c.needs(0) ? sumToShape(c.g, dy, c.x(0)) : null, c.needs(1) ? sumToShape(c.g, c.g.neg(dy), c.x(1)) : null];
+  },
+  Mul: (c) => {
+    const dy = c.dy(0);
+    if (!dy) return [];
+    const { g } = c;
+    return [c.needs(0) ? sumToShape(g, g.mul(dy, c.x(1)), c.x(0)) : null, c.needs(1) ? sumToShape(g, g.mul(dy, c.x(0)), c.x(1)) : null];
+  },
+  Div: (c) => {
+    const dy = c.dy(0);
+    if (!dy) return [];
+    const { g } = c;
+    return [
+      c.needs(0) ? sumToShape(g, g.div(dy, c.x(1)), c.x(0)) : null,
+      c.needs(1) ? sumToShape(g, g.neg(g.div(g.mul(dy, c.y(0)), c.x(1))), c.x(1)) : null,
+    ];
+  },
+  Where: (c) => {
+    const dy = c.dy(0);
+    if (!dy) return [];
+    const { g } = c;
+    const zero = g.constF32([0], [1]);
+    return [null, c.needs(1) ? sumToShape(g, g.where(c.x(0), dy, zero), c.x(1)) : null, c.needs(2) ? sumToShape(g, g.where(c.x(0), zero, dy), c.x(2)) : null];
+  },
+  Softmax: unary((c, dy) => {
+    const { g } = c;
+    const y = c.y(0);
+    const axis = c.attrInt('axis', -1);
+    return g.mul(y, g.sub(dy, g.reduce('ReduceSum', g.mul(dy, y), [axis], true)));
+  }),
+  ReduceSum: (c) => reduceRule(c, false),
+  ReduceMean: (c) => reduceRule(c, true),
+  Reshape: unary((c, dy) => reshapeLike(c.g, dy, c.x(0))),
+  Unsqueeze: unary((c, dy) => reshapeLike(c.g, dy, c.x(0))),
+  Squeeze: unary((c, dy) => reshapeLike(c.g, dy, c.x(0))),
+  Transpose: unary((c, dy) => {
+    const perm = (c.node.attrs.perm as { value: number[] } | undefined)?.value ?? [...Array(dy.shape.length).keys()].reverse();
+    const inv = new Array<number>(perm.length);
+    perm.forEach((p, i) => (inv[p] = i));
+    return c.g.transpose(dy, inv);
+  }),
+  Concat: (c) => {
+    const dy = c.dy(0);
+    if (!dy) return [];
+    const r = dy.shape.length;
+    const axis = ((c.attrInt('axis', 0) % r) + r) % r;
+    let at = 0;
+    return c.node.inputs.map((_, i) => {
+      const d = c.x(i).shape[axis]!;
+      if (!isNum(d)) return c.g.fail(`Concat gradient needs static sizes on axis ${axis}, input ${i} has "${d}"`);
+      const out = c.needs(i) ? c.g.slice(dy, axis, at, at + d, d) : null;
+      at += d;
+      return out;
+    });
+  },
+  MatMul: (c) => {
+    const dy = c.dy(0);
+    if (!dy) return [];
+    const { g } = c;
+    const a = c.x(0);
+    const b = c.x(1);
+    let da: Value | null = null;
+    let db: Value | null = null;
+    if (c.needs(0)) da = sumToShape(g, fusedMatMul(g, dy, b, false, true), a); // dY·Bᵀ
+    if (c.needs(1)) {
+      if (b.shape.length === 2 && a.shape.length > 2) {
+        // A weight shared over the batch: fold the batch into rows, one [K, BT]·[BT, N] product.
+        const K = a.shape[a.shape.length - 1]!;
+        const N = dy.shape[dy.shape.length - 1]!;
+        db = fusedMatMul(g, g.reshape(a, ['BT*', K]), g.reshape(dy, ['BT*', N]), true, false);
+      } else {
+        db = sumToShape(g, fusedMatMul(g, a, dy, true, false), b); // Aᵀ·dY
+      }
+    }
+    return [da, db];
+  },
+  Gemm: (c) => {
+    const dy = c.dy(0);
+    if (!dy) return [];
+    const { g } = c;
+    if (c.attrInt('transA', 0) !== 0) g.fail('Gemm gradient: transA=1 is not supported');
+    const alpha = (c.node.attrs.alpha as { value: number } | undefined)?.value ?? 1;
+    const transB = c.attrInt('transB', 0) === 1;
+    const d = alpha === 1 ? dy : g.mul(dy, g.constF32([alpha], [1]));
+    const da = c.needs(0) ? (transB ? g.matmul(d, c.x(1)) : fusedMatMul(g, d, c.x(1), false, true)) : null;
+    const db = c.needs(1) ? (transB ? fusedMatMul(g, d, c.x(0), true, false) : fusedMatMul(g, c.x(0), d, true, false)) : null;
+    let dc: Value | null = null;
+    if (c.node.inputs.length > 2 && c.node.inputs[2] && c.needs(2)) {
+      const beta = (c.node.attrs.beta as { value: number } | undefined)?.value ?? 1;
+      dc = sumToShape(g, beta === 1 ? dy : g.mul(dy, g.constF32([beta], [1])), c.x(2));
+    }
+    return [da, db, dc];
+  },
+  Gather: (c) => {
+    if (c.needs(0)) c.g.fail(`gradient through the table of Gather ${c.node.name} (e.g. a trainable embedding) is not supported`);
+    return [];
+  },
+  MatMulBnb4: (c) => {
+    const dy = c.dy(0);
+    if (!dy || !c.needs(0)) return [];
+    if (c.needs(1) || c.needs(2)) c.g.fail('MatMulBnb4 weights are frozen: no gradient for them');
+    if (c.attrInt('transB', 1) !== 1) c.g.fail('MatMulBnb4 gradient: only the forward layout (transB=1) is supported');
+    const { g } = c;
+    const K = c.attrInt('K', 0);
+    const N = c.attrInt('N', 0);
+    const bs = c.attrInt('block_size', 64);
+    const qt = c.attrInt('quant_type', 1);
+    if ((c.opts.bnb4Backward ?? 'dequantize') === 'transB0') {
+      // Y = A·dequant(B) with B [N, K]: dY [.., N] → dX [.., K]. CUDA EP only.
+      return [g.contrib('MatMulBnb4', [dy, c.x(1), c.x(2)], dy.dtype, [...dy.shape.slice(0, -1), K], { K: int(K), N: int(N), block_size: int(bs), quant_type: int(qt), transB: int(0) })];
+    }
+    return [dxThroughWeight(g, dy, dequantBnb4(c, c.x(1), c.x(2), N, K, bs, qt))];
+  },
+  MatMulNBits: (c) => {
+    const dy = c.dy(0);
+    if (!dy || !c.needs(0)) return [];
+    if ([1, 2, 3, 4, 5].some((i) => i < c.node.inputs.length && c.node.inputs[i] && c.needs(i))) c.g.fail('MatMulNBits weights are frozen: no gradient for them');
+    const K = c.attrInt('K', 0);
+    const N = c.attrInt('N', 0);
+    const bs = c.attrInt('block_size', 32);
+    if (c.attrInt('bits', 4) !== 4) c.g.fail('MatMulNBits gradient: only bits=4 is supported');
+    const zp = c.node.inputs[3] ? c.x(3) : null;
+    if (zp && zp.dtype !== 'uint8') c.g.fail('MatMulNBits gradient: only packed uint8 zero points are supported');
+    return [dxThroughWeight(c.g, dy, dequantNBits(c, c.x(1), c.x(2), zp, N, K, bs))];
+  },
+  SoftmaxCrossEntropyLoss: (c) => {
+    // scores [N, V], labels [N] int64; outputs loss (reduction 'sum' or 'none') and log_prob [N, V].
+    const dy = c.dy(0);
+    if (!dy || !c.needs(0)) return [];
+    const { g } = c;
+    if (c.node.outputs.length < 2) g.fail('SoftmaxCrossEntropyLoss gradient needs its log_prob output (emit it)');
+    if (c.node.inputs.length > 2 && c.node.inputs[2]) g.fail('SoftmaxCrossEntropyLoss gradient: class weights are not supported');
+    const red = (c.node.attrs.reduction as { value: string } | undefined)?.value ?? 'mean';
+    if (red !== 'sum' && red !== 'none') g.fail(`SoftmaxCrossEntropyLoss gradient: reduction "${red}" (use "sum" or "none")`);
+    const scores = c.x(0);
+    const labels = c.x(1);
+    if (scores.shape.length !== 2) g.fail('SoftmaxCrossEntropyLoss gradient: scores must be [N, V]');
+    const V = scores.shape[1]!;
+    if (!isNum(V)) return g.fail('SoftmaxCrossEntropyLoss gradient: V must be static');
+    const ignore = c.attrInt('ignore_index', Number.NaN);
+    let keep: Value | null = null;
+    let safe = labels;
+    if (!Number.isNaN(ignore)) {
+      const ign = g.constI64([ignore], [1]);
+      keep = g.cast(g.node('Not', [g.equal(labels, ign)], [{ dtype: 'bool', shape: [...labels.shape] }])[0]!, 'float32');
+      safe = g.where(g.equal(labels, ign), g.constI64([0], [1]), labels);
+    }
+    const onehot = g.node('OneHot', [safe, g.constI64([V], [1]), g.constF32([0, 1], [2])], [{ dtype: 'float32', shape: [...labels.shape, V] }], { axis: int(-1) })[0]!;
+    let d = g.sub(g.exp(c.y(1)), onehot); // softmax − onehot, [N, V]
+    let scale = red === 'sum' ? dy : g.unsqueeze(dy, [1]); // [] or [N, 1]
+    if (keep) scale = g.mul(g.unsqueeze(keep, [1]), scale);
+    d = g.mul(d, scale);
+    return [d];
+  },
+};
+
+function reduceRule(c: RuleContext, mean: boolean): (Value | null)[] {
+  let dy = c.dy(0);
+  if (!dy || !c.needs(0)) return [];
+  const { g } = c;
+  const x = c.x(0);
+  const r = x.shape.length;
+  const axes = c.node.inputs.length > 1 && c.node.inputs[1] ? c.constInts(1).map((a) => (a < 0 ? a + r : a)) : [...Array(r).keys()];
+  if (c.attrInt('keepdims', 1) === 0) dy = g.unsqueeze(dy, axes);
+  let n = 1;
+  const staticAxes = axes.every((a) => isNum(x.shape[a]!));
+  for (const a of axes) n *= isNum(x.shape[a]!) ? (x.shape[a] as number) : 1;
+  if (mean) {
+    if (!staticAxes) g.fail('ReduceMean gradient needs static sizes on the reduced axes');
+    dy = g.mul(dy, g.constF32([1 / n], [1]));
+  }
+  // Expand broadcasts bidirectionally: 1 on kept axes, the size on reduced ones.
+  const shape = staticAxes ? g.constI64(x.shape.map((d, i) => (axes.includes(i) ? (d as number) : 1))) : earlyShapeOf(g, x);
+  return [g.node('Expand', [dy, shape], [{ dtype: dy.dtype, shape: [...x.shape] }])[0]!];
+}
+
+/**
+ * Appends the backward of `loss` (a scalar-shaped value) with respect to `wrt` and returns the
+ * gradient outputs (added as graph outputs named by opts.gradName).
+ */
+export function differentiate(g: Graph, loss: Value, wrt: readonly Value[], opts: AutodiffOptions = {}): AutodiffResult {
+  const before = g.nodes.length;
+  const forward = [...g.nodes];
+  const producer = new Map<string, number>();
+  forward.forEach((n, i) => n.outputs.forEach((o) => producer.set(o, i)));
+  if (numel(loss.shape.map((d) => (isNum(d) ? d : 2))) !== 1) g.fail(`loss ${loss.name} must be a single element, shape [${loss.shape}]`);
+
+  // Values that depend on a wanted value (forward sweep) ...
+  const dep = new Set(wrt.map((v) => v.name));
+  for (const n of forward) if (n.inputs.some((i) => dep.has(i))) n.outputs.forEach((o) => dep.add(o));
+  if (!dep.has(loss.name)) g.fail(`loss ${loss.name} does not depend on any of the values to differentiate`);
+  // ... and from which the loss is reachable (backward sweep): the active subgraph.
+  const reach = new Set([loss.name]);
+  const active: number[] = [];
+  for (let i = forward.length - 1; i >= 0; i--) {
+    const n = forward[i]!;
+    if (!n.outputs.some((o) => reach.has(o)) || !n.inputs.some((x) => dep.has(x))) continue;
+    active.push(i);
+    n.inputs.forEach((x) => dep.has(x) && reach.add(x));
+  }
+  for (const w of wrt) if (!reach.has(w.name)) g.fail(`no path from ${w.name} to the loss ${loss.name}`);
+
+  const runtimeFeeds = new Map<string, RuntimeFeed>();
+  const feed = (name: string, dtype: DType, shape: number[], data: TypedData): Value => {
+    if (!runtimeFeeds.has(name)) {
+      runtimeFeeds.set(name, { dtype, shape, data });
+      g.input(name, dtype, shape);
+    }
+    return g.value(name);
+  };
+
+  const pending = new Map<string, Value[]>();
+  const pushGrad = (name: string, d: Value) => {
+    const list = pending.get(name) ?? [];
+    list.push(d);
+    pending.set(name, list);
+  };
+  const takeGrad = (name: string): Value | null => {
+    const list = pending.get(name);
+    if (!list || list.length === 0) return null;
+    let s = list[0]!;
+    for (let i = 1; i < list.length; i++) s = g.add(s, list[i]!);
+    pending.set(name, [s]);
+    return s;
+  };
+  pushGrad(loss.name, g.withScope('grad', () => g.constF32([1], loss.shape.map(() => 1))));
+
+  // Recomputation: per segment, a map from original value names to recomputed ones.
+  const segOf = (i: number) => opts.segmentOf?.(forward[i]!) ?? null;
+  const remap = new Map<string, string>();
+  const recomputed = new Set<string>();
+  const recompute = (seg: string, barrier: Value) => {
+    recomputed.add(seg);
+    const members = forward.map((_, i) => i).filter((i) => segOf(i) === seg);
+    const inSeg = new Set(members.flatMap((i) => forward[i]!.outputs));
+    // A zero that depends on the incoming gradient: adding it to the segment's activations from
+    // outside orders the recomputation after that gradient exists (and keeps ORT from merging the
+    // copy with the original).
+    const b0 = g.reshape(g.slice(g.reshape(barrier, ['n*']), 0, 0, 1, 1), [1]);
+    const zero = g.mul(b0, g.constF32([0], [1]));
+    const fenced = new Map<string, Value>();
+    const inputOf = (name: string): Value | null => {
+      if (name === '') return null;
+      if (inSeg.has(name)) return g.value(remap.get(name)!);
+      const v = g.value(name);
+      if (v.dtype !== 'float32' || !producer.has(name)) return v;
+      let f = fenced.get(name);
+      if (!f) {
+        f = g.add(v, zero);
+        fenced.set(name, f);
+      }
+      return f;
+    };
+    for (const i of members) {
+      const n = forward[i]!;
+      const outs = n.outputs.map((o) => ({ dtype: g.value(o).dtype, shape: [...g.value(o).shape] }));
+      const copies = g.node(n.op, n.inputs.map(inputOf), outs, { ...n.attrs }, { domain: n.domain });
+      n.outputs.forEach((o, k) => remap.set(o, copies[k]!.name));
+    }
+  };
+
+  g.withScope('grad', () => {
+    for (const i of active) {
+      const node = forward[i]!;
+      const rule = RULES[node.op];
+      const dys = node.outputs.map((o) => takeGrad(o));
+      if (dys.every((d) => d === null)) continue;
+      if (!rule) g.fail(`no gradient rule for op ${node.domain ? node.domain + '.' : ''}${node.op} (node ${node.name}); add one to RULES in autodiff.ts`);
+      const seg = segOf(i);
+      if (seg && !recomputed.has(seg)) recompute(seg, dys.find((d) => d !== null)!);
+      const val = (name: string) => g.value(seg ? (remap.get(name) ?? name) : name);
+      const ctx: RuleContext = {
+        g,
+        node,
+        x: (k) => val(node.inputs[k]!),
+        y: (k) => val(node.outputs[k]!),
+        dy: (k) => dys[k] ?? null,
+        needs: (k) => k < node.inputs.length && reach.has(node.inputs[k]!) && dep.has(node.inputs[k]!),
+        attrInt: (name, def) => {
+          const a = node.attrs[name];
+          return a && a.kind === 'int' ? a.value : def;
+        },
+        constInts: (k) => {
+          const init = g.initializers.get(node.inputs[k]!);
+          if (!init?.raw || init.dtype !== 'int64') g.fail(`${node.op} ${node.name}: input ${k} must be an int64 constant`);
+          const copy = new Uint8Array(init.raw);
+          return [...new BigInt64Array(copy.buffer)].map(Number);
+        },
+        feed,
+        opts,
+      };
+      const grads = g.withScope(node.op, () => rule(ctx));
+      grads.forEach((d, k) => {
+        if (d && ctx.needs(k)) pushGrad(node.inputs[k]!, d);
+      });
+    }
+  });
+
+  const grads = new Map<string, Value>();
+  for (const w of wrt) {
+    const d = takeGrad(w.name);
+    if (!d) throw new EdgeloraError(`no gradient reached ${w.name}`, { where: 'autodiff' });
+    grads.set(w.name, g.output(d, (opts.gradName ?? ((n) => `grad.${n}`))(w.name)));
+  }
+  return { grads, runtimeFeeds, nodesAdded: g.nodes.length - before };
+}

@@ -1,0 +1,78 @@
+// Peak-memory estimate of a fine-tuning plan, itemized (a MemoryPlan, as src/profiles/memory.ts uses),
+// so a plan that would not fit is refused before it starts. Activations are the float32 tensors the
+// backward keeps per decoder layer for B × T tokens; with recomputation only each layer's input stays
+// alive, plus one layer's activations at a time.
+//
+// Dimension letters: B batch, T seq-len, C hidden, H heads, G kv heads, D head dim, F intermediate, V vocab.
+import type { ModelConfig } from '../formats/hf-config.js';
+import type { MemoryPlan } from '../profiles/memory.js';
+import type { LoraTarget } from './graph.js';
+
+export interface TrainMemoryInput {
+  readonly cfg: ModelConfig;
+  /** Bytes of the quantized model (model.onnx + model.onnx.data). */
+  readonly baseBytes: number;
+  /** Largest single base weight as float32 [N, K] (4-bit bases dequantize one at a time in backward). */
+  readonly dequantBytes: number;
+  readonly batch: number; // B
+  readonly seqLen: number; // T
+  readonly targets: readonly LoraTarget[];
+  readonly dropout: boolean;
+  readonly optimizer: 'adamw' | 'sgd';
+  readonly recompute: boolean;
+  /** Node.js + onnxruntime resident baseline, default 120 MB (measured on linux-x64). */
+  readonly runtimeBytes?: number;
+}
+
+export interface TrainMemoryEstimate extends MemoryPlan {
+  /** Activations kept per layer without recomputation. */
+  readonly perLayer: number;
+  readonly perLayerRecompute: number;
+}
+
+/** float32 activations the backward keeps for one decoder layer, per token. */
+function layerFloatsPerToken(cfg: ModelConfig, T: number, targets: readonly LoraTarget[], layer: number, dropout: boolean): number {
+  const { hiddenSize: C, numHeads: H, numKvHeads: G, headDim: D, intermediateSize: F } = cfg;
+  // rmsnorm ×2 (x, x², normed, scaled), q/k/v + RoPE copies, attention scores + probabilities (H·T per
+  // query), context, residual, MLP gate / sigmoid / silu / up / product.
+  let n = 2 * 4 * C + 3 * H * D + 4 * G * D + 2 * H * T + 2 * H * D + 2 * C + 5 * F;
+  for (const t of targets) if (t.layer === layer) n += t.rank + (dropout ? 2 * t.K : 0);
+  return n;
+}
+
+export function estimateTrainingMemory(input: TrainMemoryInput): TrainMemoryEstimate {
+  const { cfg, batch: B, seqLen: T, targets } = input;
+  const tokens = B * T;
+  const per = (l: number) => 4 * tokens * layerFloatsPerToken(cfg, T, targets, l, input.dropout);
+  let all = 0;
+  let maxLayer = 0;
+  for (let l = 0; l < cfg.numLayers; l++) {
+    all += per(l);
+    maxLayer = Math.max(maxLayer, per(l));
+  }
+  const boundary = 4 * tokens * cfg.hiddenSize;
+  const activations = input.recompute ? cfg.numLayers * boundary + 2 * maxLayer : all + 2 * maxLayer / cfg.numLayers;
+  // logits, log-probabilities and their gradient, [B·T, V] each.
+  const logits = 3 * 4 * tokens * cfg.vocabSize;
+  let params = 0;
+  for (const t of targets) params += t.rank * (t.K + t.N);
+  const breakdown: Record<string, number> = {
+    'base model': input.baseBytes,
+    [`activations (${B} × ${T} tokens${input.recompute ? ', recomputed per layer' : ''})`]: activations,
+    'logits and their gradient': logits,
+    'dequantized weight in backward': input.dequantBytes,
+    'LoRA parameters': 4 * params * 2, // host copy + fed copy
+    'LoRA gradients': 4 * params * 2,
+    'optimizer state': input.optimizer === 'adamw' ? 8 * params : 0,
+    runtime: input.runtimeBytes ?? 120e6,
+  };
+  const bytes = Object.values(breakdown).reduce((a, b) => a + b, 0);
+  return {
+    what: `fine-tuning (batch ${B} × seq-len ${T}, ${targets.length} LoRA modules)`,
+    bytes,
+    breakdown,
+    lower: ['--batch-size', '--seq-len', ...(input.recompute ? [] : ['add --recompute']), '--rank / --targets'],
+    perLayer: per(0),
+    perLayerRecompute: boundary,
+  };
+}

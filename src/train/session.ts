@@ -1,0 +1,178 @@
+// One training step as one ORT session run: forward + loss + backward, returning the loss and the
+// gradient of every LoRA tensor. Parameters are held on the host in PEFT layout (A [R, K], B [N, R])
+// and fed as aT = Aᵀ [K, R], bT = s·Bᵀ [R, N] (the adapter scale s folded into the feed), so the
+// gradients come back as dA = (d aT)ᵀ and dB = s·(d bT)ᵀ.
+//
+// Dimension letters: B batch, T tokens, D head dim, K in, N out, R rank.
+import ort from 'onnxruntime-node';
+import os from 'node:os';
+import path from 'node:path';
+import type { ModelConfig } from '../formats/hf-config.js';
+import type { Manifest } from '../model/manifest.js';
+import { INPUT, MASKED, type Proj } from '../model/llama.js';
+import { inverseFrequencies, ropeTables } from '../model/rope.js';
+import { EdgeloraError } from '../util/errors.js';
+import { buildTrainGraph, TRAIN_INPUT, TRAIN_OUTPUT, IGNORE, type LoraTarget, type TrainGraphOptions } from './graph.js';
+
+/** Trainable LoRA tensors of one projection, PEFT layout. */
+export interface LoraParam {
+  readonly layer: number;
+  readonly proj: Proj;
+  readonly r: number;
+  readonly K: number;
+  readonly N: number;
+  /** alpha / r (or alpha / √r): multiplies B·A. */
+  readonly scale: number;
+  a: Float32Array; // [R, K]
+  b: Float32Array; // [N, R]
+}
+
+export interface LoraGrad {
+  readonly a: Float32Array; // [R, K]
+  readonly b: Float32Array; // [N, R]
+}
+
+/** One micro-batch: rows right-padded to a common length by the session. */
+export interface MicroBatch {
+  readonly inputIds: readonly (readonly number[])[];
+  /** Unshifted labels aligned with inputIds (-100: no loss). */
+  readonly labels: readonly (readonly number[])[];
+}
+
+export interface StepResult {
+  /** Σ NLL of this micro-batch's label tokens × lossScale. */
+  readonly loss: number;
+  readonly grads: Map<string, LoraGrad>;
+}
+
+export interface TrainSessionOptions extends Omit<TrainGraphOptions, 'targets'> {
+  readonly sessionOptions?: ort.InferenceSession.SessionOptions;
+}
+
+export function paramKey(layer: number, proj: Proj): string {
+  return `${layer}.${proj}`;
+}
+
+/** Label tokens that count in the loss (positions ≥ 1 whose label is not -100). */
+export function countLabelTokens(labels: readonly (readonly number[])[]): number {
+  let n = 0;
+  for (const row of labels) for (let t = 1; t < row.length; t++) if (row[t] !== IGNORE) n++;
+  return n;
+}
+
+export class TrainSession {
+  private readonly inv: Float32Array;
+  private constructor(
+    readonly cfg: ModelConfig,
+    readonly targets: readonly LoraTarget[],
+    readonly dropout: boolean,
+    private readonly session: ort.InferenceSession,
+    private readonly constFeeds: Record<string, ort.Tensor>,
+    readonly padTokenId: number,
+  ) {
+    this.inv = inverseFrequencies(cfg);
+  }
+
+  static async create(dir: string, manifest: Manifest, cfg: ModelConfig, targets: readonly LoraTarget[], opts: TrainSessionOptions & { padTokenId: number }): Promise<TrainSession> {
+    const tg = await buildTrainGraph(dir, manifest, cfg, { ...opts, targets });
+    const sessionOptions: ort.InferenceSession.SessionOptions = opts.sessionOptions ?? {
+      executionProviders: ['cpu'],
+      intraOpNumThreads: os.availableParallelism(),
+      graphOptimizationLevel: 'all',
+      // Activations of one training step are freed as the backward passes them; without the arena
+      // that memory goes back to the allocator instead of staying reserved at its peak.
+      enableCpuMemArena: false,
+    };
+    // The graph is handed to ORT as bytes; its external initializers resolve in the quantized model's
+    // directory (read in place, never copied). ORT refuses symlinked data files that leave the folder.
+    let session: ort.InferenceSession;
+    try {
+      session = await ort.InferenceSession.create(tg.bytes, {
+        ...sessionOptions,
+        extra: { ...(sessionOptions.extra ?? {}), session: { model_external_initializers_file_folder_path: path.resolve(dir) } },
+      });
+    } catch (err) {
+      throw new EdgeloraError(`onnxruntime could not load the training graph: ${(err as Error).message}`, { where: dir, hint: 'is the quantized model directory complete?' });
+    }
+    const constFeeds: Record<string, ort.Tensor> = {};
+    for (const [name, f] of tg.runtimeFeeds) constFeeds[name] = new ort.Tensor(f.dtype as 'float32', f.data as Float32Array, f.shape);
+    return new TrainSession(cfg, targets, opts.dropout, session, constFeeds, opts.padTokenId);
+  }
+
+  /**
+   * Runs forward + backward on one micro-batch. `lossScale` = 1 / label tokens of the whole optimizer
+   * step (so micro-batch losses and gradients add up to the step's mean). `dropoutMask(key, size)`
+   * returns the mask [B, T, K] for a target when dropout is on.
+   */
+  async step(batch: MicroBatch, params: ReadonlyMap<string, LoraParam>, lossScale: number, dropoutMask?: (key: string, B: number, T: number, K: number) => Float32Array): Promise<StepResult> {
+    const B = batch.inputIds.length;
+    if (B === 0) throw new EdgeloraError('empty micro-batch');
+    const T = Math.max(...batch.inputIds.map((r) => r.length));
+    const D = this.cfg.headDim;
+    const ids = new BigInt64Array(B * T);
+    const targets = new BigInt64Array(B * T).fill(BigInt(IGNORE));
+    const bias = new Float32Array(B * T * T).fill(MASKED);
+    const cos = new Float32Array(B * T * D);
+    const sin = new Float32Array(B * T * D);
+    const tab = ropeTables(this.inv, [...Array(T).keys()]);
+    for (let b = 0; b < B; b++) {
+      const row = batch.inputIds[b]!;
+      const lab = batch.labels[b]!;
+      const L = row.length;
+      for (let t = 0; t < T; t++) ids[b * T + t] = BigInt(t < L ? row[t]! : this.padTokenId);
+      // Position t predicts label t+1 (the shift happens here); padding predicts nothing.
+      for (let t = 0; t + 1 < L; t++) targets[b * T + t] = BigInt(lab[t + 1]!);
+      // Causal over real tokens; a padded query attends to itself only (finite, and never scored).
+      for (let t = 0; t < T; t++) {
+        const base = (b * T + t) * T;
+        if (t < L) for (let s = 0; s <= t; s++) bias[base + s] = 0;
+        else bias[base + t] = 0;
+      }
+      cos.set(tab.cos, b * T * D);
+      sin.set(tab.sin, b * T * D);
+    }
+    const feeds: Record<string, ort.Tensor> = {
+      ...this.constFeeds,
+      [INPUT.ids]: new ort.Tensor('int64', ids, [B, T]),
+      [INPUT.bias]: new ort.Tensor('float32', bias, [B, T, T]),
+      [INPUT.cos]: new ort.Tensor('float32', cos, [B, T, D]),
+      [INPUT.sin]: new ort.Tensor('float32', sin, [B, T, D]),
+      [TRAIN_INPUT.targets]: new ort.Tensor('int64', targets, [B, T]),
+      [TRAIN_INPUT.lossScale]: new ort.Tensor('float32', Float32Array.of(lossScale), [1]),
+    };
+    for (const t of this.targets) {
+      const key = paramKey(t.layer, t.proj);
+      const p = params.get(key);
+      if (!p) throw new EdgeloraError(`no parameters for LoRA target ${key}`);
+      feeds[INPUT.loraA(t.layer, t.proj)] = new ort.Tensor('float32', transpose(p.a, p.r, p.K), [p.K, p.r]);
+      feeds[INPUT.loraB(t.layer, t.proj)] = new ort.Tensor('float32', transpose(p.b, p.N, p.r, p.scale), [p.r, p.N]);
+      if (this.dropout) {
+        if (!dropoutMask) throw new EdgeloraError('the training graph takes dropout masks but none were given');
+        feeds[INPUT.loraDropout(t.layer, t.proj)] = new ort.Tensor('float32', dropoutMask(key, B, T, p.K), [B, T, p.K]);
+      }
+    }
+    const out = await this.session.run(feeds);
+    const loss = (out[TRAIN_OUTPUT.loss]!.data as Float32Array)[0]!;
+    const grads = new Map<string, LoraGrad>();
+    for (const t of this.targets) {
+      const key = paramKey(t.layer, t.proj);
+      const p = params.get(key)!;
+      const ga = out[TRAIN_OUTPUT.gradA(t.layer, t.proj)]!.data as Float32Array; // [K, R]
+      const gb = out[TRAIN_OUTPUT.gradB(t.layer, t.proj)]!.data as Float32Array; // [R, N]
+      grads.set(key, { a: transpose(ga, p.K, p.r), b: transpose(gb, p.r, p.N, p.scale) });
+    }
+    for (const t of Object.values(out)) t.dispose?.();
+    return { loss, grads };
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}
+
+/** [rows, cols] → [cols, rows], times `scale`. */
+function transpose(x: Float32Array, rows: number, cols: number, scale = 1): Float32Array {
+  const out = new Float32Array(rows * cols);
+  for (let i = 0; i < rows; i++) for (let j = 0; j < cols; j++) out[j * rows + i] = x[i * cols + j]! * scale;
+  return out;
+}

@@ -1,0 +1,168 @@
+// The training graph's gradients (ORT, float32, autodiff.ts) against central finite differences of
+// an independent float64 reference (test/helpers/reference.ts + a float64 NLL), on the tiny preset:
+// every LoRA tensor of all seven projections in every layer, on fp32, nf4 and int4 (accuracy_level 0)
+// bases, over a right-padded batch with prompt labels masked. Also: recomputation gives the same
+// gradients.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { tempDir, tinyCheckpoint, quantized, dequantizedWeights } from '../helpers/fixtures.js';
+import { referenceForward, type RefLora } from '../helpers/reference.js';
+import { readManifest } from '../../src/model/manifest.js';
+import { parseHfConfig, type ModelConfig } from '../../src/formats/hf-config.js';
+import { LINEAR_PROJS } from '../../src/model/llama.js';
+import { TrainSession, paramKey, countLabelTokens, type LoraParam, type MicroBatch } from '../../src/train/session.js';
+import { loraTargets } from '../../src/train/graph.js';
+import { Rng } from '../../src/util/rng.js';
+
+/** |analytic − FD| / max(|FD|, 0.1 · max |analytic| over the tensor) must stay below this. */
+const TOL_REL = 1e-3;
+/** Central-difference step on a parameter (parameters are ~0.1). */
+const EPS = 1e-3;
+/** Elements sampled per tensor: the largest-gradient one plus random ones. */
+const SAMPLES = 2;
+/** Recomputation must not change gradients beyond float32 reordering noise. */
+const TOL_RECOMPUTE = 1e-5;
+
+let root: { dir: string; cleanup: () => void };
+let hf: string;
+before(async () => {
+  root = tempDir('edgelora-grad-');
+  hf = await tinyCheckpoint(root.dir, 3);
+});
+after(() => root.cleanup());
+
+const RANK = 2;
+// Two rows of different lengths (right padding), the first with a masked prompt.
+const BATCH: MicroBatch = {
+  inputIds: [
+    [607, 40, 41, 80, 99, 120, 5, 77],
+    [607, 200, 201, 33, 9],
+  ],
+  labels: [
+    [-100, -100, -100, 80, 99, 120, 5, 77],
+    [607, 200, 201, 33, 9],
+  ],
+};
+
+function randomParams(cfg: ModelConfig, seed: number): Map<string, LoraParam> {
+  const rng = new Rng(seed);
+  const params = new Map<string, LoraParam>();
+  for (const t of loraTargets(cfg, LINEAR_PROJS, () => RANK)) {
+    params.set(paramKey(t.layer, t.proj), {
+      layer: t.layer, proj: t.proj, r: RANK, K: t.K, N: t.N, scale: 1.5,
+      a: Float32Array.from({ length: RANK * t.K }, () => 0.1 * rng.normal()),
+      b: Float32Array.from({ length: RANK * t.N }, () => 0.1 * rng.normal()),
+    });
+  }
+  return params;
+}
+
+/** Float64 mean token NLL of the batch under the reference forward. */
+function referenceLoss(cfg: ModelConfig, W: (n: string) => Float32Array, params: Map<string, LoraParam>): number {
+  const lora = (layer: number, proj: string): RefLora[] => {
+    const p = params.get(`${layer}.${proj}`);
+    return p ? [{ a: p.a, b: p.b, r: p.r, scale: p.scale }] : [];
+  };
+  const V = cfg.vocabSize;
+  let nll = 0;
+  BATCH.inputIds.forEach((ids, b) => {
+    const logits = referenceForward(cfg, W, [...ids], lora);
+    const labels = BATCH.labels[b]!;
+    for (let t = 0; t + 1 < ids.length; t++) {
+      const y = labels[t + 1]!;
+      if (y === -100) continue;
+      let max = -Infinity;
+      for (let i = 0; i < V; i++) max = Math.max(max, logits[t * V + i]!);
+      let s = 0;
+      for (let i = 0; i < V; i++) s += Math.exp(logits[t * V + i]! - max);
+      nll += Math.log(s) + max - logits[t * V + y]!;
+    }
+  });
+  return nll / countLabelTokens(BATCH.labels);
+}
+
+async function checkFormat(name: string, opts: Parameters<typeof quantized>[3]): Promise<void> {
+  const dir = await quantized(hf, root.dir, name, opts);
+  const manifest = await readManifest(dir);
+  const cfg = parseHfConfig(manifest.sourceConfig, dir);
+  const { W } = await dequantizedWeights(dir);
+  const targets = loraTargets(cfg, LINEAR_PROJS, () => RANK);
+  const params = randomParams(cfg, 11);
+  const session = await TrainSession.create(dir, manifest, cfg, targets, { dropout: false, padTokenId: 609 });
+  const count = countLabelTokens(BATCH.labels);
+  const res = await session.step(BATCH, params, 1 / count);
+  await session.release();
+  const lossRef = referenceLoss(cfg, W, params);
+  assert.ok(Math.abs(res.loss - lossRef) / lossRef < 1e-5, `${name}: loss ${res.loss} vs reference ${lossRef}`);
+
+  const rng = new Rng(5);
+  let worst = { err: 0, where: '' };
+  for (const [key, p] of params) {
+    const g = res.grads.get(key)!;
+    for (const which of ['a', 'b'] as const) {
+      const x = p[which];
+      const gx = g[which];
+      let gmax = 0;
+      let argmax = 0;
+      for (let i = 0; i < gx.length; i++) if (Math.abs(gx[i]!) > gmax) { gmax = Math.abs(gx[i]!); argmax = i; }
+      assert.ok(gmax > 0, `${name} ${key}.${which}: gradient is all zero`);
+      const idx = [argmax, ...Array.from({ length: SAMPLES - 1 }, () => rng.int(gx.length))];
+      for (const i of idx) {
+        const orig = x[i]!;
+        x[i] = orig + EPS;
+        const hi = x[i]!;
+        const lp = referenceLoss(cfg, W, params);
+        x[i] = orig - EPS;
+        const lo = x[i]!;
+        const lm = referenceLoss(cfg, W, params);
+        x[i] = orig;
+        const fd = (lp - lm) / (hi - lo);
+        const err = Math.abs(gx[i]! - fd) / Math.max(Math.abs(fd), 0.1 * gmax);
+        if (err > worst.err) worst = { err, where: `${key}.${which}[${i}] analytic ${gx[i]} fd ${fd}` };
+      }
+    }
+  }
+  console.log(`${name}: ${params.size * 2} tensors, max relative error ${worst.err.toExponential(2)} (${worst.where || 'n/a'})`);
+  assert.ok(worst.err < TOL_REL, `${name}: relative error ${worst.err} ≥ ${TOL_REL} at ${worst.where}`);
+}
+
+test('gradients match finite differences of the float64 reference: fp32 base', async () => {
+  await checkFormat('fp32', { format: 'fp32' });
+});
+
+test('gradients match finite differences of the float64 reference: nf4 base (in-graph dequantized backward)', async () => {
+  await checkFormat('nf4', { format: 'nf4', blockSize: 64 });
+});
+
+test('gradients match finite differences of the float64 reference: int4 base (accuracy_level 0)', async () => {
+  await checkFormat('int4', { format: 'int4', blockSize: 32, int4AccuracyLevel: 0 });
+});
+
+test('recomputing layer activations in backward gives the same gradients', async () => {
+  const dir = await quantized(hf, root.dir, 'nf4-rc', { format: 'nf4', blockSize: 64 });
+  const manifest = await readManifest(dir);
+  const cfg = parseHfConfig(manifest.sourceConfig, dir);
+  const targets = loraTargets(cfg, LINEAR_PROJS, () => RANK);
+  const params = randomParams(cfg, 12);
+  const count = countLabelTokens(BATCH.labels);
+  const plain = await TrainSession.create(dir, manifest, cfg, targets, { dropout: false, padTokenId: 609 });
+  const a = await plain.step(BATCH, params, 1 / count);
+  await plain.release();
+  const rc = await TrainSession.create(dir, manifest, cfg, targets, { dropout: false, padTokenId: 609, recompute: true });
+  const b = await rc.step(BATCH, params, 1 / count);
+  await rc.release();
+  let maxDiff = 0;
+  let scale = 0;
+  for (const [key, ga] of a.grads) {
+    const gb = b.grads.get(key)!;
+    for (const w of ['a', 'b'] as const) {
+      for (let i = 0; i < ga[w].length; i++) {
+        maxDiff = Math.max(maxDiff, Math.abs(ga[w][i]! - gb[w][i]!));
+        scale = Math.max(scale, Math.abs(ga[w][i]!));
+      }
+    }
+  }
+  console.log(`recompute: max |Δgrad| ${maxDiff.toExponential(2)} (max |grad| ${scale.toExponential(2)}), loss ${a.loss} vs ${b.loss}`);
+  assert.equal(a.loss, b.loss);
+  assert.ok(maxDiff / scale < TOL_RECOMPUTE, `recompute changed gradients by ${maxDiff} (relative ${maxDiff / scale})`);
+});
