@@ -7,6 +7,8 @@ import { LINEAR_PROJS, type Proj } from '../../model/llama.js';
 import { EdgeloraError } from '../../util/errors.js';
 import { Progress } from '../../util/progress.js';
 import { formatBytes } from '../../profiles/memory.js';
+import { resolveProfile, parseProfileSets } from '../../profiles/index.js';
+import { PROFILE_FLAGS, PROFILE_HELP } from '../load.js';
 import type { StDType } from '../../formats/safetensors.js';
 
 const help = `Usage: edgelora finetune --model <quantized-dir> --data <file.jsonl> --out <adapter-dir> [flags]
@@ -40,6 +42,7 @@ Flags:
   --save-every N         checkpoint every N steps into <out>.checkpoint (default 0 = never)
   --resume               continue from <out>.checkpoint (same flags as the interrupted run)
   --seed S               seed of the init, data order and dropout (default 0)
+${PROFILE_HELP}
   --memory-budget SIZE   refuse plans whose estimated peak exceeds SIZE (bytes, or e.g. 4GiB, 512MB)
   --recompute            recompute each layer's activations in backward (less memory, slower)
   --dtype NAME           adapter tensors on disk: f32, f16 or bf16 (default f32)
@@ -107,6 +110,7 @@ export const finetuneCommand: Command = {
       resume: { type: 'boolean' },
       seed: { type: 'string' },
       'memory-budget': { type: 'string' },
+      ...PROFILE_FLAGS,
       recompute: { type: 'boolean' },
       dtype: { type: 'string' },
       json: { type: 'boolean' },
@@ -124,6 +128,8 @@ export const finetuneCommand: Command = {
     const lr = num('lr');
     if (lr !== undefined && lr <= 0) throw new EdgeloraError(`--lr ${lr}: must be a positive number`, { where: '--lr' });
     const memoryBudget = s('memory-budget') === undefined ? undefined : parseByteSize('memory-budget', s('memory-budget')!);
+    // The device profile gives the memory budget (unless --memory-budget is set) and the execution providers.
+    const rp = await resolveProfile({ profile: s('profile') ?? 'auto', overrides: parseProfileSets((v['profile-set'] as string[] | undefined) ?? []) });
     let progress: Progress | null = null;
     const opts: FinetuneOptions = {
       model: requireFlag('finetune', 'model', s('model')),
@@ -150,6 +156,8 @@ export const finetuneCommand: Command = {
       ...(v.resume ? { resume: true } : {}),
       ...(num('seed', { integer: true, min: 0 }) !== undefined ? { seed: num('seed')! } : {}),
       ...(memoryBudget !== undefined ? { memoryBudget } : {}),
+      profile: { id: rp.profile.id, memoryBudgetBytes: rp.memoryBudgetBytes },
+      sessionOptions: rp.sessionOptions({ graphOptimizationLevel: 'all', enableCpuMemArena: false }),
       ...(v.recompute ? { recompute: true } : {}),
       ...(dtype ? { dtype: dtype.toUpperCase() as StDType } : {}),
       onWarning: (m) => process.stderr.write(`warning: ${m}\n`),
