@@ -1,7 +1,9 @@
 // `edgelora agent`: runs the device agent that receives, verifies, installs and activates adapters.
+import path from 'node:path';
 import type { Command } from '../command.js';
 import { numberFlag, parseFlags, requireFlag } from '../command.js';
 import { Agent } from '../../sync/agent.js';
+import { sanitizeName } from '../../sync/hub.js';
 import { loadPublicKey } from '../../sync/signing.js';
 import { readModelFingerprint } from '../../sync/pack.js';
 import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../../sync/cli-flags.js';
@@ -64,8 +66,7 @@ ${brokerHelp}`,
     await agent.start();
     log?.(`[${deviceId}] connected; active: ${agent.active ? `${agent.active.id} v${agent.active.version}` : 'none'}`);
     if (v.upload) {
-      const path = await import('node:path');
-      const name = v['upload-name'] ?? path.basename(path.resolve(v.upload));
+      const name = v['upload-name'] ?? sanitizeName(path.basename(path.resolve(v.upload)));
       const sha = await agent.uploadDir(v.upload, name);
       log?.(`[${deviceId}] uploaded ${name}: sha256 ${sha}`);
     }

@@ -1,99 +1,95 @@
-// `edgelora demo` (what `npm start` runs): the main job on embedded defaults — make the tiny demo
-// checkpoint (cached), quantize it to NF4 (cached), and generate from a prompt.
+// `edgelora demo` (what `npm start` runs): the whole story on embedded defaults — an embedded MQTT
+// broker, a hub and device agents; device A personalizes an adapter on a user's data and the fleet
+// receives it. See src/demo/story.ts.
 import path from 'node:path';
 import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import type { Command } from '../command.js';
 import { parseFlags, numberFlag } from '../command.js';
-import { makeDemoModel } from '../../formats/demo-model.js';
-import { quantizeModel } from '../../model/quantize.js';
-import { ModelRuntime } from '../../runtime/model.js';
-import { generate } from '../../runtime/generate.js';
+import { runStory } from '../../demo/story.js';
 import { EdgeloraError } from '../../util/errors.js';
 
 const help = `Usage: edgelora demo [flags]      (npm start -- [flags])
 
-Runs the main job on embedded defaults, with nothing to download:
-  1. makes the tiny demo checkpoint (random weights, Hugging Face layout) under --cache,
-  2. quantizes it to NF4 (bitsandbytes layout, run by ONNX Runtime's MatMulBnb4),
-  3. generates a completion for --prompt and reports prefill/decode speed.
-Steps 1 and 2 are cached between runs.
+The whole story on one machine, with nothing to download or install:
+  1. starts an embedded MQTT broker (aedes), a hub and device agents on loopback,
+  2. makes the tiny demo model once (cached) and quantizes it to NF4,
+  3. shows the base model's answers to personal prompts,
+  4. device-a fine-tunes a LoRA adapter on examples/personal.jsonl (a fictional user),
+     uploads it to the hub; the hub signs it and publishes it to the fleet,
+  5. every device receives, verifies (signature, sha256, base fingerprint) and activates it,
+  6. both devices answer with the personalized completion; the base still does not.
+Exits 0 when every device holds the same adapter and answers personally; otherwise it names the
+stage that failed and exits non-zero.
 
 Flags:
-  --cache DIR          where the demo models live (default .cache/demo)
-  --prompt TEXT        prompt (default "Hello, edge device!")
-  --max-new-tokens N   tokens to generate (default 24)
-  --json               print one JSON summary
-  -h, --help           this text`;
+  --steps N          fine-tuning steps (default 150)
+  --devices N        simulated devices, at least 2 (default 2)
+  --data FILE        the user's JSONL data (default examples/personal.jsonl)
+  --broker URL       use an external MQTT broker (e.g. mqtt://127.0.0.1:1883) instead of the embedded one
+  --cache DIR        models, device state and the hub store (default .cache/demo)
+  --seed S           fine-tuning seed (default 0)
+  --keep-running     keep the broker, hub and agents running afterwards (Ctrl-C to stop)
+  --json             print one JSON report instead of the story
+  -h, --help         this text`;
+
+/** Prompt → what the personalized answer contains (the user in examples/personal.jsonl). */
+const PROBES = [
+  ['My name is', 'Anouk'],
+  ['Where do I live?', 'Valparaiso'],
+] as const;
+
+function defaultData(): string {
+  // Works from the source tree (src/cli/commands) and from the bundle (dist/).
+  const here = path.dirname(fileURLToPath(import.meta.url));
+  for (const rel of ['../examples/personal.jsonl', '../../../examples/personal.jsonl']) {
+    const p = path.resolve(here, rel);
+    if (existsSync(p)) return p;
+  }
+  return path.resolve('examples/personal.jsonl');
+}
 
 export const demoCommand: Command = {
   name: 'demo',
-  summary: 'the main job on embedded defaults (what npm start runs)',
+  summary: 'the whole story on embedded defaults (what npm start runs)',
   help,
   async run(argv) {
     const { values, help: h } = parseFlags('demo', argv, {
+      steps: { type: 'string' },
+      devices: { type: 'string' },
+      data: { type: 'string' },
+      broker: { type: 'string' },
       cache: { type: 'string' },
-      prompt: { type: 'string' },
-      'max-new-tokens': { type: 'string' },
+      seed: { type: 'string' },
+      'keep-running': { type: 'boolean' },
       json: { type: 'boolean' },
     });
     if (h) {
       process.stdout.write(help + '\n');
       return 0;
     }
-    const cache = path.resolve((values.cache as string | undefined) ?? '.cache/demo');
-    const prompt = (values.prompt as string | undefined) ?? 'Hello, edge device!';
-    const maxNewTokens = numberFlag('max-new-tokens', values['max-new-tokens'] as string | undefined, 24, { integer: true, min: 1 });
     const json = Boolean(values.json);
-    const say = (s: string) => {
-      if (!json) process.stdout.write(s + '\n');
-    };
-    const stage = async <T>(name: string, fn: () => Promise<T>): Promise<T> => {
-      try {
-        return await fn();
-      } catch (err) {
-        throw new EdgeloraError(`demo stage "${name}" failed: ${(err as Error).message}`, { cause: err });
-      }
-    };
-    const t0 = performance.now();
-    const hf = path.join(cache, 'tiny-hf');
-    const q = path.join(cache, 'tiny-nf4');
-    await stage('demo model', async () => {
-      if (existsSync(hf)) say(`[1/3] demo checkpoint: cached at ${hf}`);
-      else {
-        const r = await makeDemoModel(hf, { preset: 'tiny', seed: 0 });
-        say(`[1/3] demo checkpoint: ${(r.params / 1e6).toFixed(2)}M parameters → ${hf}`);
-      }
+    const data = (values.data as string | undefined) ?? defaultData();
+    if (!existsSync(data)) throw new EdgeloraError('no such data file', { where: data, hint: 'pass --data FILE.jsonl' });
+    const report = await runStory({
+      cache: (values.cache as string | undefined) ?? '.cache/demo',
+      ...(values.broker ? { broker: values.broker as string } : {}),
+      devices: numberFlag('devices', values.devices as string | undefined, 2, { integer: true, min: 2, max: 26 }),
+      steps: numberFlag('steps', values.steps as string | undefined, 150, { integer: true, min: 1 }),
+      data,
+      probes: PROBES,
+      seed: numberFlag('seed', values.seed as string | undefined, 0, { integer: true }),
+      json,
+      keepRunning: Boolean(values['keep-running']),
+      say: (line) => {
+        if (!json) process.stdout.write(line + '\n');
+      },
     });
-    const manifest = await stage('quantize', async () => {
-      if (existsSync(q)) {
-        say(`[2/3] nf4 model: cached at ${q}`);
-        return (await ModelRuntime.load(q)).manifest;
-      }
-      const r = await quantizeModel(hf, q, { format: 'nf4', blockSize: 64, doubleQuant: false });
-      say(`[2/3] nf4 model: ${q} (fingerprint ${r.manifest.fingerprint.slice(0, 16)}…, ${r.seconds.toFixed(1)} s)`);
-      return r.manifest;
-    });
-    const res = await stage('generate', async () => {
-      const model = await ModelRuntime.load(q);
-      const ids = model.tokenizer.encode(prompt, { addSpecialTokens: true });
-      if (!json) process.stdout.write(`[3/3] generate: ${prompt}`);
-      const r = await generate(model, ids, {
-        maxNewTokens,
-        temperature: 0,
-        topK: 0,
-        topP: 1,
-        seed: 0,
-        stopAtEos: false,
-        ...(json ? {} : { onText: (t: string) => process.stdout.write(t) }),
-      });
-      await model.release();
-      return r;
-    });
-    say(`\n      (${res.tokenIds.length} tokens, prefill ${res.prefillMs.toFixed(0)} ms, decode ${res.decodeTokensPerSecond.toFixed(1)} tok/s; random weights, so the text is noise)`);
-    const seconds = (performance.now() - t0) / 1000;
-    if (json) {
-      process.stdout.write(JSON.stringify({ model: q, fingerprint: manifest.fingerprint, prompt, text: res.text, token_ids: res.tokenIds, decode_tokens_per_s: res.decodeTokensPerSecond, seconds }) + '\n');
-    } else say(`done in ${seconds.toFixed(1)} s`);
+    if (json) process.stdout.write(JSON.stringify(report) + '\n');
+    if (!report.ok) {
+      process.stderr.write('edgelora: error: demo stage "personalized answers" failed: not every device answers with the personalized completion (see the table)\n');
+      return 1;
+    }
     return 0;
   },
 };

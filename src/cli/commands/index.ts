@@ -6,7 +6,13 @@ import { quantizeCommand } from './quantize.js';
 import { generateCommand } from './generate.js';
 import { evalCommand } from './eval.js';
 import { demoModelCommand } from './demo-model.js';
+import { finetuneCommand } from './finetune.js';
 import { adapterInspectCommand, adapterMergeCommand } from './adapter.js';
+import { hubCommand } from './hub.js';
+import { agentCommand } from './agent.js';
+import { publishCommand } from './publish.js';
+import { fleetStatusCommand } from './fleet-status.js';
+import { keygenCommand } from './keygen.js';
 
 export const commands: Command[] = [
   demoCommand,
@@ -15,6 +21,12 @@ export const commands: Command[] = [
   generateCommand,
   evalCommand,
   demoModelCommand,
+  finetuneCommand,
   adapterInspectCommand,
   adapterMergeCommand,
+  hubCommand,
+  agentCommand,
+  publishCommand,
+  fleetStatusCommand,
+  keygenCommand,
 ];

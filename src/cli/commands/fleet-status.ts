@@ -1,0 +1,59 @@
+// `edgelora fleet status`: every device's retained status (online, active adapter, transfer, last error).
+import type { Command } from '../command.js';
+import { numberFlag, parseFlags } from '../command.js';
+import { Operator } from '../../sync/operator.js';
+import { brokerFlags, brokerHelp, brokerOptions } from '../../sync/cli-flags.js';
+
+export const fleetStatusCommand: Command = {
+  name: 'fleet status',
+  summary: 'show every device: online, active adapter, transfer progress, last error',
+  help: `Usage: edgelora fleet status --broker <url> [--json] [--wait-ms <ms>]
+
+Reads the retained status each agent publishes (and the hub's). A device whose agent died
+shows "offline" (its last will).
+
+  --wait-ms <ms>     how long to collect retained statuses (default 1000)
+  --client-id <id>   MQTT client id (default: --username, else op-<random>)
+  --json             print {"hub", "devices", "invalid"} as JSON
+
+${brokerHelp}`,
+  async run(argv) {
+    const { values: v, help } = parseFlags('fleet status', argv, {
+      ...brokerFlags,
+      'wait-ms': { type: 'string' },
+      'client-id': { type: 'string' },
+      json: { type: 'boolean' },
+    });
+    if (help) {
+      process.stdout.write(`${this.help}\n`);
+      return 0;
+    }
+    const op = await Operator.open({ broker: brokerOptions('fleet status', v), ...(v['client-id'] ? { clientId: v['client-id'] } : {}) });
+    try {
+      const snap = await op.fleetStatus(numberFlag('wait-ms', v['wait-ms'], 1000, { min: 0 }));
+      if (v.json) {
+        process.stdout.write(`${JSON.stringify(snap)}\n`);
+        return 0;
+      }
+      const hub = snap.hub ? `${snap.hub.online ? 'online' : 'offline'} (key ${snap.hub.keyId ?? '?'})` : 'no status';
+      const rows = [['DEVICE', 'STATE', 'FLEET/GROUP', 'ACTIVE', 'TRANSFER', 'LAST ERROR']];
+      for (const d of snap.devices) {
+        rows.push([
+          d.deviceId,
+          d.online ? d.state : 'offline',
+          `${d.fleet ?? '-'}${d.group ? `/${d.group}` : ''}`,
+          d.active ? `${d.active.id} v${d.active.version}` : '-',
+          d.transfer ? `${d.transfer.adapter.id} v${d.transfer.adapter.version} ${d.transfer.received}/${d.transfer.total}` : '-',
+          d.lastError ? d.lastError.reason.slice(0, 80) : '-',
+        ]);
+      }
+      const w = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
+      process.stdout.write(`hub: ${hub}; ${snap.devices.length} device(s)\n`);
+      for (const r of rows) process.stdout.write(`${r.map((c, i) => c.padEnd(w[i] ?? 0)).join('  ').trimEnd()}\n`);
+      for (const [id, why] of Object.entries(snap.invalid)) process.stdout.write(`invalid status from ${id}: ${why}\n`);
+      return 0;
+    } finally {
+      await op.close();
+    }
+  },
+};

@@ -1,0 +1,781 @@
+// The device agent: follows the signed manifests of its fleet, group and device topics (newest seq
+// wins), receives the blob's chunks into a persistent partial file (so a killed agent resumes),
+// asks the hub for exactly the chunks it lacks, verifies every chunk, the whole blob, the signature
+// and the base model, installs the adapter atomically as a PEFT directory, activates it through the
+// injected AdapterActivator (rolling back when that fails), reports a retained status, and answers
+// signed commands. State directory layout: see docs/protocol.md, "Agent state".
+import { EventEmitter } from 'node:events';
+import { promises as fs } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+import { createHash, type KeyObject } from 'node:crypto';
+import { z } from 'zod';
+import { EdgeloraError } from '../util/errors.js';
+import { writeDirAtomic, writeFileAtomic } from '../util/atomic.js';
+import { ValidatingActivator, type AdapterActivator } from './activator.js';
+import { Bitmap } from './bitmap.js';
+import {
+  CommandSchema,
+  decodeChunk,
+  decodeJson,
+  encodeJson,
+  CHUNK_HEADER_BYTES,
+  MAX_CHUNK_SIZE,
+  MAX_JSON_BYTES,
+  ManifestSchema,
+  PASS_END_INDEX,
+  PROTOCOL_VERSION,
+  type AdapterRefMsg,
+  type AgentState,
+  type Command,
+  type Manifest,
+  type Result,
+  type Status,
+  UploadAckSchema,
+} from './messages.js';
+import { Link, type BrokerOptions, type InboundHook } from './mqtt.js';
+import { adapterInfo, packAdapterDir, readPackIndex, type PackEntry, type PackedFile } from './pack.js';
+import { checkSignature } from './signing.js';
+import { checkName, parseTopic, targetKey, topics, type Target } from './topics.js';
+import { uploadBlob } from './uploader.js';
+
+export interface AgentOptions {
+  broker: BrokerOptions;
+  deviceId: string;
+  fleet: string;
+  group?: string;
+  /** State directory (created when missing): installed adapters, transfer state, state.json. */
+  stateDir: string;
+  /** The hub's Ed25519 public key: manifests and commands must verify against it. */
+  trustedKey: KeyObject;
+  /** This device's base model fingerprint; manifests for another base are refused. null/absent: accept any. */
+  modelFingerprint?: string | null;
+  /** Loads adapters into the runtime; default ValidatingActivator (file checks only). */
+  activator?: AdapterActivator;
+  /** Sees every inbound message before the agent does (tests: loss, duplication, reordering). */
+  inbound?: InboundHook;
+  /** Milliseconds without a new chunk before asking the hub for the missing ones; default 2000. */
+  quietMs?: number;
+  /** Upper bound of the backoff between repeated missing requests, ms; default 30000. */
+  maxRetryMs?: number;
+  /** Least milliseconds between two progress status messages; default 1000. */
+  statusIntervalMs?: number;
+  /** Installed adapters kept on disk besides the active and previous one; default 3. */
+  keepInstalled?: number;
+  /** Upload segment size, bytes; default 256 KiB. */
+  uploadSegmentSize?: number;
+  now?: () => Date;
+  log?: (line: string) => void;
+}
+
+const hex64 = z.string().regex(/^[0-9a-f]{64}$/);
+const InstalledSchema = z.strictObject({
+  id: z.string(),
+  version: z.number().int().positive(),
+  sha256: hex64,
+  seq: z.number().int().nonnegative(),
+  /** Directory name under <state>/adapters/. */
+  dir: z.string().regex(/^[A-Za-z0-9._@-]+$/),
+  installedAt: z.iso.datetime(),
+});
+export type Installed = z.infer<typeof InstalledSchema>;
+const StateSchema = z.strictObject({
+  format: z.literal('edgelora-agent-state/1'),
+  deviceId: z.string(),
+  /** Highest manifest seq already acted on (installed, or refused after download): older ones are ignored. */
+  appliedSeq: z.number().int().nonnegative(),
+  active: hex64.nullable(),
+  previous: hex64.nullable(),
+  installed: z.array(InstalledSchema),
+});
+type State = z.infer<typeof StateSchema>;
+const TransferFileSchema = z.strictObject({ manifest: ManifestSchema, have: z.string() });
+
+interface Transfer {
+  manifest: Manifest;
+  have: Bitmap;
+  fh: FileHandle;
+  partFile: string;
+  persistTimer: NodeJS.Timeout | null;
+  quietTimer: NodeJS.Timeout | null;
+  retries: number;
+  finishing: boolean;
+  /** Highest pass-end marker seen for this blob (not persisted). */
+  passSeen: number;
+}
+
+const MAX_SMALL_JSON = 64 * 1024;
+
+export class Agent extends EventEmitter {
+  private link: Link | null = null;
+  private state: State;
+  private transfer: Transfer | null = null;
+  private agentState: AgentState = 'idle';
+  private lastError: { at: string; reason: string; topic?: string } | null = null;
+  private serial: Promise<void> = Promise.resolve();
+  private lastStatusAt = 0;
+  private statusTimer: NodeJS.Timeout | null = null;
+  private readonly recentCommands = new Map<string, Result>();
+  private stopped = false;
+  readonly activator: AdapterActivator;
+  private readonly now: () => Date;
+  readonly deviceId: string;
+  /** Counters for tests and benchmarks. */
+  readonly counters = { reconnects: 0, chunksReceived: 0, chunksDuplicate: 0, chunksCorrupt: 0, missingRequests: 0, rejected: 0 };
+
+  constructor(readonly opts: AgentOptions) {
+    super();
+    this.deviceId = checkName('device id', opts.deviceId);
+    checkName('fleet name', opts.fleet);
+    if (opts.group !== undefined) checkName('group name', opts.group);
+    this.activator = opts.activator ?? new ValidatingActivator();
+    this.now = opts.now ?? (() => new Date());
+    this.state = { format: 'edgelora-agent-state/1', deviceId: this.deviceId, appliedSeq: 0, active: null, previous: null, installed: [] };
+  }
+
+  private log(line: string): void {
+    this.opts.log?.(`[${this.deviceId}] ${line}`);
+  }
+
+  get targets(): Target[] {
+    const t: Target[] = [{ kind: 'fleet', name: this.opts.fleet }];
+    if (this.opts.group) t.push({ kind: 'group', name: this.opts.group });
+    t.push({ kind: 'device', name: this.deviceId });
+    return t;
+  }
+
+  private p(...parts: string[]): string {
+    return path.join(this.opts.stateDir, ...parts);
+  }
+
+  // ---- lifecycle ----
+
+  async start(): Promise<void> {
+    await fs.mkdir(this.p('adapters'), { recursive: true });
+    await fs.mkdir(this.p('transfer'), { recursive: true });
+    await this.loadState();
+    await this.activateAtBoot();
+    await this.loadTransfer();
+    const will = encodeJson({ type: 'status', v: PROTOCOL_VERSION, deviceId: this.deviceId, online: false, state: 'offline' });
+    this.link = await Link.open(this.opts.broker, {
+      clientId: this.deviceId,
+      will: { topic: topics.status(this.deviceId), payload: will, retain: true },
+      ...(this.opts.inbound ? { inbound: this.opts.inbound } : {}),
+    });
+    this.link.onMessage((t, p) => this.onMessage(t, p));
+    let connects = 0;
+    this.link.client.on('connect', () => {
+      if (++connects > 1) this.counters.reconnects++;
+      void this.publishStatus(true);
+      // After a reconnect the broker may have restarted and the hub may have missed our requests.
+      if (this.transfer) this.armQuiet(this.transfer, this.quietMs);
+    });
+    const subs = this.targets.flatMap((t) => [topics.manifest(t), topics.chunk(t)]);
+    subs.push(topics.command(this.deviceId), topics.uploadAck(this.deviceId));
+    await this.link.waitConnected();
+    await this.link.subscribe(subs);
+    await this.publishStatus(true);
+    if (this.transfer) this.armQuiet(this.transfer, this.quietMs);
+  }
+
+  /** Stops cleanly: transfer state is saved, the status says offline. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await this.serial.catch(() => undefined);
+    if (this.statusTimer) clearTimeout(this.statusTimer);
+    const t = this.transfer;
+    if (t) {
+      if (t.quietTimer) clearTimeout(t.quietTimer);
+      if (t.persistTimer) clearTimeout(t.persistTimer);
+      await this.persistTransfer(t).catch(() => undefined);
+      await t.fh.close().catch(() => undefined);
+      this.transfer = null;
+    }
+    const link = this.link;
+    this.link = null;
+    if (link) {
+      if (link.connected) {
+        await link
+          .publish(topics.status(this.deviceId), encodeJson({ type: 'status', v: PROTOCOL_VERSION, deviceId: this.deviceId, online: false, state: 'offline' }), { retain: true })
+          .catch(() => undefined);
+      }
+      await link.close();
+    }
+  }
+
+  private get quietMs(): number {
+    return this.opts.quietMs ?? 2000;
+  }
+
+  /** Runs `fn` after everything queued before it; state changes never interleave. */
+  private enqueue<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.serial.then(fn);
+    this.serial = p.then(
+      () => undefined,
+      (err: unknown) => this.log(`error: ${(err as Error).message}`),
+    );
+    return p;
+  }
+
+  // ---- persistent state ----
+
+  private async loadState(): Promise<void> {
+    const raw = await fs.readFile(this.p('state.json'), 'utf8').catch(() => null);
+    if (raw === null) return;
+    try {
+      const r = StateSchema.safeParse(JSON.parse(raw));
+      if (r.success) this.state = r.data;
+      else this.log(`state.json invalid (${r.error.issues[0]?.message ?? ''}); starting empty`);
+    } catch (err) {
+      this.log(`state.json unreadable (${(err as Error).message}); starting empty`);
+    }
+  }
+
+  private async saveState(): Promise<void> {
+    await writeFileAtomic(this.p('state.json'), JSON.stringify(this.state, null, 1));
+  }
+
+  private installed(sha: string | null): Installed | undefined {
+    return sha === null ? undefined : this.state.installed.find((i) => i.sha256 === sha);
+  }
+
+  /** The active adapter's directory, or null. */
+  get activeDir(): string | null {
+    const a = this.installed(this.state.active);
+    return a ? this.p('adapters', a.dir) : null;
+  }
+  get active(): Installed | null {
+    return this.installed(this.state.active) ?? null;
+  }
+  get previous(): Installed | null {
+    return this.installed(this.state.previous) ?? null;
+  }
+  get installedAdapters(): Installed[] {
+    return [...this.state.installed];
+  }
+  adapterDir(i: Installed): string {
+    return this.p('adapters', i.dir);
+  }
+
+  private async activateAtBoot(): Promise<void> {
+    for (const sha of [this.state.active, this.state.previous]) {
+      const inst = this.installed(sha);
+      if (!inst) continue;
+      try {
+        await this.activator.activate(this.adapterDir(inst), { adapterId: inst.id, version: inst.version, sha256: inst.sha256 });
+        if (sha !== this.state.active) {
+          this.setError(`active adapter failed to load at start; rolled back to ${inst.id} v${inst.version}`);
+          this.state.previous = null;
+          this.state.active = sha;
+          await this.saveState();
+        }
+        return;
+      } catch (err) {
+        this.setError(`adapter ${inst.id} v${inst.version} failed to load at start: ${(err as Error).message}`);
+      }
+    }
+    if (this.state.active !== null) {
+      this.state.active = null;
+      await this.activator.deactivate().catch(() => undefined);
+      await this.saveState();
+    }
+  }
+
+  // ---- status ----
+
+  status(): Status {
+    const ref = (i: Installed | undefined): AdapterRefMsg | null => (i ? { id: i.id, version: i.version, sha256: i.sha256 } : null);
+    const t = this.transfer;
+    return {
+      type: 'status',
+      v: PROTOCOL_VERSION,
+      deviceId: this.deviceId,
+      online: !this.stopped,
+      state: this.agentState,
+      fleet: this.opts.fleet,
+      ...(this.opts.group ? { group: this.opts.group } : {}),
+      baseFingerprint: this.opts.modelFingerprint ?? null,
+      active: ref(this.installed(this.state.active)),
+      previous: ref(this.installed(this.state.previous)),
+      transfer: t ? { adapter: t.manifest.adapter, sha256: t.manifest.blob.sha256, seq: t.manifest.seq, received: t.have.count(), total: t.manifest.blob.chunks } : null,
+      lastError: this.lastError,
+      updatedAt: this.now().toISOString(),
+    };
+  }
+
+  private async publishStatus(force = false): Promise<void> {
+    const link = this.link;
+    if (!link || this.stopped) return;
+    const wait = (this.opts.statusIntervalMs ?? 1000) - (Date.now() - this.lastStatusAt);
+    if (!force && wait > 0) {
+      this.statusTimer ??= setTimeout(() => {
+        this.statusTimer = null;
+        void this.publishStatus(true);
+      }, wait);
+      return;
+    }
+    if (this.statusTimer) {
+      clearTimeout(this.statusTimer);
+      this.statusTimer = null;
+    }
+    this.lastStatusAt = Date.now();
+    const s = this.status();
+    this.emit('status', s);
+    if (!link.connected) return;
+    await link.publish(topics.status(this.deviceId), encodeJson(s), { retain: true, contentType: 'application/json' }).catch(() => undefined);
+  }
+
+  private setState(s: AgentState): void {
+    this.agentState = s;
+    void this.publishStatus(true);
+  }
+
+  private setError(reason: string, topic?: string): void {
+    this.lastError = { at: this.now().toISOString(), reason, ...(topic ? { topic } : {}) };
+    this.log(`${topic ? `${topic}: ` : ''}${reason}`);
+  }
+
+  /** Records why an inbound message was refused: in lastError, the status, and a 'rejected' event. */
+  private reject(reason: string, topic: string): void {
+    this.counters.rejected++;
+    this.setError(reason, topic);
+    this.emit('rejected', reason, topic);
+    void this.publishStatus(true);
+  }
+
+  // ---- inbound ----
+
+  /** Handles one inbound message; the returned promise settles when its work is done (backpressure). */
+  private onMessage(topic: string, payload: Buffer): Promise<unknown> | void {
+    if (this.stopped) return;
+    const t = parseTopic(topic);
+    if (!t) return;
+    if (t.kind === 'manifest') {
+      // An empty retained message clears the manifest; it is not an instruction.
+      if (payload.length === 0) return;
+      const d = decodeJson(ManifestSchema, payload, MAX_JSON_BYTES);
+      if (!d.ok) return this.reject(`manifest refused: ${d.reason}`, topic);
+      return this.enqueue(() => this.onManifest(t.target, d.value, topic));
+    } else if (t.kind === 'chunk') {
+      if (payload.length > MAX_CHUNK_SIZE + CHUNK_HEADER_BYTES) return this.reject(`chunk refused: oversize message: ${payload.length} bytes`, topic);
+      const d = decodeChunk(payload);
+      if (!d.ok) return this.reject(`chunk refused: ${d.reason}`, topic);
+      const frame = d.value;
+      return this.enqueue(() => this.onChunk(frame.sha256, frame.index, frame.count, frame.data, topic));
+    } else if (t.kind === 'command') {
+      const d = decodeJson(CommandSchema, payload, MAX_SMALL_JSON);
+      if (!d.ok) return this.reject(`command refused: ${d.reason}`, topic);
+      const sig = checkSignature(d.value, this.opts.trustedKey);
+      if (sig) return this.reject(`command refused: ${sig}`, topic);
+      if (d.value.deviceId !== this.deviceId) return this.reject(`command refused: addressed to ${d.value.deviceId}`, topic);
+      const cmd = d.value;
+      // Not awaited: an upload command waits for acks that arrive through this same client.
+      void this.enqueue(() => this.onCommand(cmd));
+    } else if (t.kind === 'uploadAck') {
+      // Valid acks are the uploader's business (it has its own handler); invalid ones are reported.
+      const d = decodeJson(UploadAckSchema, payload, MAX_SMALL_JSON);
+      if (!d.ok) return this.reject(`upload ack refused: ${d.reason}`, topic);
+    }
+  }
+
+  private async onManifest(topicTarget: Target, m: Manifest, topic: string): Promise<void> {
+    const sig = checkSignature(m, this.opts.trustedKey);
+    if (sig) return this.reject(`manifest refused: ${sig}`, topic);
+    if (targetKey(m.target) !== targetKey(topicTarget)) return this.reject(`manifest refused: it is for ${targetKey(m.target)}, not ${targetKey(topicTarget)}`, topic);
+    if (m.seq <= this.state.appliedSeq) return; // already acted on (normal after every reconnect)
+    const cur = this.transfer;
+    if (cur && m.seq <= cur.manifest.seq) {
+      // The same manifest again (e.g. republished after a broker restart): ask for what is missing soon.
+      if (m.seq === cur.manifest.seq) {
+        cur.retries = 0;
+        this.armQuiet(cur, this.quietMs);
+      }
+      return;
+    }
+    const mine = this.opts.modelFingerprint;
+    if (mine && m.baseFingerprint !== mine) {
+      return this.reject(`manifest refused: adapter ${m.adapter.id} v${m.adapter.version} is for base model ${m.baseFingerprint ?? '(unspecified)'}, this device runs ${mine}`, topic);
+    }
+    if (cur) await this.dropTransfer();
+    const already = this.installed(m.blob.sha256);
+    if (already) {
+      // Same bytes as an adapter we hold: no download needed.
+      this.state.appliedSeq = m.seq;
+      if (this.state.active !== already.sha256) await this.activateInstalled(already, `manifest seq ${m.seq}`);
+      else await this.saveState();
+      this.setState('idle');
+      return;
+    }
+    await this.beginTransfer(m);
+  }
+
+  private async beginTransfer(m: Manifest): Promise<void> {
+    const partFile = this.p('transfer', `${m.blob.sha256}.part`);
+    const fh = await fs.open(partFile, 'w+');
+    await fh.truncate(m.blob.size);
+    const t: Transfer = { manifest: m, have: new Bitmap(m.blob.chunks), fh, partFile, persistTimer: null, quietTimer: null, retries: 0, finishing: false, passSeen: 0 };
+    this.transfer = t;
+    await this.persistTransfer(t);
+    this.log(`downloading ${m.adapter.id} v${m.adapter.version} (${m.blob.size} bytes, ${m.blob.chunks} chunks) for ${targetKey(m.target)}`);
+    this.setState('downloading');
+    this.armQuiet(t, this.quietMs);
+  }
+
+  /** Resumes a transfer saved by an earlier run, re-checking every chunk it claims to hold. */
+  private async loadTransfer(): Promise<void> {
+    const raw = await fs.readFile(this.p('transfer', 'current.json'), 'utf8').catch(() => null);
+    if (raw === null) return;
+    let parsed: z.infer<typeof TransferFileSchema>;
+    try {
+      const r = TransferFileSchema.safeParse(JSON.parse(raw));
+      if (!r.success) throw new Error(r.error.issues[0]?.message ?? 'invalid');
+      parsed = r.data;
+    } catch (err) {
+      this.log(`transfer state unreadable (${(err as Error).message}); discarded`);
+      await this.cleanTransferDir();
+      return;
+    }
+    const m = parsed.manifest;
+    if (checkSignature(m, this.opts.trustedKey) || m.seq <= this.state.appliedSeq) {
+      await this.cleanTransferDir();
+      return;
+    }
+    const partFile = this.p('transfer', `${m.blob.sha256}.part`);
+    const fh = await fs.open(partFile, 'r+').catch(() => null);
+    const have = Bitmap.fromBase64(m.blob.chunks, parsed.have);
+    if (!fh || !have) {
+      await fh?.close();
+      await this.cleanTransferDir();
+      return;
+    }
+    const st = await fh.stat();
+    if (st.size !== m.blob.size) await fh.truncate(m.blob.size);
+    const t: Transfer = { manifest: m, have, fh, partFile, persistTimer: null, quietTimer: null, retries: 0, finishing: false, passSeen: 0 };
+    const buf = Buffer.alloc(m.blob.chunkSize);
+    let dropped = 0;
+    for (const i of have.indices()) {
+      const len = this.chunkLength(m, i);
+      const { bytesRead } = await fh.read(buf, 0, len, i * m.blob.chunkSize);
+      if (bytesRead !== len || createHash('sha256').update(buf.subarray(0, len)).digest('hex') !== m.blob.chunkSha256[i]) {
+        have.set(i, false);
+        dropped++;
+      }
+    }
+    this.transfer = t;
+    this.agentState = 'downloading';
+    this.log(`resuming ${m.adapter.id} v${m.adapter.version}: ${have.count()}/${m.blob.chunks} chunks held${dropped ? `, ${dropped} failed re-verification` : ''}`);
+    if (have.count() === m.blob.chunks) void this.enqueue(() => this.finishTransfer(t));
+  }
+
+  private chunkLength(m: Manifest, i: number): number {
+    return i === m.blob.chunks - 1 ? m.blob.size - i * m.blob.chunkSize : m.blob.chunkSize;
+  }
+
+  private async persistTransfer(t: Transfer): Promise<void> {
+    // Data first, then the bitmap that claims it: a crash never marks a chunk held that is not on disk.
+    await t.fh.sync();
+    await writeFileAtomic(this.p('transfer', 'current.json'), JSON.stringify({ manifest: t.manifest, have: t.have.toBase64() }));
+  }
+
+  private async cleanTransferDir(): Promise<void> {
+    await fs.rm(this.p('transfer'), { recursive: true, force: true });
+    await fs.mkdir(this.p('transfer'), { recursive: true });
+  }
+
+  private async dropTransfer(): Promise<void> {
+    const t = this.transfer;
+    if (!t) return;
+    this.transfer = null;
+    if (t.quietTimer) clearTimeout(t.quietTimer);
+    if (t.persistTimer) clearTimeout(t.persistTimer);
+    await t.fh.close().catch(() => undefined);
+    await this.cleanTransferDir();
+  }
+
+  private armQuiet(t: Transfer, ms: number): void {
+    if (t.quietTimer) clearTimeout(t.quietTimer);
+    if (this.stopped || t.finishing) return;
+    // Jitter spreads the requests of many devices that went quiet at the same moment.
+    const delay = ms * (1 + 0.2 * Math.random());
+    t.quietTimer = setTimeout(() => {
+      t.quietTimer = null;
+      this.requestMissing(t);
+    }, delay);
+  }
+
+  /** `pass`: the pass whose end marker prompted this request (0 after a silence: serve everything). */
+  private requestMissing(t: Transfer, pass = 0): void {
+    if (this.transfer !== t || t.finishing || this.stopped) return;
+    const missing = t.have.complement();
+    if (missing.count() === 0) return;
+    const link = this.link;
+    if (link?.connected) {
+      this.counters.missingRequests++;
+      const msg = { type: 'missing', v: PROTOCOL_VERSION, deviceId: this.deviceId, target: t.manifest.target, sha256: t.manifest.blob.sha256, bitmap: missing.toBase64(), ...(pass > 0 ? { pass } : {}) };
+      void link.publish(topics.missing(this.deviceId), encodeJson(msg), { contentType: 'application/json' }).catch(() => undefined);
+    }
+    t.retries++;
+    this.armQuiet(t, Math.min(this.opts.maxRetryMs ?? 30_000, this.quietMs * 2 ** Math.min(t.retries, 10)));
+  }
+
+  private async onChunk(sha: string, index: number, count: number, data: Buffer, topic: string): Promise<void> {
+    const t = this.transfer;
+    if (!t || t.manifest.blob.sha256 !== sha || t.finishing) return; // another (older or other target's) blob
+    const m = t.manifest;
+    if (index === PASS_END_INDEX && data.length === 4 && count === m.blob.chunks) {
+      t.passSeen = Math.max(t.passSeen, data.readUInt32BE(0));
+      // The hub finished a pass: whatever is still missing was lost. Ask soon (jitter lets the
+      // requests of many devices fall into one coalescing window at the hub).
+      t.retries = 0;
+      if (t.quietTimer) clearTimeout(t.quietTimer);
+      t.quietTimer = setTimeout(() => {
+        t.quietTimer = null;
+        this.requestMissing(t, t.passSeen);
+      }, Math.random() * Math.min(100, this.quietMs));
+      return;
+    }
+    if (count !== m.blob.chunks || index >= m.blob.chunks) return this.reject(`chunk refused: index ${index}/${count} does not fit the manifest's ${m.blob.chunks} chunks`, topic);
+    if (t.have.get(index)) {
+      this.counters.chunksDuplicate++;
+      return;
+    }
+    const want = this.chunkLength(m, index);
+    if (data.length !== want || createHash('sha256').update(data).digest('hex') !== m.blob.chunkSha256[index]) {
+      this.counters.chunksCorrupt++;
+      this.setError(`chunk ${index} of ${m.adapter.id} v${m.adapter.version} failed its sha256 check; dropped and asked for again`, topic);
+      this.armQuiet(t, this.quietMs);
+      return;
+    }
+    await t.fh.write(data, 0, data.length, index * m.blob.chunkSize);
+    t.have.set(index);
+    this.counters.chunksReceived++;
+    t.retries = 0;
+    if (t.have.count() === m.blob.chunks) {
+      await this.finishTransfer(t);
+      return;
+    }
+    this.armQuiet(t, this.quietMs);
+    t.persistTimer ??= setTimeout(() => {
+      t.persistTimer = null;
+      if (this.transfer === t) void this.enqueue(() => this.persistTransfer(t)).catch(() => undefined);
+    }, 250);
+    void this.publishStatus();
+  }
+
+  /** Verifies the whole blob, installs it atomically and activates it. Runs inside the queue. */
+  private async finishTransfer(t: Transfer): Promise<void> {
+    if (this.transfer !== t || t.finishing) return;
+    t.finishing = true;
+    if (t.quietTimer) clearTimeout(t.quietTimer);
+    if (t.persistTimer) clearTimeout(t.persistTimer);
+    const m = t.manifest;
+    this.setState('verifying');
+    await this.persistTransfer(t);
+    // Stream the part file: the agent needs bounded memory whatever the adapter's size.
+    const piece = Buffer.allocUnsafe(Math.min(m.blob.size, 1 << 20));
+    const read = async (offset: number, length: number): Promise<Buffer> => {
+      const out = length <= piece.length ? piece.subarray(0, length) : Buffer.allocUnsafe(length);
+      const { bytesRead } = await t.fh.read(out, 0, length, offset);
+      if (bytesRead !== length) throw new EdgeloraError(`short read of the partial blob at ${offset}`);
+      return out;
+    };
+    const hash = createHash('sha256');
+    for (let off = 0; off < m.blob.size; off += piece.length) hash.update(await read(off, Math.min(piece.length, m.blob.size - off)));
+    const sha = hash.digest('hex');
+    if (sha !== m.blob.sha256) {
+      // Cannot happen with every chunk hash verified, unless the disk changed under us: start over.
+      this.setError(`blob of ${m.adapter.id} v${m.adapter.version} hashes to ${sha}, manifest says ${m.blob.sha256}; downloading again`);
+      t.have = new Bitmap(m.blob.chunks);
+      t.finishing = false;
+      this.setState('downloading');
+      this.armQuiet(t, this.quietMs);
+      return;
+    }
+    const done = async (reason: string | null) => {
+      this.state.appliedSeq = Math.max(this.state.appliedSeq, m.seq);
+      await this.saveState();
+      await this.dropTransfer();
+      if (reason) this.reject(reason, topics.manifest(m.target));
+    };
+    let entries: PackEntry[];
+    try {
+      entries = await readPackIndex(read, m.blob.size);
+      const small: PackedFile[] = [];
+      for (const e of entries) {
+        // One at a time: `read` reuses one buffer.
+        if (e.name.endsWith('.json') && e.size <= MAX_JSON_BYTES) small.push({ name: e.name, data: Buffer.from(await read(e.offset, e.size)) });
+      }
+      const info = adapterInfo(small);
+      const mine = this.opts.modelFingerprint;
+      if (mine && info.baseFingerprint !== null && info.baseFingerprint !== mine) {
+        throw new EdgeloraError(`edgelora_adapter.json names base model ${info.baseFingerprint}, this device runs ${mine}`);
+      }
+    } catch (err) {
+      await done(`adapter ${m.adapter.id} v${m.adapter.version} refused after download: ${(err as Error).message}`);
+      this.setState('idle');
+      return;
+    }
+    const dirName = `${m.adapter.id}@${m.adapter.version}-${m.blob.sha256.slice(0, 12)}`;
+    await writeDirAtomic(
+      this.p('adapters', dirName),
+      async (tmp) => {
+        for (const e of entries) {
+          const out = await fs.open(path.join(tmp, e.name), 'w');
+          try {
+            for (let o = 0; o < e.size; o += piece.length) {
+              const len = Math.min(piece.length, e.size - o);
+              await out.write(await read(e.offset + o, len), 0, len, o);
+            }
+          } finally {
+            await out.close();
+          }
+        }
+      },
+      { replace: true },
+    );
+    const inst: Installed = { id: m.adapter.id, version: m.adapter.version, sha256: m.blob.sha256, seq: m.seq, dir: dirName, installedAt: this.now().toISOString() };
+    this.state.installed = this.state.installed.filter((i) => i.sha256 !== inst.sha256);
+    this.state.installed.push(inst);
+    await done(null);
+    this.log(`installed ${inst.id} v${inst.version} (${m.blob.size} bytes, sha256 ${inst.sha256.slice(0, 12)})`);
+    await this.activateInstalled(inst, `manifest seq ${m.seq}`);
+    this.setState('idle');
+  }
+
+  /**
+   * Activates an installed adapter. On failure the last adapter that worked is activated again
+   * (or none), the reason goes to lastError, and false is returned.
+   */
+  private async activateInstalled(inst: Installed, why: string): Promise<boolean> {
+    this.setState('activating');
+    try {
+      await this.activator.activate(this.adapterDir(inst), { adapterId: inst.id, version: inst.version, sha256: inst.sha256 });
+    } catch (err) {
+      const back = this.installed(this.state.active);
+      let restored = 'no adapter';
+      try {
+        if (back && back.sha256 !== inst.sha256) {
+          await this.activator.activate(this.adapterDir(back), { adapterId: back.id, version: back.version, sha256: back.sha256 });
+          restored = `${back.id} v${back.version}`;
+        } else {
+          await this.activator.deactivate();
+          this.state.active = null;
+        }
+      } catch (err2) {
+        await this.activator.deactivate().catch(() => undefined);
+        this.state.active = null;
+        restored = `no adapter (re-activating ${back?.id ?? '?'} also failed: ${(err2 as Error).message})`;
+      }
+      await this.saveState();
+      this.setError(`activation of ${inst.id} v${inst.version} (${why}) failed: ${(err as Error).message}; rolled back to ${restored}`);
+      this.emit('activation-failed', inst, err);
+      this.setState('idle');
+      return false;
+    }
+    if (this.state.active !== inst.sha256) {
+      if (this.state.active !== null) this.state.previous = this.state.active;
+      this.state.active = inst.sha256;
+    }
+    await this.prune();
+    await this.saveState();
+    this.log(`activated ${inst.id} v${inst.version} (${why})`);
+    this.emit('activated', inst);
+    this.setState('idle');
+    return true;
+  }
+
+  private async prune(): Promise<void> {
+    const keep = this.opts.keepInstalled ?? 3;
+    const pinned = new Set([this.state.active, this.state.previous]);
+    const others = this.state.installed.filter((i) => !pinned.has(i.sha256));
+    const drop = others.slice(0, Math.max(0, others.length - keep));
+    for (const d of drop) {
+      this.state.installed = this.state.installed.filter((i) => i !== d);
+      await fs.rm(this.adapterDir(d), { recursive: true, force: true });
+    }
+  }
+
+  // ---- commands ----
+
+  private async onCommand(cmd: Command): Promise<void> {
+    const seen = this.recentCommands.get(cmd.id);
+    const result = seen ?? (await this.runCommand(cmd));
+    if (!seen) {
+      this.recentCommands.set(cmd.id, result);
+      if (this.recentCommands.size > 100) this.recentCommands.delete(this.recentCommands.keys().next().value as string);
+    }
+    await this.link?.publish(topics.result(this.deviceId), encodeJson(result), { contentType: 'application/json' }).catch(() => undefined);
+  }
+
+  private find(spec: { id: string; version?: number } | undefined): Installed | undefined {
+    if (!spec) return this.installed(this.state.active);
+    const hits = this.state.installed.filter((i) => i.id === spec.id && (spec.version === undefined || i.version === spec.version));
+    return hits.sort((a, b) => b.version - a.version)[0];
+  }
+
+  private async runCommand(cmd: Command): Promise<Result> {
+    const ref = (): AdapterRefMsg | null => {
+      const a = this.installed(this.state.active);
+      return a ? { id: a.id, version: a.version, sha256: a.sha256 } : null;
+    };
+    const res = (ok: boolean, error?: string, uploaded?: string): Result => ({
+      type: 'result',
+      v: PROTOCOL_VERSION,
+      commandId: cmd.id,
+      deviceId: this.deviceId,
+      ok,
+      ...(error ? { error } : {}),
+      active: ref(),
+      ...(uploaded ? { uploaded } : {}),
+    });
+    const spec = cmd.adapter ? `${cmd.adapter.id}${cmd.adapter.version ? ` v${cmd.adapter.version}` : ''}` : 'the active adapter';
+    switch (cmd.action) {
+      case 'activate': {
+        const inst = this.find(cmd.adapter);
+        if (!inst || !cmd.adapter) return res(false, `no installed adapter ${spec}`);
+        const ok = await this.activateInstalled(inst, `command ${cmd.id}`);
+        return res(ok, ok ? undefined : this.lastError?.reason);
+      }
+      case 'rollback': {
+        const prev = this.installed(this.state.previous);
+        if (!prev) return res(false, 'no previous adapter to roll back to');
+        const ok = await this.activateInstalled(prev, `rollback ${cmd.id}`);
+        return res(ok, ok ? undefined : this.lastError?.reason);
+      }
+      case 'deactivate': {
+        await this.activator.deactivate();
+        if (this.state.active !== null) this.state.previous = this.state.active;
+        this.state.active = null;
+        await this.saveState();
+        this.setState('idle');
+        return res(true);
+      }
+      case 'upload': {
+        const inst = this.find(cmd.adapter);
+        if (!inst) return res(false, `no installed adapter ${spec}`);
+        try {
+          const sha = await this.uploadDir(this.adapterDir(inst), inst.id);
+          return res(true, undefined, sha);
+        } catch (err) {
+          return res(false, (err as Error).message);
+        }
+      }
+    }
+  }
+
+  // ---- upload ----
+
+  /** Uploads an adapter directory (e.g. one fine-tuned on this device) to the hub; resolves with its sha256. */
+  async uploadDir(dir: string, name: string): Promise<string> {
+    const link = this.link;
+    if (!link) throw new EdgeloraError('agent not started');
+    const blob = await packAdapterDir(dir);
+    const prev = this.agentState;
+    this.setState('uploading');
+    try {
+      return await uploadBlob(link, blob, checkName('adapter name', name), { segmentSize: this.opts.uploadSegmentSize ?? 256 * 1024 });
+    } finally {
+      this.setState(prev === 'uploading' ? 'idle' : prev);
+    }
+  }
+}

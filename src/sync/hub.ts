@@ -1,0 +1,652 @@
+// The hub: stores adapters, signs and publishes manifests per target, broadcasts each blob's chunks
+// once to the target's chunk topic, resends only chunks that devices report missing (requests for
+// the same blob are coalesced into one broadcast of their union), receives uploads, and sends
+// signed commands to devices. One hub per fleet namespace.
+import { EventEmitter } from 'node:events';
+import { promises as fs } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+import { createHash } from 'node:crypto';
+import { EdgeloraError } from '../util/errors.js';
+import { writeFileAtomic } from '../util/atomic.js';
+import { Bitmap } from './bitmap.js';
+import {
+  CommandRequestSchema,
+  DEFAULT_CHUNK_SIZE,
+  decodeJson,
+  decodeSegment,
+  encodeChunk,
+  encodeJson,
+  CHUNK_HEADER_BYTES,
+  MAX_JSON_BYTES,
+  ManifestSchema,
+  MissingSchema,
+  PACK_FORMAT,
+  PASS_END_INDEX,
+  PROTOCOL_VERSION,
+  PublishRequestSchema,
+  ReplyToSchema,
+  ResultSchema,
+  StatusSchema,
+  UploadFinSchema,
+  UploadInitSchema,
+  type CommandAction,
+  type CommandBody,
+  type Manifest,
+  type ManifestBody,
+  type Reply,
+  type Result,
+  type Status,
+  type UploadAck,
+  type UploadInit,
+} from './messages.js';
+import { Link, type BrokerOptions } from './mqtt.js';
+import { packAdapterDir } from './pack.js';
+import { signMessage, type SigningKey } from './signing.js';
+import { HubStore, type BlobEntry } from './store.js';
+import { checkName, parseTopic, targetKey, topics, type Target } from './topics.js';
+
+export interface HubOptions {
+  broker: BrokerOptions;
+  /** Store directory (created when missing). */
+  storeDir: string;
+  key: SigningKey;
+  /** MQTT client id; default "edgelora-hub". With the shipped ACL the hub's user name is "hub". */
+  clientId?: string;
+  /** Chunk payload size in bytes for new publications; default 256 KiB. */
+  chunkSize?: number;
+  /** Milliseconds to gather missing-chunk requests for one blob before resending their union; default 250. */
+  coalesceMs?: number;
+  /** Chunk publishes awaiting the broker's PUBACK at once; default 16. */
+  window?: number;
+  /** Largest upload accepted, bytes; default 1 GiB. */
+  maxUploadBytes?: number;
+  /** Broker packet limit to respect when the broker does not announce one (MQTT 3.1.1); default 1 MB (EMQX's default). */
+  maxPacketBytes?: number;
+  /** Cap on chunk bytes per second across all broadcasts (spares slow links); default unlimited. */
+  rateBytesPerSec?: number;
+  /** MQTT 5 expiry of chunk messages, seconds; default 600. */
+  chunkExpirySec?: number;
+  /** Clock, injected for tests. */
+  now?: () => Date;
+  log?: (line: string) => void;
+}
+
+export interface HubStats {
+  /** Payload bytes the hub published, all topics. */
+  bytesOut: number;
+  /** Chunk payload bytes (frames incl. header) the hub published. */
+  chunkBytesOut: number;
+  chunksSent: number;
+  /** Chunk frames sent in answer to missing requests. */
+  chunksResent: number;
+  missingRequests: number;
+}
+
+/** Broadcasts one blob to one target: pending chunks go out in index order with a PUBACK window. */
+class Sender {
+  readonly pending: Bitmap;
+  requested: Bitmap | null = null;
+  coalesceTimer: NodeJS.Timeout | null = null;
+  inflight = 0;
+  generation = 0;
+  lastActive = 0;
+  /** Current pass: 1 is the first broadcast, each resend of a union is the next. */
+  pass = 1;
+  /** The pass in which each chunk was last sent (0: never). */
+  readonly sentInPass: Uint32Array;
+  constructor(
+    readonly manifest: Manifest,
+    readonly blob: Buffer,
+  ) {
+    this.pending = new Bitmap(manifest.blob.chunks);
+    this.sentInPass = new Uint32Array(manifest.blob.chunks);
+  }
+  chunk(i: number): Buffer {
+    const cs = this.manifest.blob.chunkSize;
+    return encodeChunk(this.manifest.blob.sha256, i, this.manifest.blob.chunks, this.blob.subarray(i * cs, Math.min(this.blob.length, (i + 1) * cs)));
+  }
+}
+
+interface UploadState {
+  clientId: string;
+  init: UploadInit;
+  have: Bitmap;
+  fh: FileHandle;
+  partFile: string;
+  stateFile: string;
+  persistTimer: NodeJS.Timeout | null;
+}
+
+export class Hub extends EventEmitter {
+  readonly stats: HubStats = { bytesOut: 0, chunkBytesOut: 0, chunksSent: 0, chunksResent: 0, missingRequests: 0 };
+  /** The last status each device reported (retained on the broker). */
+  readonly devices = new Map<string, Status>();
+  private link: Link | null = null;
+  private store: HubStore | null = null;
+  private readonly senders = new Map<string, Sender>();
+  private readonly uploads = new Map<string, UploadState>();
+  private readonly pendingCommands = new Map<string, (r: Result) => void>();
+  private publishing: Promise<unknown> = Promise.resolve();
+  private brokerMaxPacket: number | undefined;
+  private readonly now: () => Date;
+  private readonly chunkSize: number;
+  private cmdCounter = 0;
+  private nextSendAt = 0;
+  private rateTimer: NodeJS.Timeout | null = null;
+
+  constructor(readonly opts: HubOptions) {
+    super();
+    this.now = opts.now ?? (() => new Date());
+    this.chunkSize = opts.chunkSize ?? DEFAULT_CHUNK_SIZE;
+  }
+
+  private log(line: string): void {
+    this.opts.log?.(line);
+  }
+
+  get keyId(): string {
+    return this.opts.key.keyId;
+  }
+  get clientId(): string {
+    return this.opts.clientId ?? 'edgelora-hub';
+  }
+  get hubStore(): HubStore {
+    if (!this.store) throw new EdgeloraError('hub not started');
+    return this.store;
+  }
+
+  async start(): Promise<void> {
+    this.store = await HubStore.open(this.opts.storeDir);
+    const offline = encodeJson({ type: 'hub-status', v: PROTOCOL_VERSION, online: false, keyId: this.keyId });
+    this.link = await Link.open(this.opts.broker, { clientId: this.clientId, will: { topic: topics.hubStatus, payload: offline, retain: true } });
+    const link = this.link;
+    link.onMessage((t, p) => this.onMessage(t, p));
+    link.client.on('connect', (connack) => {
+      this.brokerMaxPacket = connack.properties?.maximumPacketSize;
+      for (const s of this.senders.values()) {
+        s.generation++;
+        s.inflight = 0;
+      }
+      void this.onConnect();
+    });
+    await link.waitConnected();
+    await link.subscribe([topics.allMissing, topics.allResults, topics.allUploads, topics.allStatus, topics.publishRequest, topics.commandRequest, topics.allManifests]);
+  }
+
+  private async onConnect(): Promise<void> {
+    const link = this.link;
+    if (!link) return;
+    try {
+      await link.publish(topics.hubStatus, encodeJson({ type: 'hub-status', v: PROTOCOL_VERSION, online: true, keyId: this.keyId, updatedAt: this.now().toISOString() }), { retain: true });
+      // The broker may have lost its retained messages (restart without persistence): publish every
+      // current manifest again. Devices that already hold it ignore it.
+      for (const m of this.hubStore.targets()) await this.publishManifest(m);
+      for (const s of this.senders.values()) this.pump(s);
+    } catch (err) {
+      this.log(`hub: republish after connect failed: ${(err as Error).message}`);
+    }
+  }
+
+  async stop(): Promise<void> {
+    if (this.rateTimer) clearTimeout(this.rateTimer);
+    for (const s of this.senders.values()) if (s.coalesceTimer) clearTimeout(s.coalesceTimer);
+    for (const u of this.uploads.values()) {
+      if (u.persistTimer) clearTimeout(u.persistTimer);
+      await this.persistUpload(u).catch(() => undefined);
+      await u.fh.close().catch(() => undefined);
+    }
+    this.uploads.clear();
+    const link = this.link;
+    this.link = null;
+    if (link) {
+      await link.publish(topics.hubStatus, encodeJson({ type: 'hub-status', v: PROTOCOL_VERSION, online: false, keyId: this.keyId }), { retain: true }).catch(() => undefined);
+      await link.close();
+    }
+  }
+
+  private get mqtt(): Link {
+    if (!this.link) throw new EdgeloraError('hub not started');
+    return this.link;
+  }
+
+  private async publishJson(topic: string, msg: unknown, retain = false): Promise<void> {
+    const buf = encodeJson(msg);
+    this.stats.bytesOut += buf.length;
+    await this.mqtt.publish(topic, buf, { retain, contentType: 'application/json' });
+  }
+
+  private async publishManifest(m: Manifest): Promise<void> {
+    await this.publishJson(topics.manifest(m.target), m, true);
+  }
+
+  // ---- publishing ----
+
+  /** Packs an adapter directory, stores it, and publishes it to `target`. */
+  async publishDir(dir: string, target: Target, name?: string): Promise<Manifest> {
+    const blob = await packAdapterDir(dir);
+    const entry = await this.hubStore.putBlob(blob, { name: checkName('adapter name', name ?? sanitizeName(path.basename(path.resolve(dir)))), source: 'publish', now: this.now() });
+    return this.publish(entry.sha256, target, name);
+  }
+
+  /** Signs a manifest for stored blob `sha` (full or unique prefix) and distributes it to `target`. */
+  publish(sha: string, target: Target, name?: string): Promise<Manifest> {
+    const p = this.publishing.then(() => this.doPublish(sha, target, name));
+    this.publishing = p.catch(() => undefined);
+    return p;
+  }
+
+  private maxChunkForBroker(): number {
+    const limit = this.brokerMaxPacket ?? this.opts.maxPacketBytes ?? 1_000_000;
+    return limit - CHUNK_HEADER_BYTES - 512; // fixed header, topic and properties fit in 512 bytes
+  }
+
+  private async doPublish(shaOrPrefix: string, target: Target, name?: string): Promise<Manifest> {
+    const store = this.hubStore;
+    const entry: BlobEntry | undefined = store.getEntry(shaOrPrefix) ?? store.findBlob(shaOrPrefix);
+    if (!entry) throw new EdgeloraError(`no stored adapter ${shaOrPrefix}`, { where: this.opts.storeDir, hint: 'publish an adapter directory, or use the sha256 an upload reported' });
+    const chunkSize = this.chunkSize;
+    if (chunkSize > this.maxChunkForBroker()) {
+      throw new EdgeloraError(`chunk size ${chunkSize} does not fit the broker's packet limit`, { where: 'chunkSize', hint: `use at most ${this.maxChunkForBroker()} bytes` });
+    }
+    const blob = await store.readBlob(entry.sha256);
+    const chunks = Math.ceil(blob.length / chunkSize);
+    const chunkSha256: string[] = [];
+    for (let i = 0; i < chunks; i++) chunkSha256.push(createHash('sha256').update(blob.subarray(i * chunkSize, Math.min(blob.length, (i + 1) * chunkSize))).digest('hex'));
+    const id = checkName('adapter name', name ?? entry.name);
+    const body: ManifestBody = {
+      type: 'manifest',
+      v: PROTOCOL_VERSION,
+      seq: store.nextSeq(),
+      target,
+      adapter: { id, version: store.versionFor(id, entry.sha256) },
+      blob: { format: PACK_FORMAT, sha256: entry.sha256, size: blob.length, chunkSize, chunks, chunkSha256 },
+      baseFingerprint: entry.info.baseFingerprint,
+      lora: { rank: entry.info.rank, alpha: entry.info.alpha, targets: entry.info.targets },
+      createdAt: this.now().toISOString(),
+      keyId: this.keyId,
+    };
+    const manifest = ManifestSchema.parse(signMessage(body, this.opts.key));
+    if (encodeJson(manifest).length > MAX_JSON_BYTES) {
+      throw new EdgeloraError(`manifest of ${chunks} chunks exceeds ${MAX_JSON_BYTES} bytes`, { where: 'chunkSize', hint: 'use a larger chunk size' });
+    }
+    const key = targetKey(target);
+    await store.setTarget(key, manifest);
+    // Drop senders for this target's older blobs: devices will not ask for them any more.
+    for (const [k, s] of this.senders) {
+      if (targetKey(s.manifest.target) === key) {
+        if (s.coalesceTimer) clearTimeout(s.coalesceTimer);
+        this.senders.delete(k);
+      }
+    }
+    await this.publishManifest(manifest);
+    const sender = new Sender(manifest, blob);
+    this.senders.set(`${key}|${entry.sha256}`, sender);
+    for (let i = 0; i < chunks; i++) sender.pending.set(i);
+    this.log(`hub: published ${id} v${manifest.adapter.version} (seq ${manifest.seq}, ${blob.length} bytes, ${chunks} chunks) to ${key}`);
+    this.pump(sender);
+    return manifest;
+  }
+
+  /** Sends pending chunks while fewer than `window` await their PUBACK. */
+  private pump(s: Sender, resend = false): void {
+    const link = this.link;
+    if (!link) return;
+    const window = this.opts.window ?? 16;
+    const gen = s.generation;
+    const topic = topics.chunk(s.manifest.target);
+    let i = 0;
+    while (s.inflight < window && link.connected) {
+      while (i < s.pending.size && !s.pending.get(i)) i++;
+      if (i >= s.pending.size) break;
+      const rate = this.opts.rateBytesPerSec;
+      if (rate !== undefined) {
+        const wait = this.nextSendAt - Date.now();
+        if (wait > 0) {
+          this.rateTimer ??= setTimeout(() => {
+            this.rateTimer = null;
+            for (const x of this.senders.values()) this.pump(x, resend);
+          }, wait);
+          break;
+        }
+        this.nextSendAt = Math.max(this.nextSendAt, Date.now()) + (1000 * (s.manifest.blob.chunkSize + CHUNK_HEADER_BYTES)) / rate;
+      }
+      s.pending.set(i, false);
+      s.sentInPass[i] = s.pass;
+      const frame = s.chunk(i);
+      s.inflight++;
+      s.lastActive = Date.now();
+      this.stats.bytesOut += frame.length;
+      this.stats.chunkBytesOut += frame.length;
+      this.stats.chunksSent++;
+      if (resend) this.stats.chunksResent++;
+      const idx = i;
+      link
+        .publish(topic, frame, { expirySec: this.opts.chunkExpirySec ?? 600, user: { sha256: s.manifest.blob.sha256, index: String(idx) } })
+        .then(
+          () => undefined,
+          () => {
+            if (gen === s.generation) s.pending.set(idx);
+          },
+        )
+        .finally(() => {
+          if (gen !== s.generation) return;
+          s.inflight--;
+          this.pump(s, resend);
+          if (s.inflight === 0 && s.pending.count() === 0) this.endPass(s);
+        });
+      i++;
+    }
+  }
+
+  /**
+   * After a pass (the first broadcast or a resend), an empty marker frame follows the chunks on the
+   * same topic. MQTT keeps one publisher's QoS 1 messages in order on a topic, so a device that sees
+   * the marker knows every chunk of the pass that will reach it has, and asks for the rest at once.
+   */
+  private endPass(s: Sender): void {
+    this.emit('sent', s.manifest);
+    const passNo = Buffer.alloc(4);
+    passNo.writeUInt32BE(s.pass);
+    const frame = encodeChunk(s.manifest.blob.sha256, PASS_END_INDEX, s.manifest.blob.chunks, passNo);
+    this.stats.bytesOut += frame.length;
+    this.link?.publish(topics.chunk(s.manifest.target), frame, { expirySec: this.opts.chunkExpirySec ?? 600 }).catch(() => undefined);
+  }
+
+  private passInProgress(s: Sender): boolean {
+    return s.inflight > 0 || s.pending.count() > 0;
+  }
+
+  private onMissing(deviceId: string, payload: Buffer): void {
+    const d = decodeJson(MissingSchema, payload);
+    if (!d.ok) return this.log(`hub: missing request from ${deviceId} rejected: ${d.reason}`);
+    const m = d.value;
+    if (m.deviceId !== deviceId) return this.log(`hub: missing request on ${deviceId}'s topic names ${m.deviceId}`);
+    const key = targetKey(m.target);
+    const current = this.hubStore.target(key);
+    if (!current || current.blob.sha256 !== m.sha256) return this.log(`hub: ${deviceId} asks for ${m.sha256.slice(0, 12)} which is not ${key}'s current blob`);
+    const want = Bitmap.fromBase64(current.blob.chunks, m.bitmap);
+    if (!want) return this.log(`hub: ${deviceId} sent a bitmap of the wrong length`);
+    this.stats.missingRequests++;
+    void this.senderFor(current).then((s) => {
+      if (!s.requested) {
+        s.requested = new Bitmap(current.blob.chunks);
+        // Requests for the same blob within the window become one broadcast of their union, so a
+        // hundred late devices cost one resend, not a hundred.
+        const flush = () => {
+          // While a pass is still going out, requests keep merging: what they ask for may be in
+          // flight already, and the devices will ask again after the pass's end marker if not.
+          if (this.passInProgress(s)) {
+            s.coalesceTimer = setTimeout(flush, this.opts.coalesceMs ?? 250);
+            return;
+          }
+          const req = s.requested;
+          s.requested = null;
+          s.coalesceTimer = null;
+          if (req && req.count() > 0) {
+            s.pass++;
+            s.pending.or(req);
+            this.pump(s, true);
+          }
+        };
+        s.coalesceTimer = setTimeout(flush, this.opts.coalesceMs ?? 250);
+      }
+      // Chunks resent in a pass this device has not seen the end of are on their way to it.
+      // (A request without `pass`, e.g. after a silence, is served in full.)
+      const seen = m.pass ?? 0;
+      for (const i of want.indices()) if (seen === 0 || (s.sentInPass[i] ?? 0) <= seen) s.requested.set(i);
+    });
+  }
+
+  private async senderFor(m: Manifest): Promise<Sender> {
+    const k = `${targetKey(m.target)}|${m.blob.sha256}`;
+    let s = this.senders.get(k);
+    if (!s) {
+      s = new Sender(m, await this.hubStore.readBlob(m.blob.sha256));
+      this.senders.set(k, s);
+    }
+    return s;
+  }
+
+  // ---- commands ----
+
+  /** Sends a signed command to one device; resolves with its result, or rejects after `timeoutMs`. */
+  command(deviceId: string, action: CommandAction, adapter?: { id: string; version?: number }, timeoutMs = 30_000): Promise<Result> {
+    const id = `c${this.now().getTime().toString(36)}-${(++this.cmdCounter).toString(36)}`;
+    const body: CommandBody = { type: 'command', v: PROTOCOL_VERSION, id, deviceId: checkName('device id', deviceId), action, ...(adapter ? { adapter } : {}), issuedAt: this.now().toISOString(), keyId: this.keyId };
+    return new Promise<Result>((resolve, reject) => {
+      const t = setTimeout(() => {
+        this.pendingCommands.delete(id);
+        reject(new EdgeloraError(`device ${deviceId} did not answer command ${id} (${action}) within ${timeoutMs} ms`, { where: topics.command(deviceId), hint: 'is the device online? see `edgelora fleet status`' }));
+      }, timeoutMs);
+      this.pendingCommands.set(id, (r) => {
+        clearTimeout(t);
+        resolve(r);
+      });
+      this.publishJson(topics.command(deviceId), signMessage(body, this.opts.key)).catch((err: unknown) => {
+        clearTimeout(t);
+        this.pendingCommands.delete(id);
+        reject(err);
+      });
+    });
+  }
+
+  // ---- inbound ----
+
+  private onMessage(topic: string, payload: Buffer): void {
+    const t = parseTopic(topic);
+    if (!t) return;
+    switch (t.kind) {
+      case 'missing':
+        return this.onMissing(t.deviceId, payload);
+      case 'status': {
+        if (payload.length === 0) return;
+        const d = decodeJson(StatusSchema, payload);
+        if (d.ok && d.value.deviceId === t.deviceId) {
+          this.devices.set(t.deviceId, d.value);
+          this.emit('status', d.value);
+        }
+        return;
+      }
+      case 'result': {
+        const d = decodeJson(ResultSchema, payload);
+        if (!d.ok || d.value.deviceId !== t.deviceId) return this.log(`hub: bad result from ${t.deviceId}: ${d.ok ? 'device id mismatch' : d.reason}`);
+        this.pendingCommands.get(d.value.commandId)?.(d.value);
+        this.pendingCommands.delete(d.value.commandId);
+        this.emit('result', d.value);
+        return;
+      }
+      case 'upload':
+        void this.onUpload(t.clientId, t.stage, payload).catch((err: unknown) => this.log(`hub: upload from ${t.clientId}: ${(err as Error).message}`));
+        return;
+      case 'publishRequest':
+        void this.onPublishRequest(payload);
+        return;
+      case 'commandRequest':
+        void this.onCommandRequest(payload);
+        return;
+      case 'manifest':
+        return this.onRetainedManifest(t.target, payload);
+      default:
+        return;
+    }
+  }
+
+  /** Restores this hub's manifest when something else replaced the retained one on the broker. */
+  private onRetainedManifest(target: Target, payload: Buffer): void {
+    const ours = this.store?.target(targetKey(target));
+    if (!ours) return;
+    if (payload.equals(encodeJson(ours))) return;
+    this.log(`hub: retained manifest of ${targetKey(target)} was replaced by someone else; restoring it`);
+    void this.publishManifest(ours).catch(() => undefined);
+  }
+
+  private async reply(clientId: string, msg: Omit<Reply, 'type' | 'v'>): Promise<void> {
+    await this.publishJson(topics.reply(clientId), { type: 'reply', v: PROTOCOL_VERSION, ...msg });
+  }
+
+  /** Answers a request that failed its schema, when it at least says who asked. */
+  private async refuseRequest(kind: string, payload: Buffer, reason: string): Promise<void> {
+    this.log(`hub: ${kind} request rejected: ${reason}`);
+    let raw: unknown;
+    try {
+      raw = JSON.parse(payload.toString('utf8'));
+    } catch {
+      return;
+    }
+    const who = ReplyToSchema.safeParse(raw);
+    if (who.success) await this.reply(who.data.clientId, { requestId: who.data.requestId, ok: false, error: `${kind} request refused: ${reason}` }).catch(() => undefined);
+  }
+
+  private async onPublishRequest(payload: Buffer): Promise<void> {
+    const d = decodeJson(PublishRequestSchema, payload);
+    if (!d.ok) return this.refuseRequest('publish', payload, d.reason);
+    const r = d.value;
+    try {
+      const m = await this.publish(r.sha256, r.target, r.name);
+      await this.reply(r.clientId, { requestId: r.requestId, ok: true, manifest: { adapter: m.adapter, seq: m.seq, sha256: m.blob.sha256, target: m.target } });
+    } catch (err) {
+      await this.reply(r.clientId, { requestId: r.requestId, ok: false, error: (err as Error).message }).catch(() => undefined);
+    }
+  }
+
+  private async onCommandRequest(payload: Buffer): Promise<void> {
+    const d = decodeJson(CommandRequestSchema, payload);
+    if (!d.ok) return this.refuseRequest('command', payload, d.reason);
+    const r = d.value;
+    try {
+      const result = await this.command(r.deviceId, r.action, r.adapter);
+      await this.reply(r.clientId, { requestId: r.requestId, ok: result.ok, ...(result.error ? { error: result.error } : {}), result });
+    } catch (err) {
+      await this.reply(r.clientId, { requestId: r.requestId, ok: false, error: (err as Error).message }).catch(() => undefined);
+    }
+  }
+
+  // ---- uploads ----
+
+  private async ack(clientId: string, ack: Omit<UploadAck, 'type' | 'v'>): Promise<void> {
+    await this.publishJson(topics.uploadAck(clientId), { type: 'upload-ack', v: PROTOCOL_VERSION, ...ack });
+  }
+
+  private uploadFiles(clientId: string, sha: string): { partFile: string; stateFile: string } {
+    const base = path.join(this.hubStore.uploadsDir, `${clientId}-${sha}`);
+    return { partFile: `${base}.part`, stateFile: `${base}.json` };
+  }
+
+  private async persistUpload(u: UploadState): Promise<void> {
+    await u.fh.sync();
+    await writeFileAtomic(u.stateFile, JSON.stringify({ init: u.init, have: u.have.toBase64() }));
+  }
+
+  /** Finds an upload in memory or (after a hub restart) on disk. */
+  private async loadUpload(clientId: string, sha: string): Promise<UploadState | null> {
+    const k = `${clientId}|${sha}`;
+    const mem = this.uploads.get(k);
+    if (mem) return mem;
+    const { partFile, stateFile } = this.uploadFiles(clientId, sha);
+    const raw = await fs.readFile(stateFile, 'utf8').catch(() => null);
+    if (raw === null) return null;
+    let parsed: { init: unknown; have: unknown };
+    try {
+      parsed = JSON.parse(raw) as { init: unknown; have: unknown };
+    } catch {
+      return null;
+    }
+    const init = UploadInitSchema.safeParse(parsed.init);
+    if (!init.success || typeof parsed.have !== 'string') return null;
+    const n = Math.ceil(init.data.size / init.data.segmentSize);
+    const have = Bitmap.fromBase64(n, parsed.have);
+    if (!have) return null;
+    const fh = await fs.open(partFile, 'r+').catch(() => null);
+    if (!fh) return null;
+    const u: UploadState = { clientId, init: init.data, have, fh, partFile, stateFile, persistTimer: null };
+    this.uploads.set(k, u);
+    return u;
+  }
+
+  private async onUpload(clientId: string, stage: 'init' | 'seg' | 'fin', payload: Buffer): Promise<void> {
+    if (stage === 'init') {
+      const d = decodeJson(UploadInitSchema, payload);
+      if (!d.ok) return this.log(`hub: upload init from ${clientId} rejected: ${d.reason}`);
+      const init = d.value;
+      const n = Math.ceil(init.size / init.segmentSize);
+      if (init.size > (this.opts.maxUploadBytes ?? 2 ** 30)) return this.ack(clientId, { sha256: init.sha256, stage: 'init', ok: false, error: `upload of ${init.size} bytes exceeds the hub's limit` });
+      if (this.hubStore.getEntry(init.sha256)) return this.ack(clientId, { sha256: init.sha256, stage: 'init', ok: true, have: Bitmap.full(n).toBase64() });
+      let u = await this.loadUpload(clientId, init.sha256);
+      if (u && (u.init.size !== init.size || u.init.segmentSize !== init.segmentSize)) {
+        await this.dropUpload(u);
+        u = null;
+      }
+      if (!u) {
+        const { partFile, stateFile } = this.uploadFiles(clientId, init.sha256);
+        const fh = await fs.open(partFile, 'w+');
+        await fh.truncate(init.size);
+        u = { clientId, init, have: new Bitmap(n), fh, partFile, stateFile, persistTimer: null };
+        this.uploads.set(`${clientId}|${init.sha256}`, u);
+        await this.persistUpload(u);
+      }
+      return this.ack(clientId, { sha256: init.sha256, stage: 'init', ok: true, have: u.have.toBase64() });
+    }
+    if (stage === 'seg') {
+      const d = decodeSegment(payload);
+      if (!d.ok) return this.log(`hub: upload segment from ${clientId} rejected: ${d.reason}`);
+      const { sha256, index, data } = d.value;
+      const u = await this.loadUpload(clientId, sha256);
+      if (!u) return this.ack(clientId, { sha256, stage: 'seg', index, ok: false, error: 'unknown upload: send init' });
+      const ss = u.init.segmentSize;
+      const n = u.have.size;
+      const want = index === n - 1 ? u.init.size - index * ss : ss;
+      if (index >= n || data.length !== want) return this.ack(clientId, { sha256, stage: 'seg', index, ok: false, error: `segment ${index} has ${data.length} bytes, expected ${index >= n ? 'none' : want}` });
+      if (!u.have.get(index)) {
+        await u.fh.write(data, 0, data.length, index * ss);
+        u.have.set(index);
+        u.persistTimer ??= setTimeout(() => {
+          u.persistTimer = null;
+          void this.persistUpload(u).catch(() => undefined);
+        }, 200);
+      }
+      return this.ack(clientId, { sha256, stage: 'seg', index, ok: true });
+    }
+    const d = decodeJson(UploadFinSchema, payload);
+    if (!d.ok) return this.log(`hub: upload fin from ${clientId} rejected: ${d.reason}`);
+    const fin = d.value;
+    if (this.hubStore.getEntry(fin.sha256)) return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: true });
+    const u = await this.loadUpload(clientId, fin.sha256);
+    if (!u) return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: false, error: 'unknown upload: send init' });
+    if (fin.size !== u.init.size) return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: false, error: `size ${fin.size} differs from init's ${u.init.size}` });
+    const lacking = u.have.complement().count();
+    if (lacking > 0) return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: false, error: `missing segments: ${lacking}` });
+    const { bytesRead, buffer } = await u.fh.read(Buffer.alloc(u.init.size), 0, u.init.size, 0);
+    const blob = buffer.subarray(0, bytesRead);
+    const got = createHash('sha256').update(blob).digest('hex');
+    if (got !== fin.sha256) {
+      await this.dropUpload(u);
+      return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: false, error: `checksum mismatch: received bytes hash to ${got}` });
+    }
+    let entry: BlobEntry;
+    try {
+      entry = await this.hubStore.putBlob(blob, { name: u.init.name, source: `upload:${clientId}`, now: this.now() });
+    } catch (err) {
+      await this.dropUpload(u);
+      return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: false, error: `not an adapter: ${(err as Error).message}` });
+    }
+    await this.dropUpload(u);
+    this.log(`hub: stored upload ${entry.name} (${entry.sha256.slice(0, 12)}, ${entry.size} bytes) from ${clientId}`);
+    this.emit('upload', entry, clientId);
+    return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: true });
+  }
+
+  private async dropUpload(u: UploadState): Promise<void> {
+    if (u.persistTimer) clearTimeout(u.persistTimer);
+    this.uploads.delete(`${u.clientId}|${u.init.sha256}`);
+    await u.fh.close().catch(() => undefined);
+    await fs.rm(u.partFile, { force: true });
+    await fs.rm(u.stateFile, { force: true });
+  }
+}
+
+/** Turns a directory name into a valid adapter id. */
+export function sanitizeName(s: string): string {
+  const out = s.replace(/[^A-Za-z0-9._-]/g, '-').replace(/^[^A-Za-z0-9]+/, '').slice(0, 64);
+  return out.length > 0 ? out : 'adapter';
+}

@@ -1,0 +1,144 @@
+// The hub's adapter store: blobs content-addressed by sha256 under `<dir>/blobs/`, and one index
+// file (`<dir>/index.json`) holding every blob's metadata, the adapter versions, the hub's sequence
+// counter and each target's current signed manifest. Every write is atomic, so a hub restart (or
+// crash) loses nothing that was acknowledged.
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { z } from 'zod';
+import { EdgeloraError } from '../util/errors.js';
+import { writeFileAtomic } from '../util/atomic.js';
+import { ManifestSchema, TargetSchema, type Manifest } from './messages.js';
+import { adapterInfo, sha256Hex, unpack, type AdapterInfo } from './pack.js';
+import { NAME_RE } from './topics.js';
+
+const hex64 = z.string().regex(/^[0-9a-f]{64}$/);
+
+const BlobEntrySchema = z.strictObject({
+  sha256: hex64,
+  size: z.number().int().positive(),
+  /** The name it arrived with (the default adapter id when published). */
+  name: z.string().regex(NAME_RE),
+  /** "publish" (operator) or "upload:<client id>". */
+  source: z.string(),
+  storedAt: z.iso.datetime(),
+  info: z.strictObject({ rank: z.number(), alpha: z.number(), targets: z.array(z.string()), baseFingerprint: z.string().nullable() }),
+});
+export type BlobEntry = z.infer<typeof BlobEntrySchema>;
+
+const IndexSchema = z.strictObject({
+  format: z.literal('edgelora-hub-store/1'),
+  /** The last manifest sequence number handed out. */
+  seq: z.number().int().nonnegative(),
+  blobs: z.record(hex64, BlobEntrySchema),
+  /** adapter id → blob sha256 → version. */
+  versions: z.record(z.string(), z.record(hex64, z.number().int().positive())),
+  /** target key ("fleet:x") → its current signed manifest. */
+  targets: z.record(z.string(), ManifestSchema),
+  /** target key → target, to rebuild Target objects. */
+  targetDefs: z.record(z.string(), TargetSchema),
+});
+type Index = z.infer<typeof IndexSchema>;
+
+export class HubStore {
+  private writing: Promise<void> = Promise.resolve();
+  private constructor(
+    readonly dir: string,
+    private index: Index,
+  ) {}
+
+  static async open(dir: string): Promise<HubStore> {
+    await fs.mkdir(path.join(dir, 'blobs'), { recursive: true });
+    await fs.mkdir(path.join(dir, 'uploads'), { recursive: true });
+    const file = path.join(dir, 'index.json');
+    let index: Index = { format: 'edgelora-hub-store/1', seq: 0, blobs: {}, versions: {}, targets: {}, targetDefs: {} };
+    const raw = await fs.readFile(file, 'utf8').catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return null;
+      throw err;
+    });
+    if (raw !== null) {
+      let parsed: unknown;
+      try {
+        parsed = JSON.parse(raw);
+      } catch (err) {
+        throw new EdgeloraError(`store index is not JSON: ${(err as Error).message}`, { where: file });
+      }
+      const r = IndexSchema.safeParse(parsed);
+      if (!r.success) throw new EdgeloraError(`store index is invalid: ${r.error.issues[0]?.message ?? ''}`, { where: `${file} ${r.error.issues[0]?.path.join('.') ?? ''}` });
+      index = r.data;
+    }
+    for (const sha of Object.keys(index.blobs)) {
+      const ok = await fs.stat(path.join(dir, 'blobs', sha)).then(() => true, () => false);
+      if (!ok) throw new EdgeloraError(`store index names blob ${sha} but its file is missing`, { where: path.join(dir, 'blobs') });
+    }
+    return new HubStore(dir, index);
+  }
+
+  get uploadsDir(): string {
+    return path.join(this.dir, 'uploads');
+  }
+  blobPath(sha: string): string {
+    return path.join(this.dir, 'blobs', sha);
+  }
+
+  private save(): Promise<void> {
+    const snapshot = JSON.stringify(this.index, null, 1);
+    const p = this.writing.then(() => writeFileAtomic(path.join(this.dir, 'index.json'), snapshot));
+    this.writing = p.catch(() => undefined);
+    return p;
+  }
+
+  /** Validates a blob as an adapter pack and stores it (idempotent by content). */
+  async putBlob(blob: Buffer, meta: { name: string; source: string; now?: Date }): Promise<BlobEntry> {
+    const sha = sha256Hex(blob);
+    const existing = this.index.blobs[sha];
+    if (existing) return existing;
+    const info: AdapterInfo = adapterInfo(await unpack(blob));
+    await writeFileAtomic(this.blobPath(sha), blob);
+    const entry: BlobEntry = { sha256: sha, size: blob.length, name: meta.name, source: meta.source, storedAt: (meta.now ?? new Date()).toISOString(), info };
+    this.index.blobs[sha] = entry;
+    await this.save();
+    return entry;
+  }
+
+  getEntry(sha: string): BlobEntry | undefined {
+    return this.index.blobs[sha];
+  }
+  /** Finds a blob by full sha256 or a unique prefix (≥ 8 hex digits). */
+  findBlob(idOrPrefix: string): BlobEntry | undefined {
+    const want = idOrPrefix.replace(/^sha256:/, '');
+    if (want.length < 8) return undefined;
+    const hits = Object.values(this.index.blobs).filter((b) => b.sha256.startsWith(want));
+    return hits.length === 1 ? hits[0] : undefined;
+  }
+  listBlobs(): BlobEntry[] {
+    return Object.values(this.index.blobs);
+  }
+  async readBlob(sha: string): Promise<Buffer> {
+    return fs.readFile(this.blobPath(sha));
+  }
+
+  /** The version of `sha` under adapter id `id`: the same content keeps its version, new content gets max + 1. */
+  versionFor(id: string, sha: string): number {
+    const v = this.index.versions[id] ?? {};
+    return v[sha] ?? Math.max(0, ...Object.values(v)) + 1;
+  }
+  nextSeq(): number {
+    return this.index.seq + 1;
+  }
+
+  /** Records a target's new manifest (and the seq and version it used) durably. */
+  async setTarget(key: string, manifest: Manifest): Promise<void> {
+    this.index.seq = Math.max(this.index.seq, manifest.seq);
+    const versions = (this.index.versions[manifest.adapter.id] ??= {});
+    versions[manifest.blob.sha256] = manifest.adapter.version;
+    this.index.targets[key] = manifest;
+    this.index.targetDefs[key] = manifest.target;
+    await this.save();
+  }
+  targets(): Manifest[] {
+    return Object.values(this.index.targets);
+  }
+  target(key: string): Manifest | undefined {
+    return this.index.targets[key];
+  }
+}
