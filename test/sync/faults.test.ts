@@ -14,6 +14,10 @@ import { decodeJson, StatusSchema, type Status } from '../../src/sync/messages.t
 import { topics } from '../../src/sync/topics.ts';
 import { Rng } from '../../src/util/rng.ts';
 import { BASE_FP, Mosquitto, REPO, RecordingActivator, dirDigest, digestKey, makeAdapter, sleep, tmpDir, waitFor } from './helpers.ts';
+import { tinyCheckpoint, quantized } from '../helpers/fixtures.js';
+import { randomAdapter } from '../helpers/adapters.js';
+import { loadHfConfig } from '../../src/formats/hf-config.js';
+import { readManifest } from '../../src/model/manifest.js';
 
 const key = generateSigningKey();
 let mosq: Mosquitto;
@@ -160,9 +164,11 @@ test('an agent SIGKILLed mid-download resumes where it stopped', async () => {
   const hub = await startHub('store-kill', { rateBytesPerSec: 8 * 1024 });
   const keyFiles = await writeKeyPair(path.join(work, 'hubkey'), key);
   const state = path.join(work, 'agents', 'k1');
-  const modelDir = path.join(work, 'model');
-  await fs.mkdir(modelDir, { recursive: true });
-  await fs.writeFile(path.join(modelDir, 'manifest.json'), JSON.stringify({ format: 'test', fingerprint: BASE_FP }));
+  // A real tiny quantized model: with --model the agent loads accepted adapters into its runtime.
+  const hf = await tinyCheckpoint(path.join(work, 'tiny'));
+  const modelDir = await quantized(hf, path.join(work, 'tiny'), 'nf4', { format: 'nf4' });
+  const { config: tinyCfg } = await loadHfConfig(hf);
+  const fingerprint = (await readManifest(modelDir)).fingerprint;
   const spawnAgent = (): { proc: ChildProcess; log: () => string } => {
     let log = '';
     const proc = spawn(
@@ -185,7 +191,8 @@ test('an agent SIGKILLed mid-download resumes where it stopped', async () => {
   let child = spawnAgent();
   try {
     await waitFor('agent k1 online', () => last?.online === true, 30_000);
-    const src = await makeAdapter(path.join(work, 'src', 'kill'), { seed: 61 });
+    const src = path.join(work, 'src', 'kill');
+    await randomAdapter(src, tinyCfg, { r: 4, alpha: 8, targets: ['q_proj', 'v_proj'], seed: 61, fingerprint });
     const m = await hub.publishDir(src, { kind: 'fleet', name: 'fk' }, 'kill');
     await waitFor('k1 holds 8+ chunks', () => (last?.transfer?.received ?? 0) >= 8, 30_000);
     const exited = new Promise((r) => child.proc.once('exit', r));

@@ -5,8 +5,10 @@ import { numberFlag, parseFlags, requireFlag } from '../command.js';
 import { Agent } from '../../sync/agent.js';
 import { sanitizeName } from '../../sync/hub.js';
 import { loadPublicKey } from '../../sync/signing.js';
-import { readModelFingerprint } from '../../sync/pack.js';
 import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../../sync/cli-flags.js';
+import { ModelRuntime } from '../../runtime/model.js';
+import { AdapterManager } from '../../adapters/manager.js';
+import { RuntimeActivator } from '../../adapters/activator.js';
 
 export const agentCommand: Command = {
   name: 'agent',
@@ -22,7 +24,8 @@ killed agent resumes its download from <state>/transfer/.
   --group <name>             group to follow (optional)
   --state <dir>              state directory (created when missing)
   --trust <file>             the hub's public key (.pub from \`edgelora keygen\`)
-  --model <dir>              quantized model directory: adapters for another base model are refused
+  --model <dir>              quantized model directory: adapters for another base model are refused,
+                             accepted ones are loaded into this model's runtime
   --upload <adapter-dir>     upload this adapter directory to the hub after connecting
   --upload-name <name>       adapter id for --upload (default: the directory name)
   --quiet-ms <ms>            silence before asking for missing chunks (default 2000)
@@ -51,6 +54,9 @@ ${brokerHelp}`,
     }
     const deviceId = requireFlag('agent', 'device-id', v['device-id']);
     const log = v.quiet ? undefined : (line: string) => process.stderr.write(`${line}\n`);
+    // With --model, accepted adapters are loaded into the runtime (shapes, NaN/Inf and the base
+    // fingerprint checked by the adapter loader); a failure there rolls the device back.
+    const model = v.model ? await ModelRuntime.load(v.model) : null;
     const agent = new Agent({
       broker: brokerOptions('agent', v),
       deviceId,
@@ -58,7 +64,8 @@ ${brokerHelp}`,
       ...(v.group ? { group: v.group } : {}),
       stateDir: requireFlag('agent', 'state', v.state),
       trustedKey: await loadPublicKey(requireFlag('agent', 'trust', v.trust)),
-      modelFingerprint: v.model ? await readModelFingerprint(v.model) : null,
+      modelFingerprint: model ? model.manifest.fingerprint : null,
+      ...(model ? { activator: new RuntimeActivator(new AdapterManager(model)) } : {}),
       quietMs: numberFlag('quiet-ms', v['quiet-ms'], 2000, { min: 10 }),
       statusIntervalMs: numberFlag('status-interval-ms', v['status-interval-ms'], 1000, { min: 0 }),
       ...(log ? { log } : {}),
@@ -73,6 +80,7 @@ ${brokerHelp}`,
     const sig = await untilSignal();
     log?.(`[${deviceId}] ${sig}, stopping`);
     await agent.stop();
+    await model?.release();
     return 0;
   },
 };
