@@ -136,9 +136,10 @@ export async function runStory(o: StoryOptions): Promise<StoryReport> {
     const modelDir = await stage('model', async () => {
       const hf = path.join(cache, `tiny-hf-seed${DEMO_SEED}`);
       const q = path.join(cache, `tiny-nf4-seed${DEMO_SEED}`);
+      const cached = existsSync(q);
       if (!existsSync(hf)) await makeDemoModel(hf, { preset: 'tiny', seed: DEMO_SEED });
-      if (!existsSync(q)) await quantizeModel(hf, q, { format: 'nf4', blockSize: 64, doubleQuant: false });
-      o.say(`base model  ${q} (tiny demo checkpoint, NF4; cached between runs)`);
+      if (!cached) await quantizeModel(hf, q, { format: 'nf4', blockSize: 64, doubleQuant: false });
+      o.say(`base model  ${q} (tiny demo checkpoint, NF4; ${cached ? 'cached' : 'made now, cached for later runs'})`);
       return q;
     });
 

@@ -49,7 +49,7 @@ export async function quantizeModel(
       },
       reader.source,
     );
-    const total = cfg.numLayers * 9 + 3;
+    const total = expected.size; // one onTensor call per checkpoint tensor the model reads
     let index = 0;
     const manifest = await writeDirAtomic(
       outDir,
@@ -71,8 +71,9 @@ export async function quantizeModel(
             if (err.code !== 'ENOENT') throw err;
           });
         }
+        // Parameters of the source model (a 4-bit weight's packed bytes hold two parameters each).
         let params = 0;
-        for (const v of g.initializers.values()) if (!v.name.startsWith('const_')) params += v.shape.reduce((a, b) => a * b, 1);
+        for (const shape of expected.values()) params += shape.reduce((a, b) => a * b, 1);
         const sources = new Set(weights.sources.values());
         const m: Manifest = {
           format: 'edgelora-model/1',

@@ -49,20 +49,22 @@ export const quantizeCommand: Command = {
     }
     const blockSize = numberFlag('block-size', values['block-size'] as string | undefined, DEFAULT_BLOCK_SIZE[format], { integer: true, min: 16 });
     if ((blockSize & (blockSize - 1)) !== 0) throw new EdgeloraError(`--block-size ${blockSize}: must be a power of two`, { where: '--block-size' });
-    const progress = new Progress({ total: 1, label: 'quantize', silent: Boolean(values.json) });
+    let progress: Progress | null = null;
     const res = await quantizeModel(hfDir, outDir, {
       format,
       blockSize,
       doubleQuant: Boolean(values['double-quant']),
       int4AccuracyLevel: numberFlag('int4-accuracy', values['int4-accuracy'] as string | undefined, 4, { integer: true, min: 0, max: 4 }),
       force: Boolean(values.force),
-      onTensor: (_name, i, total) => progress.update(Math.min(i, total - 1), { tensor: _name.replace(/^model\./, '') }),
+      onTensor: (name, i, total) => {
+        progress ??= new Progress({ total, label: 'quantize', silent: Boolean(values.json) });
+        progress.update(i, { tensor: name.replace(/^model\./, '') });
+      },
     });
     if (values.json) {
       process.stdout.write(JSON.stringify({ dir: res.dir, seconds: res.seconds, manifest: res.manifest }) + '\n');
     } else {
       const m = res.manifest;
-      process.stderr.write('\n');
       process.stdout.write(
         `wrote ${res.dir}: ${m.quant.format} (block ${m.quant.blockSize}${m.quant.doubleQuant ? ', double-quant' : ''}, from ${m.quant.source}), ` +
           `${(m.parameters / 1e6).toFixed(2)}M parameters, ${((m.bytes.model + m.bytes.data) / 2 ** 20).toFixed(1)} MiB, ` +
