@@ -130,7 +130,7 @@ async function main(): Promise<void> {
   printTable(rows as unknown as Record<string, string | number>[]);
   const targets = Object.fromEntries(rows.map((r) => [`${r.base}_r8_qv_at_most_10pct_slower`, r.r8_qv_slowdown_pct <= 10]));
   process.stdout.write(`\ntargets: ${JSON.stringify(targets)}\n`);
-  const file = await writeJson('adapters.json', { preset: 'small', new_tokens: NEW_TOKENS, prompt_tokens: PROMPT_TOKENS, rows, targets, measured_at: new Date().toISOString() });
+  const file = await writeJson('adapters.json', { preset: 'small', new_tokens: NEW_TOKENS, prompt_tokens: PROMPT_TOKENS, rows, targets });
   process.stdout.write(`wrote ${file}\n`);
 }
 

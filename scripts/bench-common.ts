@@ -2,6 +2,7 @@
 // RSS is per configuration), and table/JSON output.
 import { existsSync, promises as fs } from 'node:fs';
 import path from 'node:path';
+import os from 'node:os';
 import { spawn } from 'node:child_process';
 import { makeDemoModel } from '../src/formats/demo-model.js';
 import { quantizeModel, DEFAULT_BLOCK_SIZE } from '../src/model/quantize.js';
@@ -52,11 +53,13 @@ export function printTable(rows: Record<string, string | number>[]): void {
   for (const r of rows) process.stdout.write(line(cols.map((c) => fmt(r[c] ?? ''))) + '\n');
 }
 
-export async function writeJson(name: string, data: unknown): Promise<string> {
+/** Writes bench-results/<name> with the machine it was measured on and when. */
+export async function writeJson(name: string, data: Record<string, unknown>): Promise<string> {
   const dir = path.resolve('bench-results');
   await fs.mkdir(dir, { recursive: true });
   const file = path.join(dir, name);
-  await fs.writeFile(file, JSON.stringify(data, null, 2) + '\n');
+  const machine = { cpus: os.cpus().length, cpu: os.cpus()[0]?.model, node: process.version };
+  await fs.writeFile(file, JSON.stringify({ ...data, machine, measured_at: new Date().toISOString() }, null, 2) + '\n');
   return file;
 }
 

@@ -113,13 +113,9 @@ async function main(): Promise<void> {
     seq_len: SEQ_LEN,
     steps: STEPS,
     timed_steps: STEPS - 1,
-    cpus: os.cpus().length,
-    cpu: os.cpus()[0]?.model,
-    node: process.version,
     rows,
     ratios,
     targets,
-    measured_at: new Date().toISOString(),
   });
   process.stdout.write(`wrote ${file}\n`);
 }

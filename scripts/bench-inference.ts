@@ -1,7 +1,6 @@
 // npm run bench:inference — fp32 vs nf4 vs int4 on the `small` demo model, side by side in one run:
 // size on disk, peak RSS after load, prefill tokens/s (128-token prompt), decode tokens/s (128 new
 // tokens). Each format runs in its own child process so RSS is per format. Writes bench-results/inference.json.
-import os from 'node:os';
 import { benchModel, runChild, printTable, writeJson, dirBytes, peakRssMiB } from './bench-common.js';
 import type { QuantFormat } from '../src/model/weights.js';
 
@@ -85,13 +84,9 @@ async function main(): Promise<void> {
     preset: 'small',
     prompt_tokens: PROMPT_TOKENS,
     new_tokens: NEW_TOKENS,
-    cpus: os.cpus().length,
-    cpu: os.cpus()[0]?.model,
-    node: process.version,
     rows,
     ratios,
     targets,
-    measured_at: new Date().toISOString(),
   });
   process.stdout.write(`wrote ${file}\n`);
 }
