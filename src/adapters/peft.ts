@@ -296,7 +296,8 @@ export function makePeftConfig(opts: {
     megatron_config: null,
     megatron_core: 'megatron.core',
     loftq_config: {},
-    lora_bias: false,
+    // Fields newer than PEFT 0.9 (e.g. lora_bias, 0.14) are left out: PEFT fills their defaults,
+    // while versions before 0.10 refuse keys they do not know.
   } as PeftConfig;
 }
 
