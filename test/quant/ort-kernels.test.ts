@@ -7,6 +7,29 @@ import { dequantizeBnb4, quantizeBnb4 } from '../../src/quant/bnb4.js';
 import { dequantizeInt4, quantizeInt4 } from '../../src/quant/int4.js';
 import { matmulABt, runOneNode } from './ort-one-node.js';
 
+/** ORT's own com.microsoft.MatMulBnb4 on A [M, K] with a packed weight [N, K]. */
+function matMulBnb4(
+  a: Float32Array,
+  q: { packed: Uint8Array; absmax: Float32Array },
+  o: { M: number; N: number; K: number; blockSize: number; quantType: 'nf4' | 'fp4' },
+): Promise<Float32Array> {
+  return runOneNode(
+    {
+      opType: 'MatMulBnb4',
+      domain: 'com.microsoft',
+      inputs: ['A', 'B', 'absmax'],
+      initializers: [
+        { name: 'B', dtype: 'uint8', dims: [q.packed.length], data: q.packed },
+        { name: 'absmax', dtype: 'float32', dims: [q.absmax.length], data: q.absmax },
+      ],
+      a: { name: 'A', dims: [o.M, o.K] },
+      output: { name: 'Y', dims: [o.M, o.N] },
+      intAttrs: { K: o.K, N: o.N, block_size: o.blockSize, quant_type: o.quantType === 'nf4' ? 1 : 0 },
+    },
+    a,
+  );
+}
+
 // fp32 kernels: dequantize to float32 and accumulate in float32; over K ≤ 256 terms the rounding stays
 // orders of magnitude below this, relative to the largest |Y|.
 const FP32_REL_TOL = 1e-5;
@@ -51,21 +74,7 @@ for (const [N, K] of SHAPES) {
       const q = quantizeBnb4(w, { quantType, blockSize });
       const wq = dequantizeBnb4(q.packed, q.absmax, N * K, { quantType, blockSize });
       const ref = matmulABt(a, wq, M, K, N);
-      const y = await runOneNode(
-        {
-          opType: 'MatMulBnb4',
-          domain: 'com.microsoft',
-          inputs: ['A', 'B', 'absmax'],
-          initializers: [
-            { name: 'B', dtype: 'uint8', dims: [q.packed.length], data: q.packed },
-            { name: 'absmax', dtype: 'float32', dims: [q.absmax.length], data: q.absmax },
-          ],
-          a: { name: 'A', dims: [M, K] },
-          output: { name: 'Y', dims: [M, N] },
-          intAttrs: { K, N, block_size: blockSize, quant_type: quantType === 'nf4' ? 1 : 0 },
-        },
-        a,
-      );
+      const y = await matMulBnb4(a, q, { M, N, K, blockSize, quantType });
       const d = maxDiff(y, ref);
       const rel = d / maxAbs(ref);
       console.log(`MatMulBnb4 ${quantType} N=${N} K=${K}: max |ΔY| = ${d.toExponential(3)} (relative ${rel.toExponential(3)})`);
@@ -137,21 +146,7 @@ test('MatMulBnb4 with odd N·K (a half-filled last byte and a partial block)', a
   const q = quantizeBnb4(w, { quantType: 'nf4', blockSize: 64 });
   const wq = dequantizeBnb4(q.packed, q.absmax, N * K, { quantType: 'nf4', blockSize: 64 });
   const ref = matmulABt(a, wq, M, K, N);
-  const y = await runOneNode(
-    {
-      opType: 'MatMulBnb4',
-      domain: 'com.microsoft',
-      inputs: ['A', 'B', 'absmax'],
-      initializers: [
-        { name: 'B', dtype: 'uint8', dims: [q.packed.length], data: q.packed },
-        { name: 'absmax', dtype: 'float32', dims: [q.absmax.length], data: q.absmax },
-      ],
-      a: { name: 'A', dims: [M, K] },
-      output: { name: 'Y', dims: [M, N] },
-      intAttrs: { K, N, block_size: 64, quant_type: 1 },
-    },
-    a,
-  );
+  const y = await matMulBnb4(a, q, { M, N, K, blockSize: 64, quantType: 'nf4' });
   const d = maxDiff(y, ref);
   console.log(`MatMulBnb4 nf4 N=5 K=13: max |ΔY| = ${d.toExponential(3)}`);
   assert.ok(d / maxAbs(ref) <= FP32_REL_TOL, `max difference ${d}`);
