@@ -112,7 +112,8 @@ export function loraScale(alpha: number, r: number, rslora: boolean): number {
   return rslora ? alpha / Math.sqrt(r) : alpha / r;
 }
 
-const KEY_RE = /^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$/;
+/** A PEFT LoRA tensor key: groups 1 layer, 2 self_attn|mlp, 3 projection, 4 A|B. */
+export const LORA_TENSOR_KEY = /^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$/;
 
 export function tensorKey(layer: number, proj: Proj, which: 'A' | 'B'): string {
   return `base_model.model.${moduleName(layer, proj)}.lora_${which}.weight`;
@@ -194,7 +195,7 @@ export async function loadAdapter(dir: string, base: { cfg: ModelConfig; fingerp
   try {
     const found = new Map<string, { a?: string; b?: string }>();
     for (const name of reader.names()) {
-      const m = KEY_RE.exec(name);
+      const m = LORA_TENSOR_KEY.exec(name);
       const proj = m?.[3] as Proj | undefined;
       if (!m || !proj || !LINEAR_PROJS.includes(proj) || projModule(proj) !== `${m[2]}.${proj}`) {
         throw new EdgeloraError(`tensor "${name}" is not a LoRA weight of a known module`, {

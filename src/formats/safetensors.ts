@@ -321,7 +321,8 @@ async function exists(p: string): Promise<boolean> {
 export function rawToF32(raw: Uint8Array, dtype: StDType): Float32Array {
   const n = raw.byteLength / DTYPE_SIZE[dtype];
   // Typed-array views need aligned offsets; copy when the source is not aligned.
-  const aligned = raw.byteOffset % 8 === 0 ? raw : raw.slice();
+  // (new Uint8Array(raw) copies; a Node Buffer's .slice() would return a view at the same offset.)
+  const aligned = raw.byteOffset % 8 === 0 ? raw : new Uint8Array(raw);
   const buf = aligned.buffer;
   const off = aligned.byteOffset;
   switch (dtype) {

@@ -7,7 +7,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import onnxproto from 'onnx-proto';
 import { Graph, type DType, type Value, type TypedData, ONNX_DTYPE } from '../graph/builder.js';
-import type { SafetensorsReader } from '../formats/safetensors.js';
+import { rawToF32, type SafetensorsReader } from '../formats/safetensors.js';
 import type { ModelConfig } from '../formats/hf-config.js';
 import { EdgeloraError } from '../util/errors.js';
 import { quantizeBnb4, dequantizeBnb4, nestAbsmax, denestAbsmax } from '../quant/bnb4.js';
@@ -239,9 +239,7 @@ export class QuantizedWeights implements WeightProvider {
   }
 
   async readF32(name: string): Promise<Float32Array> {
-    const raw = await this.readRaw(name);
-    const copy = new Uint8Array(raw); // aligned copy
-    return new Float32Array(copy.buffer, 0, copy.byteLength / 4);
+    return rawToF32(await this.readRaw(name), 'F32');
   }
 
   /** The base weight of a projection, dequantized to float32 [N, K] (references and merging). */

@@ -3,7 +3,7 @@ import path from 'node:path';
 import { promises as fs } from 'node:fs';
 import type { Command } from '../command.js';
 import { parseFlags, numberFlag, requirePositional } from '../command.js';
-import { parsePeftConfig, moduleRankAlpha, ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BINDING, bindingSchema, isTargeted } from '../../adapters/peft.js';
+import { parsePeftConfig, moduleRankAlpha, ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BINDING, bindingSchema, isTargeted, loraScale, LORA_TENSOR_KEY } from '../../adapters/peft.js';
 import { mergeAdapter } from '../../adapters/merge.js';
 import { SafetensorsReader } from '../../formats/safetensors.js';
 import { LINEAR_PROJS, type Proj } from '../../model/llama.js';
@@ -39,10 +39,10 @@ export const adapterInspectCommand: Command = {
       const info = reader.info(n);
       parameters += info.shape.reduce((a, b) => a * b, 1);
       dtypes.add(info.dtype);
-      const m = /layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_/.exec(n);
+      const m = LORA_TENSOR_KEY.exec(n);
       if (m) {
         layers.add(Number(m[1]));
-        targets.add(m[2]!);
+        targets.add(m[3]!);
       }
     }
     await reader.close();
@@ -58,13 +58,13 @@ export const adapterInspectCommand: Command = {
     const perTarget = [...targets].map((t) => {
       const proj = t as Proj;
       const ra = LINEAR_PROJS.includes(proj) && isTargeted(config, firstLayer, proj) ? moduleRankAlpha(config, firstLayer, proj) : null;
-      return { module: t, r: ra?.r ?? config.r, alpha: ra?.alpha ?? config.lora_alpha, scaling: ra?.scale ?? config.lora_alpha / config.r };
+      return { module: t, r: ra?.r ?? config.r, alpha: ra?.alpha ?? config.lora_alpha, scaling: ra?.scale ?? loraScale(config.lora_alpha, config.r, config.use_rslora) };
     });
     const info = {
       dir,
       r: config.r,
       lora_alpha: config.lora_alpha,
-      scaling: config.use_rslora ? config.lora_alpha / Math.sqrt(config.r) : config.lora_alpha / config.r,
+      scaling: loraScale(config.lora_alpha, config.r, config.use_rslora),
       use_rslora: config.use_rslora,
       target_modules: config.target_modules,
       targets: perTarget,
