@@ -1,11 +1,12 @@
 // The runtime adapter API: load, activate (with a per-adapter scale), deactivate, list and unload
 // adapters on one loaded base. Activation is a change of graph feeds only: the active set's deltas
 // are summed by concatenating ranks, aT = [A₁ᵀ | A₂ᵀ | …] [K, ΣR] and bT = [s₁B₁ᵀ ; s₂B₂ᵀ ; …]
-// [ΣR, N], so one pair of MatMuls per projection serves any number of stacked adapters.
+// [ΣR, N], so one pair of MatMuls per projection group (q/k/v, o, gate/up, down) serves any number
+// of stacked adapters; a term's rows of bT are zero outside its own projection's columns.
 import ort from 'onnxruntime-node';
 import { createHash } from 'node:crypto';
 import { EdgeloraError } from '../util/errors.js';
-import { INPUT, linearShape, type Proj } from '../model/llama.js';
+import { INPUT, projGroup, groupShape, type Proj, type ProjGroupName } from '../model/llama.js';
 import type { ModelRuntime, LoraFeeds } from '../runtime/model.js';
 import { loadAdapter, type LoraAdapter } from './peft.js';
 
@@ -114,7 +115,8 @@ export class AdapterManager {
     const key = active.length === 0 ? '' : active.map(([id, e]) => `${id}#${e.generation}:${e.contentHash.slice(0, 16)}*${e.scale}`).join('+');
     const tensors = new Map<string, ort.Tensor>();
     const cfg = this.model.cfg;
-    const modules = new Map<string, { layer: number; proj: Proj; terms: { a: Float32Array; b: Float32Array; r: number; s: number }[] }>();
+    type Term = { a: Float32Array; b: Float32Array; r: number; s: number };
+    const modules = new Map<string, { layer: number; proj: Proj; terms: Term[] }>();
     for (const [, e] of active) {
       for (const [k, m] of e.adapter.modules) {
         const slot = modules.get(k) ?? { layer: m.layer, proj: m.proj, terms: [] };
@@ -122,21 +124,29 @@ export class AdapterManager {
         modules.set(k, slot);
       }
     }
+    // One aT/bT pair per (layer, projection group): a term for projection p fills p's columns of bT.
+    const byGroup = new Map<string, { layer: number; group: ProjGroupName; terms: { offset: number; N: number; t: Term }[] }>();
     for (const { layer, proj, terms } of modules.values()) {
-      const { N, K } = linearShape(cfg, proj);
-      const R = terms.reduce((acc, t) => acc + t.r, 0);
+      const { group, offset, N } = projGroup(cfg, proj);
+      const slot = byGroup.get(`${layer}.${group}`) ?? { layer, group, terms: [] };
+      for (const t of terms) slot.terms.push({ offset, N, t });
+      byGroup.set(`${layer}.${group}`, slot);
+    }
+    for (const { layer, group, terms } of byGroup.values()) {
+      const { N: NG, K } = groupShape(cfg, group);
+      const R = terms.reduce((acc, x) => acc + x.t.r, 0);
       const aT = new Float32Array(K * R); // [K, R]
-      const bT = new Float32Array(R * N); // [R, N]
+      const bT = new Float32Array(R * NG); // [R, ΣN], zero outside each term's projection
       let off = 0;
-      for (const t of terms) {
+      for (const { offset, N, t } of terms) {
         for (let j = 0; j < t.r; j++) {
           for (let k = 0; k < K; k++) aT[k * R + off + j] = t.a[j * K + k]!;
-          for (let n = 0; n < N; n++) bT[(off + j) * N + n] = t.s * t.b[n * t.r + j]!;
+          for (let n = 0; n < N; n++) bT[(off + j) * NG + offset + n] = t.s * t.b[n * t.r + j]!;
         }
         off += t.r;
       }
-      tensors.set(INPUT.loraA(layer, proj), new ort.Tensor('float32', aT, [K, R]));
-      tensors.set(INPUT.loraB(layer, proj), new ort.Tensor('float32', bT, [R, N]));
+      tensors.set(INPUT.loraGroupA(layer, group), new ort.Tensor('float32', aT, [K, R]));
+      tensors.set(INPUT.loraGroupB(layer, group), new ort.Tensor('float32', bT, [R, NG]));
     }
     this.feedsCache = { key, tensors };
     return this.feedsCache;

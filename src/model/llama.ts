@@ -76,7 +76,7 @@ export interface LoraOperands {
  * THE linear layer: y = base(x) + bias + ((x ⊙ dropout) · aT) · bT.
  * x [B, T, K] → y [B, T, N]. The base weight is never modified; LoRA enters only here.
  */
-export function linear(g: Graph, x: Value, spec: LinearSpec, base: BaseWeight, bias: Value | null, lora: LoraOperands | null): Value {
+export function linear(g: Graph, x: Value, spec: { readonly N: number; readonly K: number }, base: BaseWeight, bias: Value | null, lora: LoraOperands | null): Value {
   const outShape: Dim[] = [...x.shape.slice(0, -1), spec.N];
   let y: Value;
   switch (base.kind) {
@@ -109,28 +109,72 @@ export function linear(g: Graph, x: Value, spec: LinearSpec, base: BaseWeight, b
   return y;
 }
 
+/**
+ * Projections that read the same input. In the inference graph each group is ONE base matmul over
+ * the concatenated weights and ONE LoRA pair whose bT is block-structured (an adapter's q rows only
+ * fill q's columns), so a layer runs 4 base matmuls and 4 LoRA pairs instead of 7 and 7. Per-node
+ * dispatch dominates one-token decode at edge model sizes; this is where the nodes go.
+ */
+export const PROJ_GROUPS = [
+  { name: 'qkv_proj', projs: ['q_proj', 'k_proj', 'v_proj'] },
+  { name: 'o_proj', projs: ['o_proj'] },
+  { name: 'gate_up_proj', projs: ['gate_proj', 'up_proj'] },
+  { name: 'down_proj', projs: ['down_proj'] },
+] as const satisfies readonly { name: string; projs: readonly Proj[] }[];
+export type ProjGroupName = (typeof PROJ_GROUPS)[number]['name'];
+
+/** The group a projection belongs to and its column offset inside the group's output. */
+export function projGroup(cfg: ModelConfig, proj: Proj): { group: ProjGroupName; offset: number; N: number; K: number } {
+  for (const grp of PROJ_GROUPS) {
+    let offset = 0;
+    for (const p of grp.projs as readonly Proj[]) {
+      const { N, K } = linearShape(cfg, p);
+      if (p === proj) return { group: grp.name, offset, N, K };
+      offset += N;
+    }
+  }
+  throw new Error(`unknown projection ${proj}`);
+}
+
+/** [ΣN, K] of a projection group. */
+export function groupShape(cfg: ModelConfig, group: ProjGroupName): { N: number; K: number } {
+  const grp = PROJ_GROUPS.find((x) => x.name === group)!;
+  const shapes = (grp.projs as readonly Proj[]).map((p) => linearShape(cfg, p));
+  return { N: shapes.reduce((a, s) => a + s.N, 0), K: shapes[0]!.K };
+}
+
 export interface BuildOptions {
-  /** 'infer': KV cache inputs/outputs, LoRA on every projection with a free rank. 'train': no cache. */
-  readonly mode: 'infer' | 'train';
   /**
-   * Which projections get LoRA inputs and with what rank dimension. Default (infer): all seven in
-   * every layer, rank symbolic, so any adapter set is a change of feeds.
+   * 'infer': KV cache inputs/outputs, ORT's fused inference ops (GroupQueryAttention with rotary,
+   * (Skip)SimplifiedLayerNormalization), grouped projections, and a LoRA pair on every group with a
+   * free rank, so any adapter set is a change of feeds. 'train': plain differentiable ops, no cache,
+   * LoRA per projection as `lora` says.
    */
+  readonly mode: 'infer' | 'train';
+  /** Training: which projections get LoRA inputs and with what rank dimension. */
   readonly lora?: (layer: number, proj: Proj) => { rank: Dim; dropout?: boolean } | null;
 }
 
 export interface LlamaGraph {
   readonly logits: Value; // [B, T, V]
-  /** LoRA graph inputs by "layer.proj" key. */
+  /** LoRA graph inputs by "layer.proj" key (training) or "layer.group" key (inference). */
   readonly loraInputs: Map<string, { aT: Value; bT: Value; dropout?: Value }>;
 }
 
 /** Graph input names, shared by the runtime and the trainer. */
 export const INPUT = {
   ids: 'input_ids', // int64 [B, T]
+  // Training graph:
   bias: 'attention_bias', // float32 [B, T, S]: 0 where attending, large negative elsewhere
   cos: 'rope_cos', // float32 [B, T, D]
   sin: 'rope_sin', // float32 [B, T, D]
+  // Inference graph (GroupQueryAttention's conventions; rows are right-padded):
+  seqlensK: 'seqlens_k', // int32 [B]: each row's real length after this step, minus one
+  totalLength: 'total_sequence_length', // int32 []: the present cache's length
+  cosCache: 'rope_cos_cache', // float32 [M, D/2]: cos(position · inv_freq) for positions 0..M-1
+  sinCache: 'rope_sin_cache', // float32 [M, D/2]
+  loraGroupA: (layer: number, group: ProjGroupName) => `lora.${layer}.${group}.a`, // float32 [K, R]
+  loraGroupB: (layer: number, group: ProjGroupName) => `lora.${layer}.${group}.b`, // float32 [R, ΣN]
   pastKey: (i: number) => `past_key.${i}`, // float32 [B, G, P, D]
   pastValue: (i: number) => `past_value.${i}`,
   loraA: (layer: number, proj: Proj) => `lora.${layer}.${proj}.a`, // float32 [K, R]
@@ -164,31 +208,200 @@ function rotateHalfMatrix(g: Graph, D: number): Value {
   return g.constF32(m, [D, D]);
 }
 
+/**
+ * One base weight for several projections that read the same input, concatenated along N, or null
+ * where the layouts do not allow it (then the group runs its matmuls separately and concatenates the
+ * outputs). The Concat nodes act on initializers only, so ORT folds them once at session creation.
+ */
+function fuseBases(g: Graph, specs: LinearSpec[], bases: BaseWeight[]): BaseWeight | null {
+  if (bases.length === 1) return bases[0]!;
+  const N = specs.reduce((a, s) => a + s.N, 0);
+  const first = bases[0]!;
+  switch (first.kind) {
+    case 'fp32': {
+      const ws = bases.filter((b): b is Extract<BaseWeight, { kind: 'fp32' }> => b.kind === 'fp32');
+      if (ws.length !== bases.length) return null;
+      return { kind: 'fp32', wT: g.concat(ws.map((b) => b.wT), 1, N) };
+    }
+    case 'bnb4': {
+      const ws = bases.filter((b): b is Extract<BaseWeight, { kind: 'bnb4' }> => b.kind === 'bnb4' && b.quantType === first.quantType && b.blockSize === first.blockSize);
+      // Flat row-major codes concatenate only when no block straddles two projections.
+      if (ws.length !== bases.length || specs.some((s) => (s.N * s.K) % first.blockSize !== 0 || (s.N * s.K) % 2 !== 0)) return null;
+      const total = specs.reduce((a, s) => a + s.N * s.K, 0);
+      return {
+        kind: 'bnb4',
+        quantType: first.quantType,
+        blockSize: first.blockSize,
+        packed: g.concat(ws.map((b) => b.packed), 0, total / 2),
+        absmax: g.concat(ws.map((b) => b.absmax), 0, total / first.blockSize),
+      };
+    }
+    case 'int4': {
+      const zp = first.zeroPoints !== null;
+      const ws = bases.filter((b): b is Extract<BaseWeight, { kind: 'int4' }> =>
+        b.kind === 'int4' && b.blockSize === first.blockSize && b.accuracyLevel === first.accuracyLevel && (b.zeroPoints !== null) === zp);
+      if (ws.length !== bases.length) return null;
+      const kb = Math.ceil(specs[0]!.K / first.blockSize);
+      return {
+        kind: 'int4',
+        blockSize: first.blockSize,
+        packed: g.concat(ws.map((b) => b.packed), 0, N),
+        scales: g.concat(ws.map((b) => b.scales), 0, N * kb),
+        zeroPoints: zp ? g.concat(ws.map((b) => b.zeroPoints!), 0, N * Math.ceil(kb / 2)) : null,
+        accuracyLevel: first.accuracyLevel,
+      };
+    }
+  }
+}
+
 /** Builds the decoder. Checks weight shapes through the provider; errors name the layer. */
 export async function buildLlama(g: Graph, cfg: ModelConfig, weights: WeightProvider, opts: BuildOptions): Promise<LlamaGraph> {
   const { hiddenSize: C, numHeads: H, numKvHeads: G, headDim: D, vocabSize: V } = cfg;
   if (H % G !== 0) g.fail(`num_attention_heads ${H} is not a multiple of num_key_value_heads ${G}`);
-  const rep = H / G;
-  const infer = opts.mode === 'infer';
-  const loraFor: (layer: number, proj: Proj) => { rank: Dim; dropout?: boolean } | null =
-    opts.lora ?? ((layer, proj) => (infer ? { rank: `R_${layer}_${proj}` } : null));
-
+  const loraInputs = new Map<string, { aT: Value; bT: Value; dropout?: Value }>();
   const ids = g.input(INPUT.ids, 'int64', ['B', 'T']);
+  let h = g.gather(await weights.float(g, 'model.embed_tokens.weight', [V, C]), ids); // [B, T, C]
+  const normW = (name: string) => weights.float(g, name, [C]);
+  let hn: Value;
+  if (opts.mode === 'infer') hn = await inferLayers(g, cfg, weights, h, normW, loraInputs);
+  else hn = await trainLayers(g, cfg, weights, h, normW, opts, loraInputs);
+
+  const head = cfg.tieWordEmbeddings ? g.value('model.embed_tokens.weight') : await weights.float(g, 'lm_head.weight', [V, C]);
+  // lm_head in the Hugging Face layout [V, C] via Gemm(transB), so a tied embedding is not copied.
+  const flat = g.reshape(hn, ['BT', C]);
+  const outShape = g.concat([g.shapeOf(ids), g.constI64([V])], 0, 3); // [B, T, V] at run time
+  const logits = g.reshapeTo(g.gemm(flat, head, { transB: true }), outShape, ['B', 'T', V]);
+  const out = g.output(logits, OUTPUT.logits);
+  return { logits: out, loraInputs };
+}
+
+/** The bias of a projection, if the architecture has one. */
+async function projBias(g: Graph, cfg: ModelConfig, weights: WeightProvider, layer: number, proj: Proj, N: number): Promise<Value | null> {
+  const has = proj === 'q_proj' || proj === 'k_proj' || proj === 'v_proj' ? cfg.qkvBias : proj === 'o_proj' ? cfg.oBias : false;
+  return has ? weights.float(g, linearWeightName(layer, proj).replace(/weight$/, 'bias'), [N]) : null;
+}
+
+/**
+ * Inference layers with ORT's fused CPU/CUDA ops: (Skip)SimplifiedLayerNormalization carries the
+ * residual stream, GroupQueryAttention does rotary, the KV cache concat, GQA and the causal/padding
+ * mask in one node. Returns the final normed hidden state [B, T, C].
+ */
+async function inferLayers(
+  g: Graph,
+  cfg: ModelConfig,
+  weights: WeightProvider,
+  embedded: Value,
+  normW: (name: string) => Promise<Value>,
+  loraInputs: Map<string, { aT: Value; bT: Value }>,
+): Promise<Value> {
+  const { hiddenSize: C, numHeads: H, numKvHeads: G, headDim: D, rmsNormEps: eps } = cfg;
+  const seqlensK = g.input(INPUT.seqlensK, 'int32', ['B']);
+  const totalLen = g.input(INPUT.totalLength, 'int32', []);
+  const cosCache = g.input(INPUT.cosCache, 'float32', ['M', D / 2]);
+  const sinCache = g.input(INPUT.sinCache, 'float32', ['M', D / 2]);
+
+  const group = async (x: Value, layer: number, name: ProjGroupName): Promise<Value> =>
+    g.withScopeAsync(name, async () => {
+      const projs = PROJ_GROUPS.find((p) => p.name === name)!.projs as readonly Proj[];
+      const specs = projs.map((proj): LinearSpec => ({ layer, proj, ...linearShape(cfg, proj) }));
+      const bases: BaseWeight[] = [];
+      const biases: (Value | null)[] = [];
+      for (const s of specs) {
+        bases.push(await weights.linear(g, s));
+        biases.push(await projBias(g, cfg, weights, layer, s.proj, s.N));
+      }
+      const { N, K } = groupShape(cfg, name);
+      const R = `R_${layer}_${name}`;
+      const lora = { aT: g.input(INPUT.loraGroupA(layer, name), 'float32', [K, R]), bT: g.input(INPUT.loraGroupB(layer, name), 'float32', [R, N]) };
+      loraInputs.set(`${layer}.${name}`, lora);
+      const fused = fuseBases(g, specs, bases);
+      const zeros = (n: number) => g.constF32(new Float32Array(n), [n]);
+      const bias = biases.every((b) => b === null) ? null : biases.length === 1 ? biases[0]! : g.concat(biases.map((b, i) => b ?? zeros(specs[i]!.N)), 0, N);
+      if (fused) return linear(g, x, { N, K }, fused, bias, lora);
+      const parts = specs.map((s, i) => linear(g, x, s, bases[i]!, biases[i]!, null));
+      const y = g.concat(parts, -1, N);
+      return g.add(y, g.matmul(g.matmul(x, lora.aT), lora.bT));
+    });
+
+  const sln = (x: Value, w: Value): Value =>
+    g.node('SimplifiedLayerNormalization', [x, w], [{ dtype: 'float32', shape: [...x.shape] }], { axis: int(-1), epsilon: { kind: 'float', value: eps }, stash_type: int(1) })[0]!;
+  /** RMSNorm(residual + delta), and the new residual. */
+  const skipSln = (residual: Value, delta: Value, w: Value): { normed: Value; sum: Value } => {
+    const stat: Dim[] = [...residual.shape.slice(0, -1), 1];
+    const [normed, , , sum] = g.node(
+      'SkipSimplifiedLayerNormalization',
+      [residual, delta, w],
+      [{ dtype: 'float32', shape: [...residual.shape] }, { dtype: 'float32', shape: stat }, { dtype: 'float32', shape: stat }, { dtype: 'float32', shape: [...residual.shape] }],
+      { epsilon: { kind: 'float', value: eps } },
+      { domain: 'com.microsoft' },
+    );
+    return { normed: normed!, sum: sum! };
+  };
+
+  let residual = embedded;
+  let pending: Value | null = null; // the last block's output, not yet added to the residual stream
+  const norm = async (name: string): Promise<Value> => {
+    const w = await normW(name);
+    if (!pending) return sln(residual, w);
+    const r = skipSln(residual, pending, w);
+    residual = r.sum;
+    pending = null;
+    return r.normed;
+  };
+
+  for (let i = 0; i < cfg.numLayers; i++) {
+    await g.withScopeAsync(`layers.${i}`, async () => {
+      const x = await norm(`model.layers.${i}.input_layernorm.weight`);
+      const qkv = await group(x, i, 'qkv_proj'); // [B, T, (H + 2G)·D]
+      const pk = g.input(INPUT.pastKey(i), 'float32', ['B', G, 'P', D]);
+      const pv = g.input(INPUT.pastValue(i), 'float32', ['B', G, 'P', D]);
+      const [attn, presentK, presentV] = g.node(
+        'GroupQueryAttention',
+        [qkv, null, null, pk, pv, seqlensK, totalLen, cosCache, sinCache],
+        [{ dtype: 'float32', shape: ['B', 'T', H * D] }, { dtype: 'float32', shape: ['B', G, 'S', D] }, { dtype: 'float32', shape: ['B', G, 'S', D] }],
+        { num_heads: int(H), kv_num_heads: int(G), do_rotary: int(1), rotary_interleaved: int(0) },
+        { domain: 'com.microsoft', names: [g.fresh('attn'), OUTPUT.presentKey(i), OUTPUT.presentValue(i)] },
+      );
+      g.output(presentK!);
+      g.output(presentV!);
+      pending = await group(attn!, i, 'o_proj');
+      const x2 = await norm(`model.layers.${i}.post_attention_layernorm.weight`);
+      const gu = await group(x2, i, 'gate_up_proj'); // [B, T, 2F]
+      const F = cfg.intermediateSize;
+      const [gate, up] = g.node('Split', [gu, g.constI64([F, F])], [{ dtype: 'float32', shape: ['B', 'T', F] }, { dtype: 'float32', shape: ['B', 'T', F] }], { axis: int(-1) });
+      const act = g.mul(g.mul(gate!, g.sigmoid(gate!)), up!); // SiLU(gate) · up
+      pending = await group(act, i, 'down_proj');
+    });
+  }
+  return norm('model.norm.weight');
+}
+
+/** Training layers: plain ops our autodiff differentiates; LoRA per projection as opts.lora says. */
+async function trainLayers(
+  g: Graph,
+  cfg: ModelConfig,
+  weights: WeightProvider,
+  embedded: Value,
+  normW: (name: string) => Promise<Value>,
+  opts: BuildOptions,
+  loraInputs: Map<string, { aT: Value; bT: Value; dropout?: Value }>,
+): Promise<Value> {
+  const { numHeads: H, numKvHeads: G, headDim: D } = cfg;
+  const rep = H / G;
+  const loraFor = opts.lora ?? (() => null);
   const attnBias = g.input(INPUT.bias, 'float32', ['B', 'T', 'S']);
   const cos = g.unsqueeze(g.input(INPUT.cos, 'float32', ['B', 'T', D]), [1]); // [B, 1, T, D]
   const sin = g.unsqueeze(g.input(INPUT.sin, 'float32', ['B', 'T', D]), [1]);
   const mask = g.unsqueeze(attnBias, [1, 2]); // [B, 1, 1, T, S]
   const rot = rotateHalfMatrix(g, D);
   const scale = g.constF32([1 / Math.sqrt(D)], [1]);
-  const loraInputs = new Map<string, { aT: Value; bT: Value; dropout?: Value }>();
 
   const lin = async (x: Value, layer: number, proj: Proj): Promise<Value> => {
     const { N, K } = linearShape(cfg, proj);
     const spec: LinearSpec = { layer, proj, N, K };
     return g.withScopeAsync(proj, async () => {
       const base = await weights.linear(g, spec);
-      const hasBias = (proj === 'q_proj' || proj === 'k_proj' || proj === 'v_proj') ? cfg.qkvBias : proj === 'o_proj' ? cfg.oBias : false;
-      const bias = hasBias ? await weights.float(g, linearWeightName(layer, proj).replace(/weight$/, 'bias'), [N]) : null;
+      const bias = await projBias(g, cfg, weights, layer, proj, N);
       const l = loraFor(layer, proj);
       let lora: LoraOperands | null = null;
       if (l) {
@@ -202,27 +415,18 @@ export async function buildLlama(g: Graph, cfg: ModelConfig, weights: WeightProv
     });
   };
 
-  let h = g.gather(await weights.float(g, 'model.embed_tokens.weight', [V, C]), ids); // [B, T, C]
-
+  let h = embedded;
   for (let i = 0; i < cfg.numLayers; i++) {
     await g.withScopeAsync(`layers.${i}`, async () => {
       // --- attention ---
-      const x = rmsNorm(g, h, await weights.float(g, `model.layers.${i}.input_layernorm.weight`, [C]), cfg.rmsNormEps);
+      const x = rmsNorm(g, h, await normW(`model.layers.${i}.input_layernorm.weight`), cfg.rmsNormEps);
       const q = await lin(x, i, 'q_proj'); // [B, T, H·D]
       const k = await lin(x, i, 'k_proj'); // [B, T, G·D]
       const v = await lin(x, i, 'v_proj'); // [B, T, G·D]
       const rope = (t: Value) => g.add(g.mul(t, cos), g.mul(g.matmul(t, rot), sin));
       const qh = rope(g.transpose(g.reshape(q, ['B', 'T', H, D]), [0, 2, 1, 3])); // [B, H, T, D]
-      let kh = rope(g.transpose(g.reshape(k, ['B', 'T', G, D]), [0, 2, 1, 3])); // [B, G, T, D]
-      let vh = g.transpose(g.reshape(v, ['B', 'T', G, D]), [0, 2, 1, 3]); // [B, G, T, D]
-      if (infer) {
-        const pk = g.input(INPUT.pastKey(i), 'float32', ['B', G, 'P', D]);
-        const pv = g.input(INPUT.pastValue(i), 'float32', ['B', G, 'P', D]);
-        kh = g.node('Concat', [pk, kh], [{ dtype: 'float32', shape: ['B', G, 'S', D] }], { axis: int(2) }, { names: [OUTPUT.presentKey(i)] })[0]!;
-        vh = g.node('Concat', [pv, vh], [{ dtype: 'float32', shape: ['B', G, 'S', D] }], { axis: int(2) }, { names: [OUTPUT.presentValue(i)] })[0]!;
-        g.output(kh);
-        g.output(vh);
-      }
+      const kh = rope(g.transpose(g.reshape(k, ['B', 'T', G, D]), [0, 2, 1, 3])); // [B, G, T, D]
+      const vh = g.transpose(g.reshape(v, ['B', 'T', G, D]), [0, 2, 1, 3]); // [B, G, T, D]
       // GQA without copying: query heads grouped by their key/value head, broadcast over the group.
       const q5 = g.reshape(qh, ['B', G, rep, 'T', D]); // head h = g·rep + r uses kv head g (HF repeat_kv)
       const kT = g.unsqueeze(g.transpose(kh, [0, 1, 3, 2]), [2]); // [B, G, 1, D, S]
@@ -232,20 +436,12 @@ export async function buildLlama(g: Graph, cfg: ModelConfig, weights: WeightProv
       const merged = g.reshape(g.transpose(g.reshape(ctx, ['B', H, 'T', D]), [0, 2, 1, 3]), ['B', 'T', H * D]);
       h = g.add(h, await lin(merged, i, 'o_proj'));
       // --- MLP ---
-      const x2 = rmsNorm(g, h, await weights.float(g, `model.layers.${i}.post_attention_layernorm.weight`, [C]), cfg.rmsNormEps);
+      const x2 = rmsNorm(g, h, await normW(`model.layers.${i}.post_attention_layernorm.weight`), cfg.rmsNormEps);
       const gate = await lin(x2, i, 'gate_proj');
       const up = await lin(x2, i, 'up_proj');
       const act = g.mul(g.mul(gate, g.sigmoid(gate)), up); // SiLU(gate) · up
       h = g.add(h, await lin(act, i, 'down_proj'));
     });
   }
-
-  const hn = rmsNorm(g, h, await weights.float(g, 'model.norm.weight', [C]), cfg.rmsNormEps);
-  const head = cfg.tieWordEmbeddings ? g.value('model.embed_tokens.weight') : await weights.float(g, 'lm_head.weight', [V, C]);
-  // lm_head in the Hugging Face layout [V, C] via Gemm(transB), so a tied embedding is not copied.
-  const flat = g.reshape(hn, ['BT', C]);
-  const outShape = g.concat([g.shapeOf(ids), g.constI64([V])], 0, 3); // [B, T, V] at run time
-  const logits = g.reshapeTo(g.gemm(flat, head, { transB: true }), outShape, ['B', 'T', V]);
-  const out = g.output(logits, OUTPUT.logits);
-  return { logits: out, loraInputs };
+  return rmsNorm(g, h, await normW('model.norm.weight'), cfg.rmsNormEps);
 }

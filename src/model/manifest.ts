@@ -8,9 +8,11 @@ import { EdgeloraError } from '../util/errors.js';
 export const MANIFEST_FILE = 'manifest.json';
 export const MODEL_FILE = 'model.onnx';
 export const DATA_FILE = 'model.onnx.data';
+/** Bumped when the graph's inputs change: 2 = fused inference ops and grouped LoRA inputs. */
+export const MODEL_FORMAT = 'edgelora-model/2';
 
 export const manifestSchema = z.object({
-  format: z.literal('edgelora-model/1'),
+  format: z.literal(MODEL_FORMAT),
   architecture: z.string(),
   quant: z.object({
     format: z.enum(['fp32', 'nf4', 'fp4', 'int4']),
@@ -45,6 +47,13 @@ export async function readManifest(dir: string): Promise<Manifest> {
     json = JSON.parse(text);
   } catch (err) {
     throw new EdgeloraError(`invalid JSON: ${(err as Error).message}`, { where: file });
+  }
+  const format = (json as { format?: unknown } | null)?.format;
+  if (typeof format === 'string' && format.startsWith('edgelora-model/') && format !== MODEL_FORMAT) {
+    throw new EdgeloraError(`model written as ${format}; this edgelora runs ${MODEL_FORMAT}`, {
+      where: file,
+      hint: 're-run `edgelora quantize` on the source checkpoint',
+    });
   }
   const r = manifestSchema.safeParse(json);
   if (!r.success) {

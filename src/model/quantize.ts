@@ -12,7 +12,7 @@ import { EdgeloraError } from '../util/errors.js';
 import { writeDirAtomic } from '../util/atomic.js';
 import { buildLlama } from './llama.js';
 import { CheckpointWeights, startFingerprint, type QuantOptions } from './weights.js';
-import { DATA_FILE, MANIFEST_FILE, MODEL_FILE, type Manifest } from './manifest.js';
+import { DATA_FILE, MANIFEST_FILE, MODEL_FILE, MODEL_FORMAT, type Manifest } from './manifest.js';
 
 /** Files copied verbatim from the source checkpoint when present. */
 const COPIED = ['config.json', 'tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'special_tokens_map.json'];
@@ -76,7 +76,7 @@ export async function quantizeModel(
         for (const shape of expected.values()) params += shape.reduce((a, b) => a * b, 1);
         const sources = new Set(weights.sources.values());
         const m: Manifest = {
-          format: 'edgelora-model/1',
+          format: MODEL_FORMAT,
           architecture: cfg.architecture,
           quant: {
             format: opts.format,

@@ -9,34 +9,54 @@ import { parseHfConfig } from '../formats/hf-config.js';
 import { loadTokenizer, type EdgeTokenizer } from '../formats/tokenizer.js';
 import { EdgeloraError } from '../util/errors.js';
 import { readManifest, MODEL_FILE, type Manifest } from '../model/manifest.js';
-import { INPUT, OUTPUT, MASKED, LINEAR_PROJS, linearShape } from '../model/llama.js';
-import { inverseFrequencies, ropeTables } from '../model/rope.js';
+import { INPUT, OUTPUT, PROJ_GROUPS, groupShape } from '../model/llama.js';
+import { inverseFrequencies } from '../model/rope.js';
 
 /** The LoRA feeds of an adapter set: one aT/bT pair per (layer, projection) input, plus an identity. */
 export interface LoraFeeds {
-  /** Identifies the adapter set (ids, versions, scales); '' for no adapter. */
+  /** Identifies the adapter set (ids, versions, scales); '' for no adapter. Tensors are keyed by
+   * graph input name (INPUT.loraGroupA/B). */
   readonly key: string;
   readonly tensors: ReadonlyMap<string, ort.Tensor>;
 }
 
+/**
+ * KV buffers [B, G, capacity, D] per layer. GroupQueryAttention appends to them in place: the same
+ * memory is fed as past_key and bound as present_key, which ORT's kernel recognises as a shared
+ * buffer, so a decode step copies no cache at all (neither inside ORT nor back into JS).
+ */
+interface KvStore {
+  readonly capacity: number;
+  readonly keys: Float32Array[];
+  readonly values: Float32Array[];
+  /** Bumped by every forward that writes into the buffers; a cache of an older version is stale. */
+  version: number;
+}
+
 export interface KvCache {
   readonly batch: number; // B
-  readonly length: number; // P
-  readonly keys: ort.Tensor[]; // per layer [B, G, P, D]
-  readonly values: ort.Tensor[];
-  /** Which rows' positions are real (1) or padding (0), per row, length P. */
-  readonly keyMask: Uint8Array[];
+  /** Tokens held: the longest row's real length. */
+  readonly length: number;
+  /** Each row's real length: right padding of a batched prompt stays out of it. */
+  readonly lengths: readonly number[];
   /** The adapter set that computed this cache. */
   readonly adapterKey: string;
+  readonly store: KvStore | null;
+  readonly version: number;
 }
 
 export interface ForwardRequest {
   /** Token ids, B rows of equal length T (right-padded by the caller when rows differ). */
   readonly ids: number[][];
-  /** Which of `ids` are real tokens (1) vs padding (0); default all real. */
+  /**
+   * Which of `ids` are real tokens (1) vs padding (0); default all real. Padding may only end a row
+   * of a first (uncached) forward; a row continuing a cache must be all real tokens.
+   */
   readonly mask?: Uint8Array[];
   readonly cache?: KvCache | null;
   readonly lora?: LoraFeeds;
+  /** Tokens the cache should have room for (prompt + new tokens), so decoding never regrows it. */
+  readonly reserve?: number;
 }
 
 export interface ForwardResult {
@@ -54,6 +74,9 @@ export class ModelRuntime {
   private readonly inv: Float32Array;
   private readonly emptyLora: Map<string, ort.Tensor>;
   private readonly inputNames: Set<string>;
+  /** cos/sin(position · inv_freq) [M, D/2] for positions 0..M-1, grown on demand. */
+  private ropeCos = new Float32Array(0);
+  private ropeSin = new Float32Array(0);
 
   private constructor(
     readonly dir: string,
@@ -64,14 +87,46 @@ export class ModelRuntime {
   ) {
     this.inv = inverseFrequencies(cfg);
     this.inputNames = new Set(session.inputNames);
+    if (!this.inputNames.has(INPUT.seqlensK)) {
+      throw new EdgeloraError('model.onnx has an older graph layout than this edgelora runs', {
+        where: path.join(dir, MODEL_FILE),
+        hint: 're-run `edgelora quantize` on the source checkpoint',
+      });
+    }
     this.emptyLora = new Map();
     for (let l = 0; l < cfg.numLayers; l++) {
-      for (const p of LINEAR_PROJS) {
-        const { N, K } = linearShape(cfg, p);
-        this.emptyLora.set(INPUT.loraA(l, p), new ort.Tensor('float32', new Float32Array(0), [K, 0]));
-        this.emptyLora.set(INPUT.loraB(l, p), new ort.Tensor('float32', new Float32Array(0), [0, N]));
+      for (const grp of PROJ_GROUPS) {
+        const { N, K } = groupShape(cfg, grp.name);
+        this.emptyLora.set(INPUT.loraGroupA(l, grp.name), new ort.Tensor('float32', new Float32Array(0), [K, 0]));
+        this.emptyLora.set(INPUT.loraGroupB(l, grp.name), new ort.Tensor('float32', new Float32Array(0), [0, N]));
       }
     }
+  }
+
+  /** cos/sin tables covering positions 0..m-1, as [m, D/2] tensors over one growing table. */
+  private ropeCaches(m: number): { cos: ort.Tensor; sin: ort.Tensor } {
+    const half = this.inv.length;
+    const have = this.ropeCos.length / half;
+    if (have < m) {
+      const rows = Math.min(Math.max(m, have * 2, 256), Math.max(m, this.cfg.maxPositionEmbeddings));
+      const cos = new Float32Array(rows * half);
+      const sin = new Float32Array(rows * half);
+      cos.set(this.ropeCos);
+      sin.set(this.ropeSin);
+      for (let p = have; p < rows; p++) {
+        for (let i = 0; i < half; i++) {
+          const a = Math.fround(p * this.inv[i]!); // as Hugging Face: float32 position · inv_freq
+          cos[p * half + i] = Math.cos(a);
+          sin[p * half + i] = Math.sin(a);
+        }
+      }
+      this.ropeCos = cos;
+      this.ropeSin = sin;
+    }
+    return {
+      cos: new ort.Tensor('float32', this.ropeCos.subarray(0, m * half), [m, half]),
+      sin: new ort.Tensor('float32', this.ropeSin.subarray(0, m * half), [m, half]),
+    };
   }
 
   static async load(dir: string, opts: LoadOptions = {}): Promise<ModelRuntime> {
@@ -104,16 +159,32 @@ export class ModelRuntime {
 
   /** An empty cache for `batch` rows, bound to an adapter set. */
   emptyCache(batch: number, adapterKey = ''): KvCache {
-    const { numLayers, numKvHeads: G, headDim: D } = this.cfg;
-    const empty = () => new ort.Tensor('float32', new Float32Array(0), [batch, G, 0, D]);
-    return {
-      batch,
-      length: 0,
-      keys: Array.from({ length: numLayers }, empty),
-      values: Array.from({ length: numLayers }, empty),
-      keyMask: Array.from({ length: batch }, () => new Uint8Array(0)),
-      adapterKey,
-    };
+    return { batch, length: 0, lengths: new Array<number>(batch).fill(0), adapterKey, store: null, version: 0 };
+  }
+
+  /** The cache's buffers with room for `needed` tokens per row (a new store, rows copied, if not). */
+  private storeFor(cache: KvCache, needed: number, reserve: number): KvStore {
+    const old = cache.store;
+    if (old && old.capacity >= needed) return old;
+    const { numLayers, numKvHeads: G, headDim: D, maxPositionEmbeddings } = this.cfg;
+    const B = cache.batch;
+    const capacity = Math.max(needed, Math.min(Math.max(reserve, old ? old.capacity * 2 : 0), maxPositionEmbeddings));
+    const fresh = () => new Float32Array(B * G * capacity * D);
+    const store: KvStore = { capacity, keys: Array.from({ length: numLayers }, fresh), values: Array.from({ length: numLayers }, fresh), version: 0 };
+    if (old) {
+      for (let i = 0; i < numLayers; i++) {
+        for (let b = 0; b < B; b++) {
+          const n = cache.lengths[b]! * D;
+          for (let h = 0; h < G; h++) {
+            const from = (b * G + h) * old.capacity * D;
+            const to = (b * G + h) * capacity * D;
+            store.keys[i]!.set(old.keys[i]!.subarray(from, from + n), to);
+            store.values[i]!.set(old.values[i]!.subarray(from, from + n), to);
+          }
+        }
+      }
+    }
+    return store;
   }
 
   /** Runs the decoder on new tokens, continuing `cache`. */
@@ -130,69 +201,71 @@ export class ModelRuntime {
       });
     }
     if (cache.batch !== B) throw new EdgeloraError(`forward: cache has ${cache.batch} rows, request ${B}`);
-    const { numLayers, headDim: D, vocabSize: V } = this.cfg;
-    const P = cache.length;
-    const S = P + T;
-    if (S > this.cfg.maxPositionEmbeddings) {
-      throw new EdgeloraError(`sequence of ${S} tokens exceeds max_position_embeddings ${this.cfg.maxPositionEmbeddings}`, {
+    if (cache.store && cache.store.version !== cache.version) {
+      throw new EdgeloraError('this KV cache was already continued by another forward (its buffers are reused in place)', {
+        hint: 'continue from the newest cache, or recompute the prefix to branch',
+      });
+    }
+    const { numLayers, numKvHeads: G, headDim: D, vocabSize: V } = this.cfg;
+    const first = cache.length === 0;
+    // GroupQueryAttention's conventions: seqlens_k[b] = row b's real length after this step − 1;
+    // total_sequence_length = the longest row after it (the prompt length on a first forward).
+    // A row's new tokens are written at its real length.
+    const lengths: number[] = [];
+    const seqlens = new Int32Array(B);
+    for (let b = 0; b < B; b++) {
+      const m = req.mask?.[b];
+      let real = T;
+      if (m) {
+        if (m.length !== T) throw new EdgeloraError(`forward: mask row ${b} has ${m.length} entries for ${T} tokens`);
+        real = m.indexOf(0) < 0 ? T : m.indexOf(0);
+        if (m.subarray(real).some((x) => x !== 0)) {
+          throw new EdgeloraError(`forward: row ${b} has padding before a real token`, { hint: 'pad rows on the right' });
+        }
+        if (!first && real < T) throw new EdgeloraError(`forward: row ${b} continues a cache but holds padding`, { hint: 'only a first forward may be padded' });
+      }
+      const len = cache.lengths[b]! + real;
+      lengths.push(len);
+      seqlens[b] = Math.max(len, 1) - 1;
+    }
+    const longest = Math.max(...lengths);
+    if (longest > this.cfg.maxPositionEmbeddings) {
+      throw new EdgeloraError(`sequence of ${longest} tokens exceeds max_position_embeddings ${this.cfg.maxPositionEmbeddings}`, {
         hint: 'use a shorter prompt or fewer new tokens',
       });
     }
-
+    const total = first ? T : longest;
+    const store = this.storeFor(cache, Math.max(total, T), req.reserve ?? 0);
     const ids = new BigInt64Array(B * T);
-    const cos = new Float32Array(B * T * D);
-    const sin = new Float32Array(B * T * D);
-    const bias = new Float32Array(B * T * S);
-    const keyMask: Uint8Array[] = [];
-    for (let b = 0; b < B; b++) {
-      const row = req.ids[b]!;
-      const m = req.mask?.[b];
-      const km = new Uint8Array(S);
-      km.set(cache.keyMask[b]!, 0);
-      for (let t = 0; t < T; t++) {
-        ids[b * T + t] = BigInt(row[t]!);
-        km[P + t] = m ? m[t]! : 1;
-      }
-      keyMask.push(km);
-      // Positions count real tokens only, so right padding never shifts a row's positions.
-      let pos = 0;
-      for (let s = 0; s < P; s++) pos += km[s]!;
-      const positions = new Array<number>(T);
-      for (let t = 0; t < T; t++) positions[t] = pos + t;
-      const tab = ropeTables(this.inv, positions);
-      cos.set(tab.cos, b * T * D);
-      sin.set(tab.sin, b * T * D);
-      for (let t = 0; t < T; t++) {
-        const base = (b * T + t) * S;
-        for (let s = 0; s < S; s++) bias[base + s] = s <= P + t && km[s] ? 0 : MASKED;
-      }
-    }
+    for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) ids[b * T + t] = BigInt(req.ids[b]![t]!);
+    const rope = this.ropeCaches(Math.max(total, T));
     const feeds: Record<string, ort.Tensor> = {
       [INPUT.ids]: new ort.Tensor('int64', ids, [B, T]),
-      [INPUT.bias]: new ort.Tensor('float32', bias, [B, T, S]),
-      [INPUT.cos]: new ort.Tensor('float32', cos, [B, T, D]),
-      [INPUT.sin]: new ort.Tensor('float32', sin, [B, T, D]),
+      [INPUT.seqlensK]: new ort.Tensor('int32', seqlens, [B]),
+      [INPUT.totalLength]: new ort.Tensor('int32', Int32Array.of(total), []),
+      [INPUT.cosCache]: rope.cos,
+      [INPUT.sinCache]: rope.sin,
     };
+    const fetches: Record<string, ort.Tensor | null> = { [OUTPUT.logits]: null };
+    const dims = [B, G, store.capacity, D];
     for (let i = 0; i < numLayers; i++) {
-      feeds[INPUT.pastKey(i)] = cache.keys[i]!;
-      feeds[INPUT.pastValue(i)] = cache.values[i]!;
+      const k = new ort.Tensor('float32', store.keys[i]!, dims);
+      const v = new ort.Tensor('float32', store.values[i]!, dims);
+      feeds[INPUT.pastKey(i)] = k;
+      feeds[INPUT.pastValue(i)] = v;
+      fetches[OUTPUT.presentKey(i)] = k;
+      fetches[OUTPUT.presentValue(i)] = v;
     }
     for (const [name, t] of this.emptyLora) feeds[name] = lora.tensors.get(name) ?? t;
     for (const name of lora.tensors.keys()) {
       if (!this.inputNames.has(name)) throw new EdgeloraError(`adapter feed ${name} is not an input of the model graph`);
     }
-    const out = await this.session.run(feeds);
-    const logits = out[OUTPUT.logits]!;
-    const keys: ort.Tensor[] = [];
-    const values: ort.Tensor[] = [];
-    for (let i = 0; i < numLayers; i++) {
-      keys.push(out[OUTPUT.presentKey(i)]!);
-      values.push(out[OUTPUT.presentValue(i)]!);
-    }
+    const out = await this.session.run(feeds, fetches);
+    store.version++;
     return {
-      logits: logits.data as Float32Array,
+      logits: out[OUTPUT.logits]!.data as Float32Array,
       dims: [B, T, V],
-      cache: { batch: B, length: S, keys, values, keyMask, adapterKey: lora.key },
+      cache: { batch: B, length: longest, lengths, adapterKey: lora.key, store, version: store.version },
     };
   }
 
