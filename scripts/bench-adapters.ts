@@ -1,6 +1,8 @@
 // npm run bench:adapters — on the `small` demo model with int4 and nf4 bases: time to load and
-// activate an adapter, time to swap between two loaded adapters, and decode tokens/s with no
-// adapter, rank 8 on q/v, and rank 16 on all seven projections, side by side in one run.
+// activate an adapter, the one-time switch to the LoRA-capable graph, time to swap between two
+// loaded adapters, and decode tokens/s with no adapter (the plain decoder, and the LoRA graph with
+// empty feeds), rank 8 on q/v, and rank 16 on all seven projections, side by side in one run.
+// Slowdowns are against the plain decoder: what a user pays for having an adapter on.
 // Writes bench-results/adapters.json.
 import path from 'node:path';
 import { existsSync } from 'node:fs';
@@ -10,8 +12,10 @@ import type { QuantFormat } from '../src/model/weights.js';
 interface Row {
   base: QuantFormat;
   load_activate_ms: number;
+  enable_lora_ms: number;
   swap_ms: number;
   decode_none_tok_s: number;
+  decode_empty_lora_tok_s: number;
   decode_r8_qv_tok_s: number;
   decode_r16_all_tok_s: number;
   r8_qv_slowdown_pct: number;
@@ -47,27 +51,34 @@ async function child(base: QuantFormat, dir: string, qv: string, all: string, qv
   const { ModelRuntime } = await import('../src/runtime/model.js');
   const { AdapterManager } = await import('../src/adapters/manager.js');
   const { argmax } = await import('../src/runtime/sampling.js');
+  // Two runtimes over one model: `plain` never sees an adapter (the plain decoder session), `model`
+  // switches to the LoRA-capable graph at its first adapter set.
+  const plain = await ModelRuntime.load(dir);
   const model = await ModelRuntime.load(dir);
   const mgr = new AdapterManager(model);
   const V = model.cfg.vocabSize;
   const prompt = Array.from({ length: PROMPT_TOKENS }, (_, i) => (i * 31 + 7) % 250 + 3);
-  const decode = async (lora?: ReturnType<typeof mgr.feeds>): Promise<number> => {
-    let res = await model.forward({ ids: [prompt], ...(lora ? { lora } : {}) });
+  const decode = async (lora?: ReturnType<typeof mgr.feeds>, on = model): Promise<number> => {
+    let res = await on.forward({ ids: [prompt], reserve: PROMPT_TOKENS + NEW_TOKENS, ...(lora ? { lora } : {}) });
     let next = argmax(res.logits.subarray((PROMPT_TOKENS - 1) * V, PROMPT_TOKENS * V));
     const t0 = performance.now();
     for (let i = 0; i < NEW_TOKENS; i++) {
-      res = await model.forward({ ids: [[next]], cache: res.cache, ...(lora ? { lora } : {}) });
+      res = await on.forward({ ids: [[next]], cache: res.cache, ...(lora ? { lora } : {}) });
       next = argmax(res.logits.subarray(0, V));
     }
     return NEW_TOKENS / ((performance.now() - t0) / 1000);
   };
-  await decode(); // warm-up
+  await decode(undefined, plain); // warm-up
   // Load + activate (validation, reading, building the feeds).
   const t0 = performance.now();
   const a = await mgr.load(qv, { id: 'qv' });
   mgr.activate(a);
   mgr.feeds();
   const loadActivateMs = performance.now() - t0;
+  const t2 = performance.now();
+  await model.enableLora();
+  const enableLoraMs = performance.now() - t2;
+  await decode(); // warm-up of the LoRA session
   const qvFeeds = mgr.feeds();
   mgr.deactivate(a);
   const c = await mgr.load(all, { id: 'all' });
@@ -75,14 +86,16 @@ async function child(base: QuantFormat, dir: string, qv: string, all: string, qv
   const allFeeds = mgr.feeds();
   mgr.deactivate(c);
   // Interleaved rounds (none, r8, r16, …) so drift in machine load hits all three alike; median of 5.
-  const samples: Record<'none' | 'r8' | 'r16', number[]> = { none: [], r8: [], r16: [] };
+  const samples: Record<'none' | 'empty' | 'r8' | 'r16', number[]> = { none: [], empty: [], r8: [], r16: [] };
   for (let round = 0; round < 5; round++) {
-    samples.none.push(await decode());
+    samples.none.push(await decode(undefined, plain));
+    samples.empty.push(await decode());
     samples.r8.push(await decode(qvFeeds));
     samples.r16.push(await decode(allFeeds));
   }
   const median = (xs: number[]) => [...xs].sort((p, q) => p - q)[Math.floor(xs.length / 2)]!;
   const none = median(samples.none);
+  const empty = median(samples.empty);
   const r8 = median(samples.r8);
   const r16 = median(samples.r16);
   // Swap between two loaded q/v adapters: deactivate one, activate the other, build feeds, one decode step.
@@ -101,8 +114,10 @@ async function child(base: QuantFormat, dir: string, qv: string, all: string, qv
   const row: Row = {
     base,
     load_activate_ms: loadActivateMs,
+    enable_lora_ms: enableLoraMs,
     swap_ms: swapMs,
     decode_none_tok_s: none,
+    decode_empty_lora_tok_s: empty,
     decode_r8_qv_tok_s: r8,
     decode_r16_all_tok_s: r16,
     r8_qv_slowdown_pct: (1 - r8 / none) * 100,

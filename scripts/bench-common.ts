@@ -7,6 +7,7 @@ import { spawn } from 'node:child_process';
 import { makeDemoModel } from '../src/formats/demo-model.js';
 import { quantizeModel, DEFAULT_BLOCK_SIZE } from '../src/model/quantize.js';
 import type { QuantFormat } from '../src/model/weights.js';
+import { readManifest, MODEL_FORMAT } from '../src/model/manifest.js';
 
 export const CACHE = path.resolve('.cache/bench');
 
@@ -18,6 +19,9 @@ export async function benchModel(format: QuantFormat, preset: 'small' | 'tiny' =
     await makeDemoModel(hf, { preset, seed: 0 });
   }
   const out = path.join(CACHE, `${preset}-${format}`);
+  // A model written by another edgelora model format is re-made, not benchmarked.
+  const stale = existsSync(out) && (await readManifest(out).then((m) => m.format !== MODEL_FORMAT, () => true));
+  if (stale) await fs.rm(out, { recursive: true, force: true });
   if (!existsSync(out)) {
     process.stderr.write(`quantizing ${preset} to ${format}…\n`);
     await quantizeModel(hf, out, { format, blockSize: DEFAULT_BLOCK_SIZE[format], doubleQuant: false });

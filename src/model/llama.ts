@@ -151,6 +151,8 @@ export interface BuildOptions {
    * LoRA per projection as `lora` says.
    */
   readonly mode: 'infer' | 'train';
+  /** Inference: whether the graph takes LoRA inputs (default true); without them it is a plain decoder. */
+  readonly inferLora?: boolean;
   /** Training: which projections get LoRA inputs and with what rank dimension. */
   readonly lora?: (layer: number, proj: Proj) => { rank: Dim; dropout?: boolean } | null;
 }
@@ -171,6 +173,7 @@ export const INPUT = {
   // Inference graph (GroupQueryAttention's conventions; rows are right-padded):
   seqlensK: 'seqlens_k', // int32 [B]: each row's real length after this step, minus one
   totalLength: 'total_sequence_length', // int32 []: the present cache's length
+  positions: 'position_ids', // int64 [B, T]: each new token's position
   cosCache: 'rope_cos_cache', // float32 [M, D/2]: cos(position · inv_freq) for positions 0..M-1
   sinCache: 'rope_sin_cache', // float32 [M, D/2]
   loraGroupA: (layer: number, group: ProjGroupName) => `lora.${layer}.${group}.a`, // float32 [K, R]
@@ -183,8 +186,11 @@ export const INPUT = {
 };
 export const OUTPUT = {
   logits: 'logits', // float32 [B, T, V]
-  presentKey: (i: number) => `present_key.${i}`, // float32 [B, G, S, D]
-  presentValue: (i: number) => `present_value.${i}`,
+  // This step's keys (rotated) and values, [B, T, G·D]: the runtime appends them to its cache. The
+  // whole present cache is not an output: onnxruntime-node copies every fetched output into a fresh
+  // JS buffer, which for the full cache cost more than the rest of a decode step's overhead.
+  newKey: (i: number) => `new_key.${i}`,
+  newValue: (i: number) => `new_value.${i}`,
 };
 
 /** Additive mask value for blocked positions: large and finite, so fully padded rows stay finite. */
@@ -263,7 +269,7 @@ export async function buildLlama(g: Graph, cfg: ModelConfig, weights: WeightProv
   let h = g.gather(await weights.float(g, 'model.embed_tokens.weight', [V, C]), ids); // [B, T, C]
   const normW = (name: string) => weights.float(g, name, [C]);
   let hn: Value;
-  if (opts.mode === 'infer') hn = await inferLayers(g, cfg, weights, h, normW, loraInputs);
+  if (opts.mode === 'infer') hn = await inferLayers(g, cfg, weights, h, normW, opts.inferLora === false ? null : loraInputs);
   else hn = await trainLayers(g, cfg, weights, h, normW, opts, loraInputs);
 
   const head = cfg.tieWordEmbeddings ? g.value('model.embed_tokens.weight') : await weights.float(g, 'lm_head.weight', [V, C]);
@@ -283,8 +289,8 @@ async function projBias(g: Graph, cfg: ModelConfig, weights: WeightProvider, lay
 
 /**
  * Inference layers with ORT's fused CPU/CUDA ops: (Skip)SimplifiedLayerNormalization carries the
- * residual stream, GroupQueryAttention does rotary, the KV cache concat, GQA and the causal/padding
- * mask in one node. Returns the final normed hidden state [B, T, C].
+ * residual stream, RotaryEmbedding rotates q and k, GroupQueryAttention does the KV cache concat,
+ * GQA and the causal/padding mask in one node. Returns the final normed hidden state [B, T, C].
  */
 async function inferLayers(
   g: Graph,
@@ -292,11 +298,12 @@ async function inferLayers(
   weights: WeightProvider,
   embedded: Value,
   normW: (name: string) => Promise<Value>,
-  loraInputs: Map<string, { aT: Value; bT: Value }>,
+  loraInputs: Map<string, { aT: Value; bT: Value }> | null,
 ): Promise<Value> {
   const { hiddenSize: C, numHeads: H, numKvHeads: G, headDim: D, rmsNormEps: eps } = cfg;
   const seqlensK = g.input(INPUT.seqlensK, 'int32', ['B']);
   const totalLen = g.input(INPUT.totalLength, 'int32', []);
+  const positions = g.input(INPUT.positions, 'int64', ['B', 'T']);
   const cosCache = g.input(INPUT.cosCache, 'float32', ['M', D / 2]);
   const sinCache = g.input(INPUT.sinCache, 'float32', ['M', D / 2]);
 
@@ -311,16 +318,19 @@ async function inferLayers(
         biases.push(await projBias(g, cfg, weights, layer, s.proj, s.N));
       }
       const { N, K } = groupShape(cfg, name);
-      const R = `R_${layer}_${name}`;
-      const lora = { aT: g.input(INPUT.loraGroupA(layer, name), 'float32', [K, R]), bT: g.input(INPUT.loraGroupB(layer, name), 'float32', [R, N]) };
-      loraInputs.set(`${layer}.${name}`, lora);
+      let lora: LoraOperands | null = null;
+      if (loraInputs) {
+        const R = `R_${layer}_${name}`;
+        lora = { aT: g.input(INPUT.loraGroupA(layer, name), 'float32', [K, R]), bT: g.input(INPUT.loraGroupB(layer, name), 'float32', [R, N]) };
+        loraInputs.set(`${layer}.${name}`, lora);
+      }
       const fused = fuseBases(g, specs, bases);
       const zeros = (n: number) => g.constF32(new Float32Array(n), [n]);
       const bias = biases.every((b) => b === null) ? null : biases.length === 1 ? biases[0]! : g.concat(biases.map((b, i) => b ?? zeros(specs[i]!.N)), 0, N);
       if (fused) return linear(g, x, { N, K }, fused, bias, lora);
       const parts = specs.map((s, i) => linear(g, x, s, bases[i]!, biases[i]!, null));
       const y = g.concat(parts, -1, N);
-      return g.add(y, g.matmul(g.matmul(x, lora.aT), lora.bT));
+      return lora ? g.add(y, g.matmul(g.matmul(x, lora.aT), lora.bT)) : y;
     });
 
   const sln = (x: Value, w: Value): Value =>
@@ -353,17 +363,26 @@ async function inferLayers(
     await g.withScopeAsync(`layers.${i}`, async () => {
       const x = await norm(`model.layers.${i}.input_layernorm.weight`);
       const qkv = await group(x, i, 'qkv_proj'); // [B, T, (H + 2G)·D]
+      const [q, k, v] = g.node('Split', [qkv, g.constI64([H * D, G * D, G * D])],
+        [{ dtype: 'float32', shape: ['B', 'T', H * D] }, { dtype: 'float32', shape: ['B', 'T', G * D] }, { dtype: 'float32', shape: ['B', 'T', G * D] }],
+        { axis: int(-1) });
+      const rotary = (t: Value, heads: number, name?: string) =>
+        g.node('RotaryEmbedding', [t, positions, cosCache, sinCache], [{ dtype: 'float32', shape: [...t.shape] }],
+          { interleaved: int(0), num_heads: int(heads), rotary_embedding_dim: int(D) },
+          { domain: 'com.microsoft', ...(name ? { names: [name] } : {}) })[0]!;
+      const kr = rotary(k!, G, OUTPUT.newKey(i));
+      g.output(kr);
+      g.output(g.identity(v!, OUTPUT.newValue(i)));
       const pk = g.input(INPUT.pastKey(i), 'float32', ['B', G, 'P', D]);
       const pv = g.input(INPUT.pastValue(i), 'float32', ['B', G, 'P', D]);
-      const [attn, presentK, presentV] = g.node(
+      // The present cache stays inside the graph: GroupQueryAttention needs it to attend over past + new.
+      const [attn] = g.node(
         'GroupQueryAttention',
-        [qkv, null, null, pk, pv, seqlensK, totalLen, cosCache, sinCache],
+        [rotary(q!, H), kr, v!, pk, pv, seqlensK, totalLen],
         [{ dtype: 'float32', shape: ['B', 'T', H * D] }, { dtype: 'float32', shape: ['B', G, 'S', D] }, { dtype: 'float32', shape: ['B', G, 'S', D] }],
-        { num_heads: int(H), kv_num_heads: int(G), do_rotary: int(1), rotary_interleaved: int(0) },
-        { domain: 'com.microsoft', names: [g.fresh('attn'), OUTPUT.presentKey(i), OUTPUT.presentValue(i)] },
+        { num_heads: int(H), kv_num_heads: int(G) },
+        { domain: 'com.microsoft' },
       );
-      g.output(presentK!);
-      g.output(presentV!);
       pending = await group(attn!, i, 'o_proj');
       const x2 = await norm(`model.layers.${i}.post_attention_layernorm.weight`);
       const gu = await group(x2, i, 'gate_up_proj'); // [B, T, 2F]

@@ -60,7 +60,7 @@ export async function quantizeModel(
         const weights = new CheckpointWeights(reader, opts, hash, (name) => opts.onTensor?.(name, ++index, total));
         const g = new Graph({ external: sink });
         try {
-          await buildLlama(g, cfg, weights, { mode: 'infer' });
+          await buildLlama(g, cfg, weights, { mode: 'infer', inferLora: false });
         } finally {
           sink.close();
         }

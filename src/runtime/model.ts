@@ -9,6 +9,7 @@ import { parseHfConfig } from '../formats/hf-config.js';
 import { loadTokenizer, type EdgeTokenizer } from '../formats/tokenizer.js';
 import { EdgeloraError } from '../util/errors.js';
 import { readManifest, MODEL_FILE, type Manifest } from '../model/manifest.js';
+import { buildLoraInferenceGraph } from '../model/infer-graph.js';
 import { INPUT, OUTPUT, PROJ_GROUPS, groupShape } from '../model/llama.js';
 import { inverseFrequencies } from '../model/rope.js';
 
@@ -21,9 +22,9 @@ export interface LoraFeeds {
 }
 
 /**
- * KV buffers [B, G, capacity, D] per layer. GroupQueryAttention appends to them in place: the same
- * memory is fed as past_key and bound as present_key, which ORT's kernel recognises as a shared
- * buffer, so a decode step copies no cache at all (neither inside ORT nor back into JS).
+ * KV buffers [B, G, capacity, D] per layer, fed whole as past_key/past_value (GroupQueryAttention
+ * reads each row's first seqlens_k positions). A forward returns only its new keys and values; they
+ * are appended here in place, so a decode step moves T tokens of cache, not the whole cache.
  */
 interface KvStore {
   readonly capacity: number;
@@ -73,7 +74,9 @@ export interface LoadOptions {
 export class ModelRuntime {
   private readonly inv: Float32Array;
   private readonly emptyLora: Map<string, ort.Tensor>;
-  private readonly inputNames: Set<string>;
+  private inputNames: Set<string>;
+  private current: ort.InferenceSession;
+  private switching: Promise<void> | null = null;
   /** cos/sin(position · inv_freq) [M, D/2] for positions 0..M-1, grown on demand. */
   private ropeCos = new Float32Array(0);
   private ropeSin = new Float32Array(0);
@@ -83,11 +86,13 @@ export class ModelRuntime {
     readonly manifest: Manifest,
     readonly cfg: ModelConfig,
     readonly tokenizer: EdgeTokenizer,
-    readonly session: ort.InferenceSession,
+    session: ort.InferenceSession,
+    private readonly options: ort.InferenceSession.SessionOptions,
   ) {
+    this.current = session;
     this.inv = inverseFrequencies(cfg);
     this.inputNames = new Set(session.inputNames);
-    if (!this.inputNames.has(INPUT.seqlensK)) {
+    if (!this.inputNames.has(INPUT.positions)) {
       throw new EdgeloraError('model.onnx has an older graph layout than this edgelora runs', {
         where: path.join(dir, MODEL_FILE),
         hint: 're-run `edgelora quantize` on the source checkpoint',
@@ -154,7 +159,43 @@ export class ModelRuntime {
         hint: 're-run `edgelora quantize`; the directory may be incomplete',
       });
     }
-    return new ModelRuntime(dir, manifest, cfg, tokenizer, session);
+    return new ModelRuntime(dir, manifest, cfg, tokenizer, session, options);
+  }
+
+  /** The ORT session now serving forwards (the plain decoder, or its LoRA-capable twin). */
+  get session(): ort.InferenceSession {
+    return this.current;
+  }
+
+  /** Whether the session takes LoRA inputs (true once an adapter set has been fed). */
+  get loraReady(): boolean {
+    return this.inputNames.has(INPUT.loraGroupA(0, PROJ_GROUPS[0].name));
+  }
+
+  /**
+   * Replaces the plain decoder session with the LoRA-capable graph over the same weights (built in
+   * memory; model.onnx.data is shared). The old session is released first, so weights are never
+   * held twice. Called by the first forward with adapter feeds; call it earlier to take that cost
+   * (graph build + session creation) before the first token.
+   */
+  async enableLora(): Promise<void> {
+    if (this.loraReady) return;
+    this.switching ??= (async () => {
+      const bytes = await buildLoraInferenceGraph(this.dir, this.manifest, this.cfg);
+      const extra = (this.options.extra ?? {}) as { session?: Record<string, string> };
+      const options = { ...this.options, extra: { ...extra, session: { ...(extra.session ?? {}), model_external_initializers_file_folder_path: path.resolve(this.dir) } } };
+      await this.current.release();
+      try {
+        this.current = await ort.InferenceSession.create(bytes, options);
+      } catch (err) {
+        this.current = await ort.InferenceSession.create(path.join(this.dir, MODEL_FILE), this.options);
+        throw new EdgeloraError(`onnxruntime could not build the LoRA graph: ${(err as Error).message}`, { where: this.dir });
+      }
+      this.inputNames = new Set(this.current.inputNames);
+    })().finally(() => {
+      this.switching = null;
+    });
+    return this.switching;
   }
 
   /** An empty cache for `batch` rows, bound to an adapter set. */
@@ -237,30 +278,50 @@ export class ModelRuntime {
     const total = first ? T : longest;
     const store = this.storeFor(cache, Math.max(total, T), req.reserve ?? 0);
     const ids = new BigInt64Array(B * T);
-    for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) ids[b * T + t] = BigInt(req.ids[b]![t]!);
+    const positions = new BigInt64Array(B * T);
+    for (let b = 0; b < B; b++) {
+      for (let t = 0; t < T; t++) {
+        ids[b * T + t] = BigInt(req.ids[b]![t]!);
+        positions[b * T + t] = BigInt(cache.lengths[b]! + t);
+      }
+    }
     const rope = this.ropeCaches(Math.max(total, T));
     const feeds: Record<string, ort.Tensor> = {
       [INPUT.ids]: new ort.Tensor('int64', ids, [B, T]),
+      [INPUT.positions]: new ort.Tensor('int64', positions, [B, T]),
       [INPUT.seqlensK]: new ort.Tensor('int32', seqlens, [B]),
       [INPUT.totalLength]: new ort.Tensor('int32', Int32Array.of(total), []),
       [INPUT.cosCache]: rope.cos,
       [INPUT.sinCache]: rope.sin,
     };
-    const fetches: Record<string, ort.Tensor | null> = { [OUTPUT.logits]: null };
     const dims = [B, G, store.capacity, D];
     for (let i = 0; i < numLayers; i++) {
-      const k = new ort.Tensor('float32', store.keys[i]!, dims);
-      const v = new ort.Tensor('float32', store.values[i]!, dims);
-      feeds[INPUT.pastKey(i)] = k;
-      feeds[INPUT.pastValue(i)] = v;
-      fetches[OUTPUT.presentKey(i)] = k;
-      fetches[OUTPUT.presentValue(i)] = v;
+      feeds[INPUT.pastKey(i)] = new ort.Tensor('float32', store.keys[i]!, dims);
+      feeds[INPUT.pastValue(i)] = new ort.Tensor('float32', store.values[i]!, dims);
     }
-    for (const [name, t] of this.emptyLora) feeds[name] = lora.tensors.get(name) ?? t;
+    if (lora.tensors.size > 0) await this.enableLora();
+    if (this.loraReady) for (const [name, t] of this.emptyLora) feeds[name] = lora.tensors.get(name) ?? t;
     for (const name of lora.tensors.keys()) {
       if (!this.inputNames.has(name)) throw new EdgeloraError(`adapter feed ${name} is not an input of the model graph`);
     }
-    const out = await this.session.run(feeds, fetches);
+    const out = await this.current.run(feeds);
+    // Append this step's keys/values [B, T, G·D] at each row's position in the [B, G, cap, D] buffers.
+    for (let i = 0; i < numLayers; i++) {
+      const nk = out[OUTPUT.newKey(i)]!.data as Float32Array;
+      const nv = out[OUTPUT.newValue(i)]!.data as Float32Array;
+      const sk = store.keys[i]!;
+      const sv = store.values[i]!;
+      for (let b = 0; b < B; b++) {
+        for (let t = 0; t < T; t++) {
+          const src = (b * T + t) * G * D;
+          for (let h = 0; h < G; h++) {
+            const dst = ((b * G + h) * store.capacity + cache.lengths[b]! + t) * D;
+            sk.set(nk.subarray(src + h * D, src + (h + 1) * D), dst);
+            sv.set(nv.subarray(src + h * D, src + (h + 1) * D), dst);
+          }
+        }
+      }
+    }
     store.version++;
     return {
       logits: out[OUTPUT.logits]!.data as Float32Array,
@@ -270,6 +331,7 @@ export class ModelRuntime {
   }
 
   async release(): Promise<void> {
-    await this.session.release();
+    await this.switching?.catch(() => undefined);
+    await this.current.release();
   }
 }
