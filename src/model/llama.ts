@@ -365,14 +365,14 @@ async function inferLayers(
       const qkv = await group(x, i, 'qkv_proj'); // [B, T, (H + 2G)·D]
       const [q, k, v] = g.node('Split', [qkv, g.constI64([H * D, G * D, G * D])],
         [{ dtype: 'float32', shape: ['B', 'T', H * D] }, { dtype: 'float32', shape: ['B', 'T', G * D] }, { dtype: 'float32', shape: ['B', 'T', G * D] }],
-        { axis: int(-1) });
+        { axis: int(-1) }, { names: [g.fresh('q'), g.fresh('k'), OUTPUT.newValue(i)] });
       const rotary = (t: Value, heads: number, name?: string) =>
         g.node('RotaryEmbedding', [t, positions, cosCache, sinCache], [{ dtype: 'float32', shape: [...t.shape] }],
           { interleaved: int(0), num_heads: int(heads), rotary_embedding_dim: int(D) },
           { domain: 'com.microsoft', ...(name ? { names: [name] } : {}) })[0]!;
       const kr = rotary(k!, G, OUTPUT.newKey(i));
       g.output(kr);
-      g.output(g.identity(v!, OUTPUT.newValue(i)));
+      g.output(v!);
       const pk = g.input(INPUT.pastKey(i), 'float32', ['B', G, 'P', D]);
       const pv = g.input(INPUT.pastValue(i), 'float32', ['B', G, 'P', D]);
       // The present cache stays inside the graph: GroupQueryAttention needs it to attend over past + new.
