@@ -12,27 +12,53 @@ import { readManifest, MODEL_FORMAT } from '../src/model/manifest.js';
 export const CACHE = path.resolve('.cache/bench');
 
 /** The `small` demo checkpoint and its quantized variants, made once and cached. */
-export async function benchModel(format: QuantFormat, preset: 'small' | 'tiny' = 'small'): Promise<string> {
+export async function benchModel(format: QuantFormat, preset: 'small' | 'tiny' = 'small', blockSize = DEFAULT_BLOCK_SIZE[format]): Promise<string> {
   const hf = path.join(CACHE, `${preset}-hf`);
   if (!existsSync(hf)) {
     process.stderr.write(`making the ${preset} demo checkpoint in ${hf}…\n`);
     await makeDemoModel(hf, { preset, seed: 0 });
   }
-  const out = path.join(CACHE, `${preset}-${format}`);
+  const out = path.join(CACHE, `${preset}-${format}${blockSize === DEFAULT_BLOCK_SIZE[format] ? '' : `-bs${blockSize}`}`);
   // A model written by another edgelora model format is re-made, not benchmarked.
   const stale = existsSync(out) && (await readManifest(out).then((m) => m.format !== MODEL_FORMAT, () => true));
   if (stale) await fs.rm(out, { recursive: true, force: true });
   if (!existsSync(out)) {
     process.stderr.write(`quantizing ${preset} to ${format}…\n`);
-    await quantizeModel(hf, out, { format, blockSize: DEFAULT_BLOCK_SIZE[format], doubleQuant: false });
+    await quantizeModel(hf, out, { format, blockSize, doubleQuant: false });
   }
   return out;
 }
 
-/** Runs `node --import tsx <script> <args>` and parses the last stdout line as JSON. */
+/**
+ * Bundles a benchmark script with esbuild, as the CLI is bundled, so a child measures the runtime as
+ * shipped (under tsx a child carries ~45 MiB of TypeScript tooling in its RSS).
+ */
+export async function bundleScript(script: string): Promise<string> {
+  const { build } = await import('esbuild');
+  const out = path.join(CACHE, `${path.basename(script, '.ts')}.bundle.mjs`);
+  await fs.mkdir(CACHE, { recursive: true });
+  await build({
+    entryPoints: [script],
+    outfile: out,
+    bundle: true,
+    platform: 'node',
+    target: 'node20',
+    format: 'esm',
+    external: ['onnxruntime-node', 'esbuild', 'tsx'],
+    banner: { js: "import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);" },
+    logLevel: 'warning',
+  });
+  return out;
+}
+
+/**
+ * Runs `node <script> <args>` (a .mjs bundle) or `node --import tsx <script> <args>` (a .ts file)
+ * and parses the last stdout line as JSON.
+ */
 export function runChild<T>(script: string, args: string[]): Promise<T> {
   return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, ['--import', 'tsx', script, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const argv = script.endsWith('.ts') ? ['--import', 'tsx', script, ...args] : [script, ...args];
+    const p = spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
     p.stdout.on('data', (d: Buffer) => (out += d.toString()));
     p.on('exit', (code) => {

@@ -175,6 +175,7 @@ export const INPUT = {
   totalLength: 'total_sequence_length', // int32 []: the present cache's length
   positions: 'position_ids', // int64 [B, T]: each new token's position
   cosCache: 'rope_cos_cache', // float32 [M, D/2]: cos(position · inv_freq) for positions 0..M-1
+  logitPositions: 'logit_positions', // int64 [L]: which of the T new positions get logits
   sinCache: 'rope_sin_cache', // float32 [M, D/2]
   loraGroupA: (layer: number, group: ProjGroupName) => `lora.${layer}.${group}.a`, // float32 [K, R]
   loraGroupB: (layer: number, group: ProjGroupName) => `lora.${layer}.${group}.b`, // float32 [R, ΣN]
@@ -185,7 +186,7 @@ export const INPUT = {
   loraDropout: (layer: number, proj: Proj) => `lora.${layer}.${proj}.dropout`, // float32 [B, T, K]
 };
 export const OUTPUT = {
-  logits: 'logits', // float32 [B, T, V]
+  logits: 'logits', // float32 [B, T, V] (inference: [B, L, V] at logit_positions)
   // This step's keys (rotated) and values, [B, T, G·D]: the runtime appends them to its cache. The
   // whole present cache is not an output: onnxruntime-node copies every fetched output into a fresh
   // JS buffer, which for the full cache cost more than the rest of a decode step's overhead.
@@ -273,10 +274,13 @@ export async function buildLlama(g: Graph, cfg: ModelConfig, weights: WeightProv
   else hn = await trainLayers(g, cfg, weights, h, normW, opts, loraInputs);
 
   const head = cfg.tieWordEmbeddings ? g.value('model.embed_tokens.weight') : await weights.float(g, 'lm_head.weight', [V, C]);
+  // Inference computes logits only at the positions asked for (generation needs the last one).
+  const rows = opts.mode === 'infer' ? g.gather(hn, g.input(INPUT.logitPositions, 'int64', ['L']), 1) : hn; // [B, L, C]
+  const L = opts.mode === 'infer' ? 'L' : 'T';
   // lm_head in the Hugging Face layout [V, C] via Gemm(transB), so a tied embedding is not copied.
-  const flat = g.reshape(hn, ['BT', C]);
-  const outShape = g.concat([g.shapeOf(ids), g.constI64([V])], 0, 3); // [B, T, V] at run time
-  const logits = g.reshapeTo(g.gemm(flat, head, { transB: true }), outShape, ['B', 'T', V]);
+  const flat = g.reshape(rows, ['BL', C]);
+  const outShape = g.concat([g.shapeOf(rows, 0, 2), g.constI64([V])], 0, 3); // [B, L, V] at run time
+  const logits = g.reshapeTo(g.gemm(flat, head, { transB: true }), outShape, ['B', L, V]);
   const out = g.output(logits, OUTPUT.logits);
   return { logits: out, loraInputs };
 }

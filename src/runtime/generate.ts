@@ -33,11 +33,11 @@ export async function generate(model: ModelRuntime, promptIds: number[], opts: G
   const stream = new StreamDecoder(model.tokenizer);
   const out: number[] = [];
   const t0 = performance.now();
-  let res = await model.forward({ ids: [promptIds], cache: null, ...(opts.lora ? { lora: opts.lora } : {}) });
+  const reserve = Math.min(promptIds.length + opts.maxNewTokens, model.cfg.maxPositionEmbeddings);
+  let res = await model.forward({ ids: [promptIds], cache: null, logits: 'last', reserve, ...(opts.lora ? { lora: opts.lora } : {}) });
   const prefillMs = performance.now() - t0;
   const V = res.dims[2];
-  const T = res.dims[1];
-  let next = sampleToken(res.logits.subarray((T - 1) * V, T * V), opts, rng);
+  let next = sampleToken(res.logits.subarray(0, V), opts, rng);
   let stopReason: 'eos' | 'length' = 'length';
   const t1 = performance.now();
   let decoded = 0;

@@ -58,10 +58,15 @@ export interface ForwardRequest {
   readonly lora?: LoraFeeds;
   /** Tokens the cache should have room for (prompt + new tokens), so decoding never regrows it. */
   readonly reserve?: number;
+  /**
+   * Which positions get logits: 'all' (default, scoring) or 'last' (position T−1 of every row, all a
+   * generation step needs: the lm_head is the largest matmul of a prefill).
+   */
+  readonly logits?: 'all' | 'last';
 }
 
 export interface ForwardResult {
-  readonly logits: Float32Array; // [B, T, V]
+  readonly logits: Float32Array; // [B, T, V], or [B, 1, V] for logits: 'last'
   readonly dims: readonly [number, number, number];
   readonly cache: KvCache;
 }
@@ -106,6 +111,13 @@ export class ModelRuntime {
         this.emptyLora.set(INPUT.loraGroupB(l, grp.name), new ort.Tensor('float32', new Float32Array(0), [0, N]));
       }
     }
+  }
+
+  /** [0, 1, …, T−1] as an int64 tensor (cached for the last length asked). */
+  private positionsCache: ort.Tensor | null = null;
+  private allPositions(T: number): ort.Tensor {
+    if (this.positionsCache?.dims[0] !== T) this.positionsCache = new ort.Tensor('int64', BigInt64Array.from({ length: T }, (_, i) => BigInt(i)), [T]);
+    return this.positionsCache;
   }
 
   /** cos/sin tables covering positions 0..m-1, as [m, D/2] tensors over one growing table. */
@@ -293,6 +305,7 @@ export class ModelRuntime {
       [INPUT.totalLength]: new ort.Tensor('int32', Int32Array.of(total), []),
       [INPUT.cosCache]: rope.cos,
       [INPUT.sinCache]: rope.sin,
+      [INPUT.logitPositions]: req.logits === 'last' ? new ort.Tensor('int64', BigInt64Array.of(BigInt(T - 1)), [1]) : this.allPositions(T),
     };
     const dims = [B, G, store.capacity, D];
     for (let i = 0; i < numLayers; i++) {
@@ -325,7 +338,7 @@ export class ModelRuntime {
     store.version++;
     return {
       logits: out[OUTPUT.logits]!.data as Float32Array,
-      dims: [B, T, V],
+      dims: [B, req.logits === 'last' ? 1 : T, V],
       cache: { batch: B, length: longest, lengths, adapterKey: lora.key, store, version: store.version },
     };
   }
