@@ -10,7 +10,8 @@ import { ModelRuntime } from '../../src/runtime/model.js';
 import { SafetensorsReader, writeSafetensors } from '../../src/formats/safetensors.js';
 import { writeBnbWeight } from '../../src/quant/bnb-checkpoint.js';
 import { promises as fs } from 'node:fs';
-import { LINEAR_PROJS, linearWeightName } from '../../src/model/llama.js';
+import { LINEAR_PROJS, linearWeightName, linearShape } from '../../src/model/llama.js';
+import { Rng } from '../../src/util/rng.js';
 import { parseHfConfig } from '../../src/formats/hf-config.js';
 
 /** Graph vs reference on float weights: float32 kernels, different summation order. */
@@ -134,5 +135,36 @@ test('a bnb-4bit checkpoint with double quantization converts without re-quantiz
   } finally {
     await r1.release();
     await r2.release();
+  }
+});
+
+test(`a Qwen2 checkpoint (q/k/v biases, fused into the q/k/v group) equals the reference forward (rel < ${TOL_GRAPH})`, async () => {
+  // Fixture: the tiny checkpoint as Qwen2ForCausalLM, with random q/k/v biases added.
+  const qwenDir = path.join(tmp.dir, 'hf-qwen2');
+  await fs.mkdir(qwenDir);
+  const reader = await SafetensorsReader.open(hf);
+  const cfgJson = JSON.parse(await fs.readFile(path.join(hf, 'config.json'), 'utf8')) as Record<string, unknown>;
+  const qwenJson = { ...cfgJson, architectures: ['Qwen2ForCausalLM'], model_type: 'qwen2' };
+  const cfg = parseHfConfig(qwenJson, 'config.json');
+  assert.equal(cfg.qkvBias, true);
+  const rng = new Rng(7);
+  const entries = [];
+  for (const name of reader.names()) {
+    const info = reader.info(name);
+    entries.push({ name, dtype: info.dtype, shape: [...info.shape], data: await reader.readRaw(name) });
+  }
+  await reader.close();
+  for (let l = 0; l < cfg.numLayers; l++) {
+    for (const p of ['q_proj', 'k_proj', 'v_proj'] as const) {
+      const { N } = linearShape(cfg, p);
+      const b = Float32Array.from({ length: N }, () => rng.normal() * 0.5);
+      entries.push({ name: linearWeightName(l, p).replace(/weight$/, 'bias'), dtype: 'F32' as const, shape: [N], data: new Uint8Array(b.buffer) });
+    }
+  }
+  await writeSafetensors(path.join(qwenDir, 'model.safetensors'), entries);
+  await fs.writeFile(path.join(qwenDir, 'config.json'), JSON.stringify(qwenJson));
+  for (const f of ['tokenizer.json', 'tokenizer_config.json', 'generation_config.json']) await fs.copyFile(path.join(hf, f), path.join(qwenDir, f));
+  for (const [format, extra] of [['fp32', {}], ['nf4', {}], ['int4', { int4AccuracyLevel: 0 }]] as const) {
+    await checkAgainstReference(await quantized(qwenDir, tmp.dir, `m-qwen2-${format}`, { format, ...extra }), TOL_GRAPH, `qwen2 ${format}`);
   }
 });
