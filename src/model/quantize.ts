@@ -80,7 +80,8 @@ export async function quantizeModel(
           architecture: cfg.architecture,
           quant: {
             format: opts.format,
-            blockSize: opts.blockSize,
+            // A converted bnb-4bit checkpoint keeps its own blocksize (when it has one throughout).
+            blockSize: weights.bnbBlockSizes.size === 1 ? [...weights.bnbBlockSizes][0]! : opts.blockSize,
             doubleQuant: opts.doubleQuant,
             source: sources.has('bnb-4bit') ? 'bnb-4bit' : 'float',
             ...(int4AccuracyLevel === undefined ? {} : { int4AccuracyLevel }),

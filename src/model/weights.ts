@@ -58,6 +58,8 @@ function transpose(w: Float32Array, N: number, K: number): Float32Array {
 export class CheckpointWeights implements WeightProvider {
   /** Which source each linear came from, for the manifest. */
   readonly sources = new Map<string, 'float' | 'bnb-4bit'>();
+  /** The blocksizes found in a pre-quantized bnb-4bit checkpoint (its own, not --block-size). */
+  readonly bnbBlockSizes = new Set<number>();
   constructor(
     private readonly reader: SafetensorsReader,
     private readonly opts: QuantOptions,
@@ -97,6 +99,7 @@ export class CheckpointWeights implements WeightProvider {
         });
       }
       this.sources.set(name, 'bnb-4bit');
+      this.bnbBlockSizes.add(q.blockSize);
       return {
         kind: 'bnb4',
         quantType: q.quantType,
@@ -253,7 +256,7 @@ export class QuantizedWeights implements WeightProvider {
     if (this.has(name + WEIGHT_SUFFIX.bnb4)) {
       const packed = await this.readRaw(name + WEIGHT_SUFFIX.bnb4);
       const absmax = await this.readF32(name + WEIGHT_SUFFIX.absmax);
-      return dequantizeBnb4(packed, absmax, N * K, { quantType: this.bnbType(), blockSize: this.manifest.quant.blockSize });
+      return dequantizeBnb4(packed, absmax, N * K, { quantType: this.bnbType(), blockSize: this.bnbBlockSize(name, N * K) });
     }
     if (this.has(name + WEIGHT_SUFFIX.int4)) {
       const info = this.tensors.get(name + WEIGHT_SUFFIX.int4)!;
@@ -282,7 +285,7 @@ export class QuantizedWeights implements WeightProvider {
       return {
         kind: 'bnb4',
         quantType: this.bnbType(),
-        blockSize: this.manifest.quant.blockSize,
+        blockSize: this.bnbBlockSize(name, spec.N * spec.K),
         packed: this.ref(g, name + WEIGHT_SUFFIX.bnb4),
         absmax: this.ref(g, name + WEIGHT_SUFFIX.absmax),
       };
@@ -296,6 +299,16 @@ export class QuantizedWeights implements WeightProvider {
       zeroPoints: this.has(name + WEIGHT_SUFFIX.zeroPoints) ? this.ref(g, name + WEIGHT_SUFFIX.zeroPoints) : null,
       accuracyLevel: this.manifest.quant.int4AccuracyLevel ?? 4,
     };
+  }
+
+  /**
+   * A 4-bit weight's block size, from its absmax length: a converted bnb-4bit checkpoint keeps each
+   * tensor's own blocksize, which need not be the manifest's --block-size.
+   */
+  private bnbBlockSize(name: string, numel: number): number {
+    const blocks = this.tensors.get(name + WEIGHT_SUFFIX.absmax)?.shape[0] ?? 0;
+    for (let bs = 16; bs <= 4096; bs *= 2) if (Math.ceil(numel / bs) === blocks) return bs;
+    throw new EdgeloraError(`${name}: ${blocks} absmax blocks fit no block size for ${numel} weights`, { where: this.dir, hint: 're-run `edgelora quantize`' });
   }
 
   private bnbType(): 'nf4' | 'fp4' {
