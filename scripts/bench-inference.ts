@@ -4,7 +4,8 @@
 // process (so RSS is per format) running the esbuild bundle, as the CLI ships; ROUNDS rounds visit
 // the formats in turn and each figure is the median over rounds, so drift in machine load hits all
 // formats alike. An extra row, int4 at block size 128, is informational: the targets are judged on
-// the defaults (int4 block 32). Writes bench-results/inference.json.
+// the defaults (int4 block 32). estimate_mib is the pre-flight memory plan for the same job, printed
+// beside the measured peak. Writes bench-results/inference.json.
 import { benchModel, bundleScript, runChild, printTable, writeJson, dirBytes, peakRssMiB } from './bench-common.js';
 import type { QuantFormat } from '../src/model/weights.js';
 
@@ -18,6 +19,8 @@ interface Sample {
 interface Row extends Sample {
   format: string;
   disk_mib: number;
+  /** The pre-flight memory plan (src/profiles/memory.ts) for this job, to compare with peak_rss_mib. */
+  estimate_mib: number;
 }
 
 const PROMPT_TOKENS = 128;
@@ -59,6 +62,23 @@ async function child(dir: string): Promise<void> {
   process.stdout.write(JSON.stringify(sample) + '\n');
 }
 
+/** The bytes `edgelora generate` would plan for this job before loading the model. */
+async function memoryPlan(dir: string): Promise<number> {
+  const { readManifest } = await import('../src/model/manifest.js');
+  const { parseHfConfig } = await import('../src/formats/hf-config.js');
+  const { estimateInferenceMemory } = await import('../src/profiles/memory.js');
+  const m = await readManifest(dir);
+  const cfg = parseHfConfig(m.sourceConfig, dir);
+  return estimateInferenceMemory({
+    modelBytes: m.bytes.model + m.bytes.data,
+    layers: cfg.numLayers,
+    kvHeads: cfg.numKvHeads,
+    headDim: cfg.headDim,
+    context: PROMPT_TOKENS + NEW_TOKENS,
+    runtime: { format: m.quant.format, vocab: cfg.vocabSize, hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, tiedEmbeddings: cfg.tieWordEmbeddings, prefillTokens: PROMPT_TOKENS },
+  }).bytes;
+}
+
 const median = (xs: number[]) => [...xs].sort((p, q) => p - q)[Math.floor(xs.length / 2)]!;
 
 async function main(): Promise<void> {
@@ -86,6 +106,7 @@ async function main(): Promise<void> {
     rows.push({
       format: c.name,
       disk_mib: (await dirBytes(dirs.get(c.name)!)) / 2 ** 20,
+      estimate_mib: (await memoryPlan(dirs.get(c.name)!)) / 2 ** 20,
       rss_after_load_mib: median(ss.map((s) => s.rss_after_load_mib)),
       peak_rss_mib: median(ss.map((s) => s.peak_rss_mib)),
       prefill_tok_s: median(ss.map((s) => s.prefill_tok_s)),

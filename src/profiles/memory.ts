@@ -68,6 +68,55 @@ export interface InferenceMemoryInput {
   kvBytesPerElement?: number;
   /** Other items the caller knows about (logits, activations, adapters), in bytes. */
   extra?: Record<string, number>;
+  /**
+   * What the edgelora runtime adds around the weights, when known: the process itself, ORT's prepacked
+   * copies, the KV cache's in-graph copy and a prefill's activations. Without it the plan is weights +
+   * KV cache only (an underestimate: on the small preset, int4 peaked at 2.8x that).
+   */
+  runtime?: {
+    format: 'fp32' | 'nf4' | 'fp4' | 'int4';
+    vocab: number;
+    hidden: number;
+    intermediate: number;
+    tiedEmbeddings: boolean;
+    /** Tokens of the longest prefill (one forward). */
+    prefillTokens: number;
+  };
+}
+
+/**
+ * Node 20 + onnxruntime-node 1.30 + the bundled edgelora, before a model is loaded: 64 MiB of RSS
+ * measured on x86-64 (bench:inference's bundled children; Node + onnxruntime-node alone is 55 MiB).
+ */
+export const RUNTIME_BASE_BYTES = 64 * 2 ** 20;
+
+/**
+ * The ORT session's own structures, its arena and the JS heap's garbage between collections: 30–45
+ * MiB beyond weights, caches and activations on the small preset (bench:inference, all formats).
+ */
+export const SESSION_OVERHEAD_BYTES = 40 * 2 ** 20;
+
+/** The runtime's items beyond weights and KV buffers (see InferenceMemoryInput.runtime). */
+function runtimeItems(input: InferenceMemoryInput, kvBytes: number): Record<string, number> {
+  const r = input.runtime;
+  if (!r) return {};
+  const batch = input.batch ?? 1;
+  const floatHead = r.vocab * r.hidden * 4; // the lm_head, float32 [V, C]
+  const floats = floatHead * (r.tiedEmbeddings ? 1 : 2);
+  const items: Record<string, number> = { 'runtime (Node + onnxruntime)': RUNTIME_BASE_BYTES, 'session, arena, JS heap': SESSION_OVERHEAD_BYTES };
+  // ORT prepacks the lm_head Gemm (a second copy of the float table) and, for int4, every
+  // MatMulNBits weight; nf4/fp4 sessions skip prepacking (MatMulBnb4 does not use it).
+  if (r.format === 'fp32' || r.format === 'int4') items['prepacked lm_head'] = floatHead;
+  if (r.format === 'int4') items['prepacked int4 weights'] = Math.max(0, input.modelBytes - floats);
+  // GroupQueryAttention builds its present cache (past + new) inside the graph each forward.
+  items['KV cache, in-graph copy'] = kvBytes;
+  // A prefill's activations: hidden states, the q/k/v and gate/up group outputs, attention; for
+  // nf4/fp4 MatMulBnb4 dequantizes the largest group's weights to float32 when T > 1.
+  const T = r.prefillTokens * batch;
+  let act = T * (6 * r.hidden + 3 * r.intermediate) * 4 + batch * r.vocab * 4;
+  if (r.format === 'nf4' || r.format === 'fp4') act += 2 * r.intermediate * r.hidden * 4;
+  items['activations (prefill)'] = act;
+  return items;
 }
 
 /**
@@ -80,7 +129,12 @@ export function estimateInferenceMemory(input: InferenceMemoryInput, opts: { wha
   const batch = input.batch ?? 1;
   const elem = input.kvBytesPerElement ?? 4;
   const kv = 2 * input.layers * input.kvHeads * input.headDim * input.context * elem * batch;
-  const breakdown: Record<string, number> = { 'model weights': input.modelBytes, [`KV cache (${input.context} tokens × ${batch})`]: kv, ...(input.extra ?? {}) };
+  const breakdown: Record<string, number> = {
+    'model weights': input.modelBytes,
+    [`KV cache (${input.context} tokens × ${batch})`]: kv,
+    ...runtimeItems(input, kv),
+    ...(input.extra ?? {}),
+  };
   const bytes = Object.values(breakdown).reduce((a, b) => a + b, 0);
   return { what: `${what} at ${input.context} tokens of context`, bytes, breakdown, lower: opts.lower ?? ['--max-context', '--batch-size'] };
 }

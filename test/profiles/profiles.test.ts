@@ -247,3 +247,22 @@ test('overrides: --profile-set values parse, apply by dotted path or alias, and 
   rejects(() => applyOverrides(nano, { defaultFormat: 'fp8' }), 'field "defaultFormat"');
   rejects(() => parseProfileSets(['memoryBudgetBytes']), 'KEY=VALUE');
 });
+
+test('the inference plan with runtime details adds the process, prepacked copies, the in-graph KV copy and activations', () => {
+  const base = { modelBytes: 140e6, layers: 12, kvHeads: 4, headDim: 64, context: 256 };
+  const runtime = { vocab: 32000, hidden: 768, intermediate: 2048, tiedEmbeddings: true, prefillTokens: 128 };
+  const kv = 2 * 12 * 4 * 64 * 256 * 4;
+  const plain = estimateInferenceMemory(base);
+  const nf4 = estimateInferenceMemory({ ...base, runtime: { ...runtime, format: 'nf4' } });
+  const int4 = estimateInferenceMemory({ ...base, runtime: { ...runtime, format: 'int4' } });
+  assert.equal(plain.bytes, base.modelBytes + kv);
+  assert.equal(nf4.breakdown['KV cache, in-graph copy'], kv);
+  assert.equal(nf4.breakdown['prepacked lm_head'], undefined, 'nf4 sessions do not prepack');
+  assert.equal(int4.breakdown['prepacked lm_head'], 32000 * 768 * 4);
+  assert.equal(int4.breakdown['prepacked int4 weights'], 140e6 - 32000 * 768 * 4);
+  for (const plan of [nf4, int4]) {
+    const sum = Object.values(plan.breakdown).reduce((a, b) => a + b, 0);
+    assert.equal(plan.bytes, sum, 'the total is the sum of the items');
+  }
+  assert.ok(int4.bytes > nf4.bytes && nf4.bytes > plain.bytes);
+});
