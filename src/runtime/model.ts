@@ -297,7 +297,9 @@ export class ModelRuntime {
         positions[b * T + t] = BigInt(cache.lengths[b]! + t);
       }
     }
-    const rope = this.ropeCaches(Math.max(total, T));
+    // Sized to the cache capacity, not this step: constant input shapes across decode steps let ORT
+    // reuse its memory plan (a changing shape makes it plan again every token).
+    const rope = this.ropeCaches(Math.max(total, T, store.capacity));
     const feeds: Record<string, ort.Tensor> = {
       [INPUT.ids]: new ort.Tensor('int64', ids, [B, T]),
       [INPUT.positions]: new ort.Tensor('int64', positions, [B, T]),
