@@ -332,7 +332,7 @@ async function inferLayers(
       const zeros = (n: number) => g.constF32(new Float32Array(n), [n]);
       const bias = biases.every((b) => b === null) ? null : biases.length === 1 ? biases[0]! : g.concat(biases.map((b, i) => b ?? zeros(specs[i]!.N)), 0, N);
       if (fused) return linear(g, x, { N, K }, fused, bias, lora);
-      const parts = specs.map((s, i) => linear(g, x, s, bases[i]!, biases[i]!, null));
+      const parts = specs.map((s, i) => linear(g, x, s, bases[i]!, biases[i] ?? null, null));
       const y = g.concat(parts, -1, N);
       return lora ? g.add(y, g.matmul(g.matmul(x, lora.aT), lora.bT)) : y;
     });
