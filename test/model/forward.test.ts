@@ -44,6 +44,32 @@ async function checkAgainstReference(dir: string, tol: number, label: string): P
   }
 }
 
+/** The tiny checkpoint rewritten in Hugging Face's bnb-4bit layout by the project's own quantizer, nf4. */
+async function bnbCheckpoint(name: string, opts: (weight: string) => { blockSize: number; doubleQuant: boolean }): Promise<string> {
+  const bnbDir = path.join(tmp.dir, name);
+  await fs.mkdir(bnbDir);
+  const reader = await SafetensorsReader.open(hf);
+  const cfgJson = JSON.parse(await fs.readFile(path.join(hf, 'config.json'), 'utf8')) as Record<string, unknown>;
+  const cfg = parseHfConfig(cfgJson, 'config.json');
+  const linear = new Set<string>();
+  for (let l = 0; l < cfg.numLayers; l++) for (const p of LINEAR_PROJS) linear.add(linearWeightName(l, p));
+  const entries = [];
+  for (const name of reader.names()) {
+    const info = reader.info(name);
+    if (linear.has(name)) {
+      for (const t of writeBnbWeight(name, await reader.readF32(name), [info.shape[0]!, info.shape[1]!], { quantType: 'nf4', ...opts(name) })) {
+        entries.push({ name: t.name, dtype: t.dtype, shape: t.shape, data: t.data });
+      }
+    } else {
+      entries.push({ name, dtype: info.dtype, shape: [...info.shape], data: await reader.readRaw(name) });
+    }
+  }
+  await reader.close();
+  await writeSafetensors(path.join(bnbDir, 'model.safetensors'), entries);
+  for (const f of ['config.json', 'tokenizer.json', 'tokenizer_config.json', 'generation_config.json']) await fs.copyFile(path.join(hf, f), path.join(bnbDir, f));
+  return bnbDir;
+}
+
 for (const format of ['fp32', 'nf4', 'fp4'] as const) {
   test(`${format} graph logits equal the TypeScript reference forward (rel < ${TOL_GRAPH})`, async () => {
     await checkAgainstReference(await quantized(hf, tmp.dir, `m-${format}`, { format }), TOL_GRAPH, format);
@@ -101,28 +127,7 @@ test('a right-padded batch gives each row the logits it gets alone', async () =>
 
 test('a bnb-4bit checkpoint with double quantization converts without re-quantizing and equals the direct nf4 path', async () => {
   // Fixture: the project's own quantizer writes the tiny checkpoint in Hugging Face's bnb-4bit layout.
-  const bnbDir = path.join(tmp.dir, 'hf-bnb');
-  await fs.mkdir(bnbDir);
-  const reader = await SafetensorsReader.open(hf);
-  const cfgJson = JSON.parse(await fs.readFile(path.join(hf, 'config.json'), 'utf8')) as Record<string, unknown>;
-  const cfg = parseHfConfig(cfgJson, 'config.json');
-  const linear = new Set<string>();
-  for (let l = 0; l < cfg.numLayers; l++) for (const p of LINEAR_PROJS) linear.add(linearWeightName(l, p));
-  const entries = [];
-  for (const name of reader.names()) {
-    const info = reader.info(name);
-    if (linear.has(name)) {
-      for (const t of writeBnbWeight(name, await reader.readF32(name), [info.shape[0]!, info.shape[1]!], { quantType: 'nf4', blockSize: 64, doubleQuant: true })) {
-        entries.push({ name: t.name, dtype: t.dtype, shape: t.shape, data: t.data });
-      }
-    } else {
-      entries.push({ name, dtype: info.dtype, shape: [...info.shape], data: await reader.readRaw(name) });
-    }
-  }
-  await reader.close();
-  await writeSafetensors(path.join(bnbDir, 'model.safetensors'), entries);
-  for (const f of ['config.json', 'tokenizer.json', 'tokenizer_config.json', 'generation_config.json']) await fs.copyFile(path.join(hf, f), path.join(bnbDir, f));
-
+  const bnbDir = await bnbCheckpoint('hf-bnb', () => ({ blockSize: 64, doubleQuant: true }));
   const fromBnb = await quantized(bnbDir, tmp.dir, 'm-from-bnb', { format: 'nf4', doubleQuant: true });
   const direct = await quantized(hf, tmp.dir, 'm-direct-dq', { format: 'nf4', doubleQuant: true });
   const r1 = await ModelRuntime.load(fromBnb);
@@ -174,28 +179,7 @@ test(`a Qwen2 checkpoint (q/k/v biases, fused into the q/k/v group) equals the r
 test('a bnb-4bit checkpoint whose q_proj has its own blocksize runs the unfused q/k/v path and equals the reference, with and without an adapter', async () => {
   // q_proj at blocksize 128, everything else at 64: the q/k/v group cannot share one MatMulBnb4, so
   // the graph runs three and concatenates (the fallback of the fused group), LoRA included.
-  const bnbDir = path.join(tmp.dir, 'hf-bnb-mixed');
-  await fs.mkdir(bnbDir);
-  const reader = await SafetensorsReader.open(hf);
-  const cfgJson = JSON.parse(await fs.readFile(path.join(hf, 'config.json'), 'utf8')) as Record<string, unknown>;
-  const cfg = parseHfConfig(cfgJson, 'config.json');
-  const linear = new Set<string>();
-  for (let l = 0; l < cfg.numLayers; l++) for (const p of LINEAR_PROJS) linear.add(linearWeightName(l, p));
-  const entries = [];
-  for (const name of reader.names()) {
-    const info = reader.info(name);
-    if (linear.has(name)) {
-      const blockSize = name.includes('q_proj') ? 128 : 64;
-      for (const t of writeBnbWeight(name, await reader.readF32(name), [info.shape[0]!, info.shape[1]!], { quantType: 'nf4', blockSize, doubleQuant: false })) {
-        entries.push({ name: t.name, dtype: t.dtype, shape: t.shape, data: t.data });
-      }
-    } else {
-      entries.push({ name, dtype: info.dtype, shape: [...info.shape], data: await reader.readRaw(name) });
-    }
-  }
-  await reader.close();
-  await writeSafetensors(path.join(bnbDir, 'model.safetensors'), entries);
-  for (const f of ['config.json', 'tokenizer.json', 'tokenizer_config.json', 'generation_config.json']) await fs.copyFile(path.join(hf, f), path.join(bnbDir, f));
+  const bnbDir = await bnbCheckpoint('hf-bnb-mixed', (name) => ({ blockSize: name.includes('q_proj') ? 128 : 64, doubleQuant: false }));
   const dir = await quantized(bnbDir, tmp.dir, 'm-bnb-mixed', { format: 'nf4' });
   await checkAgainstReference(dir, TOL_GRAPH, 'bnb mixed blocksizes');
 
