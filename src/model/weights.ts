@@ -6,7 +6,7 @@ import { createHash, type Hash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import onnxproto from 'onnx-proto';
-import { Graph, type DType, type Value, type TypedData, ONNX_DTYPE } from '../graph/builder.js';
+import { Graph, type DType, type Value, type TypedData, type ExternalDataSink, ONNX_DTYPE } from '../graph/builder.js';
 import { rawToF32, type SafetensorsReader } from '../formats/safetensors.js';
 import type { ModelConfig } from '../formats/hf-config.js';
 import { EdgeloraError } from '../util/errors.js';
@@ -14,7 +14,7 @@ import { quantizeBnb4, dequantizeBnb4, nestAbsmax, denestAbsmax } from '../quant
 import { quantizeInt4, dequantizeInt4 } from '../quant/int4.js';
 import { readBnbWeight } from '../quant/bnb-checkpoint.js';
 import { linearWeightName, type BaseWeight, type LinearSpec, type WeightProvider, linearShape, type Proj } from './llama.js';
-import type { Manifest } from './manifest.js';
+import { DATA_FILE, type Manifest } from './manifest.js';
 
 export type QuantFormat = 'fp32' | 'nf4' | 'fp4' | 'int4';
 export const QUANT_FORMATS: readonly QuantFormat[] = ['fp32', 'nf4', 'fp4', 'int4'];
@@ -224,6 +224,20 @@ export class QuantizedWeights implements WeightProvider {
 
   has(name: string): boolean {
     return this.tensors.has(name);
+  }
+
+  /**
+   * A sink for graphs derived from this model: every large tensor is already in the model's data file,
+   * so the sink only names the file, and a graph that tried to write a new external tensor is a bug.
+   */
+  referencingSink(what: string): ExternalDataSink {
+    return {
+      minBytes: Number.POSITIVE_INFINITY,
+      location: this.dataFile ?? DATA_FILE,
+      append: () => {
+        throw new EdgeloraError(`${what} tried to write a new external tensor`, { where: this.dir });
+      },
+    };
   }
 
   /** Raw bytes of one stored tensor. */

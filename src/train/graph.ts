@@ -3,12 +3,12 @@
 // LoRA inputs only. The frozen base is referenced in the quantized model's own data file (no copy).
 //
 // Dimension letters: B batch, T tokens, V vocab, K in features, N out features, R LoRA rank.
-import { Graph, type ExternalDataSink, type Value } from '../graph/builder.js';
+import { Graph, type Value } from '../graph/builder.js';
 import { toOnnxBytes } from '../graph/onnx.js';
 import { differentiate, type RuntimeFeed } from '../graph/autodiff.js';
 import { buildLlama, INPUT, linearShape, type Proj } from '../model/llama.js';
 import { QuantizedWeights } from '../model/weights.js';
-import { DATA_FILE, type Manifest } from '../model/manifest.js';
+import type { Manifest } from '../model/manifest.js';
 import type { ModelConfig } from '../formats/hf-config.js';
 import { EdgeloraError } from '../util/errors.js';
 
@@ -69,15 +69,7 @@ export function loraTargets(cfg: ModelConfig, projs: readonly Proj[], rank: (lay
 /** Builds the training graph over a quantized model directory. */
 export async function buildTrainGraph(dir: string, manifest: Manifest, cfg: ModelConfig, opts: TrainGraphOptions): Promise<TrainGraph> {
   const qw = await QuantizedWeights.open(dir, manifest);
-  // Every large tensor is already in the model's data file: the sink only names it.
-  const sink: ExternalDataSink = {
-    minBytes: Number.POSITIVE_INFINITY,
-    location: qw.dataFile ?? DATA_FILE,
-    append: () => {
-      throw new EdgeloraError('training graph tried to write a new external tensor', { where: 'train graph' });
-    },
-  };
-  const g = new Graph({ external: sink });
+  const g = new Graph({ external: qw.referencingSink('the training graph') });
   const byKey = new Map(opts.targets.map((t) => [`${t.layer}.${t.proj}`, t]));
   if (byKey.size === 0) throw new EdgeloraError('no LoRA targets to train', { where: '--targets' });
   const { logits, loraInputs } = await buildLlama(g, cfg, qw, {
