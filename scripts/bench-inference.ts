@@ -66,17 +66,9 @@ async function child(dir: string): Promise<void> {
 async function memoryPlan(dir: string): Promise<number> {
   const { readManifest } = await import('../src/model/manifest.js');
   const { parseHfConfig } = await import('../src/formats/hf-config.js');
-  const { estimateInferenceMemory } = await import('../src/profiles/memory.js');
+  const { modelMemoryPlan } = await import('../src/cli/load.js');
   const m = await readManifest(dir);
-  const cfg = parseHfConfig(m.sourceConfig, dir);
-  return estimateInferenceMemory({
-    modelBytes: m.bytes.model + m.bytes.data,
-    layers: cfg.numLayers,
-    kvHeads: cfg.numKvHeads,
-    headDim: cfg.headDim,
-    context: PROMPT_TOKENS + NEW_TOKENS,
-    runtime: { format: m.quant.format, vocab: cfg.vocabSize, hidden: cfg.hiddenSize, intermediate: cfg.intermediateSize, tiedEmbeddings: cfg.tieWordEmbeddings, prefillTokens: PROMPT_TOKENS },
-  }).bytes;
+  return modelMemoryPlan(m, parseHfConfig(m.sourceConfig, dir), { context: PROMPT_TOKENS + NEW_TOKENS, prefillTokens: PROMPT_TOKENS }).bytes;
 }
 
 const median = (xs: number[]) => [...xs].sort((p, q) => p - q)[Math.floor(xs.length / 2)]!;

@@ -4,9 +4,9 @@
 import path from 'node:path';
 import { ModelRuntime, type LoraFeeds } from '../runtime/model.js';
 import { AdapterManager, parseAdapterSpec } from '../adapters/manager.js';
-import { readManifest } from '../model/manifest.js';
-import { parseHfConfig } from '../formats/hf-config.js';
-import { resolveProfile, parseProfileSets, estimateInferenceMemory, type ResolvedProfile } from '../profiles/index.js';
+import { readManifest, type Manifest } from '../model/manifest.js';
+import { parseHfConfig, type ModelConfig } from '../formats/hf-config.js';
+import { resolveProfile, parseProfileSets, estimateInferenceMemory, type ResolvedProfile, type MemoryPlan } from '../profiles/index.js';
 import type { FlagSpec } from './command.js';
 
 export interface Loaded {
@@ -37,6 +37,34 @@ export interface LoadRequest {
   readonly lower: string[];
 }
 
+/** The pre-flight memory plan for running a quantized model at `context` tokens (prefill included). */
+export function modelMemoryPlan(
+  manifest: Manifest,
+  cfg: ModelConfig,
+  job: { context: number; prefillTokens: number; batch?: number },
+  opts: { what?: string; lower?: string[] } = {},
+): MemoryPlan {
+  return estimateInferenceMemory(
+    {
+      modelBytes: manifest.bytes.model + manifest.bytes.data,
+      layers: cfg.numLayers,
+      kvHeads: cfg.numKvHeads,
+      headDim: cfg.headDim,
+      context: job.context,
+      batch: job.batch ?? 1,
+      runtime: {
+        format: manifest.quant.format,
+        vocab: cfg.vocabSize,
+        hidden: cfg.hiddenSize,
+        intermediate: cfg.intermediateSize,
+        tiedEmbeddings: cfg.tieWordEmbeddings,
+        prefillTokens: job.prefillTokens,
+      },
+    },
+    opts,
+  );
+}
+
 export async function loadModelWithAdapters(req: LoadRequest): Promise<Loaded> {
   const profile = await resolveProfile({
     profile: req.profile ?? 'auto',
@@ -44,26 +72,9 @@ export async function loadModelWithAdapters(req: LoadRequest): Promise<Loaded> {
   });
   const manifest = await readManifest(req.dir);
   const cfg = parseHfConfig(manifest.sourceConfig, path.join(req.dir, 'manifest.json'));
+  const context = req.context > 0 ? Math.min(req.context, cfg.maxPositionEmbeddings) : cfg.maxPositionEmbeddings;
   profile.checkMemoryPlan(
-    estimateInferenceMemory(
-      {
-        modelBytes: manifest.bytes.model + manifest.bytes.data,
-        layers: cfg.numLayers,
-        kvHeads: cfg.numKvHeads,
-        headDim: cfg.headDim,
-        context: req.context > 0 ? Math.min(req.context, cfg.maxPositionEmbeddings) : cfg.maxPositionEmbeddings,
-        batch: req.batch ?? 1,
-        runtime: {
-          format: manifest.quant.format,
-          vocab: cfg.vocabSize,
-          hidden: cfg.hiddenSize,
-          intermediate: cfg.intermediateSize,
-          tiedEmbeddings: cfg.tieWordEmbeddings,
-          prefillTokens: req.context > 0 ? Math.min(req.context, cfg.maxPositionEmbeddings) : cfg.maxPositionEmbeddings,
-        },
-      },
-      { what: path.basename(path.resolve(req.dir)), lower: req.lower },
-    ),
+    modelMemoryPlan(manifest, cfg, { context, prefillTokens: context, batch: req.batch ?? 1 }, { what: path.basename(path.resolve(req.dir)), lower: req.lower }),
   );
   const model = await ModelRuntime.load(req.dir, { sessionOptions: profile.sessionOptions({ graphOptimizationLevel: 'all' }) });
   const adapters = new AdapterManager(model);
