@@ -106,7 +106,7 @@ test('decode with the KV cache equals recomputing the whole sequence', async () 
   }
 });
 
-test('a right-padded batch gives each row the logits it gets alone', async () => {
+test('a right-padded batch gives each row the logits it gets alone, at prefill and through decode', async () => {
   const dir = path.join(tmp.dir, 'm-kv');
   const rt = await ModelRuntime.load(dir);
   try {
@@ -116,10 +116,22 @@ test('a right-padded batch gives each row the logits it gets alone', async () =>
     const V = rt.cfg.vocabSize;
     const padded = [...a, ...new Array<number>(T - a.length).fill(rt.tokenizer.padTokenId)];
     const mask = [new Uint8Array(T).fill(1, 0, a.length), new Uint8Array(T).fill(1)];
-    const batch = await rt.forward({ ids: [padded, b], mask });
-    const alone = await rt.forward({ ids: [a] });
-    const e = relError(batch.logits.subarray(0, a.length * V), alone.logits);
+    let batch = await rt.forward({ ids: [padded, b], mask });
+    let soloA = await rt.forward({ ids: [a] });
+    let soloB = await rt.forward({ ids: [b] });
+    const e = relError(batch.logits.subarray(0, a.length * V), soloA.logits);
     assert.ok(e.rel < 1e-5, `padded row differs: rel ${e.rel}`);
+    assert.deepEqual(batch.cache.lengths, [a.length, b.length]);
+    // Continued by decode: each row's new token goes at its own real length.
+    let worst = 0;
+    for (const [x, y] of [[7, 11], [13, 17], [19, 23]] as const) {
+      batch = await rt.forward({ ids: [[x], [y]], cache: batch.cache });
+      soloA = await rt.forward({ ids: [[x]], cache: soloA.cache });
+      soloB = await rt.forward({ ids: [[y]], cache: soloB.cache });
+      worst = Math.max(worst, relError(batch.logits.subarray(0, V), soloA.logits).rel, relError(batch.logits.subarray(V, 2 * V), soloB.logits).rel);
+    }
+    assert.deepEqual(batch.cache.lengths, [a.length + 3, b.length + 3]);
+    assert.ok(worst < 1e-5, `batched decode differs from each row alone: rel ${worst.toExponential(3)}`);
   } finally {
     await rt.release();
   }
