@@ -47,7 +47,7 @@ ${brokerHelp}`,
       'quiet-ms': { type: 'string' },
       'status-interval-ms': { type: 'string' },
       quiet: { type: 'boolean' },
-    });
+    }, { positionals: [] });
     if (help) {
       process.stdout.write(`${this.help}\n`);
       return 0;

@@ -87,7 +87,7 @@ export const doctorCommand: Command = {
         arch: { type: 'string' },
         'timeout-ms': { type: 'string' },
       },
-      { allowPositionals: false },
+      { positionals: [] },
     );
     if (wantHelp) {
       process.stdout.write(help + '\n');

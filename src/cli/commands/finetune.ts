@@ -114,7 +114,7 @@ export const finetuneCommand: Command = {
       recompute: { type: 'boolean' },
       dtype: { type: 'string' },
       json: { type: 'boolean' },
-    });
+    }, { positionals: [] });
     if (h) {
       process.stdout.write(help + '\n');
       return 0;

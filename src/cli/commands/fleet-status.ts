@@ -23,7 +23,7 @@ ${brokerHelp}`,
       'wait-ms': { type: 'string' },
       'client-id': { type: 'string' },
       json: { type: 'boolean' },
-    });
+    }, { positionals: [] });
     if (help) {
       process.stdout.write(`${this.help}\n`);
       return 0;

@@ -42,7 +42,7 @@ ${brokerHelp}`,
       'coalesce-ms': { type: 'string' },
       rate: { type: 'string' },
       quiet: { type: 'boolean' },
-    });
+    }, { positionals: [] });
     if (help) {
       process.stdout.write(`${this.help}\n`);
       return 0;

@@ -16,7 +16,7 @@ and <out-prefix>.pub (SPKI PEM public key: give it to every \`edgelora agent --t
   --force   overwrite existing files
   --json    print {"key", "pub", "keyId"} as JSON`,
   async run(argv) {
-    const { values, positionals, help } = parseFlags('keygen', argv, { force: { type: 'boolean' }, json: { type: 'boolean' } });
+    const { values, positionals, help } = parseFlags('keygen', argv, { force: { type: 'boolean' }, json: { type: 'boolean' } }, { positionals: ['out-prefix'] });
     if (help) {
       process.stdout.write(`${this.help}\n`);
       return 0;

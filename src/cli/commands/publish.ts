@@ -35,7 +35,7 @@ ${brokerHelp}`,
       'client-id': { type: 'string' },
       'timeout-ms': { type: 'string' },
       json: { type: 'boolean' },
-    });
+    }, { positionals: ['adapter-dir | stored-sha256'] });
     if (help) {
       process.stdout.write(`${this.help}\n`);
       return 0;
