@@ -124,6 +124,8 @@ export interface NumberCheck {
   max?: number;
   /** Greater than 0 (an open lower bound). */
   positive?: boolean;
+  /** Less than this (an open upper bound), e.g. a probability below 1. */
+  below?: number;
 }
 
 /** The allowed range of a numeric flag in words: "an integer ≥ 16", "a number > 0 and ≤ 1". */
@@ -131,9 +133,10 @@ export function describeRange(check: NumberCheck): string {
   const kind = check.integer ? 'an integer' : 'a number';
   const bounds: string[] = [];
   if (check.positive && !(check.min !== undefined && check.min > 0)) bounds.push('> 0');
-  if (check.min !== undefined && check.max !== undefined && !check.positive) return `${kind} from ${check.min} to ${check.max}`;
+  if (check.min !== undefined && check.max !== undefined && !check.positive && check.below === undefined) return `${kind} from ${check.min} to ${check.max}`;
   if (check.min !== undefined) bounds.push(`≥ ${check.min}`);
   if (check.max !== undefined) bounds.push(`≤ ${check.max}`);
+  if (check.below !== undefined) bounds.push(`< ${check.below}`);
   return bounds.length > 0 ? `${kind} ${bounds.join(' and ')}` : kind;
 }
 
@@ -146,7 +149,8 @@ export function numberFlag(flag: string, raw: string | undefined, def: number, c
     !(check.integer && !Number.isInteger(v)) &&
     !(check.positive && v <= 0) &&
     !(check.min !== undefined && v < check.min) &&
-    !(check.max !== undefined && v > check.max);
+    !(check.max !== undefined && v > check.max) &&
+    !(check.below !== undefined && v >= check.below);
   if (!ok) throw new EdgeloraError(`must be ${describeRange(check)}, not ${JSON.stringify(raw)}`, { where: `--${flag}` });
   return v;
 }
@@ -181,14 +185,14 @@ export function requirePositional(command: string, name: string, v: string | und
  * Refuses an existing output path before any work starts (a 7B quantization should not run for
  * an hour to fail at the rename); the error names the flag that replaces it.
  */
-export async function checkOutputPath(path: string, opts: { force?: boolean; what?: string; forceFlag?: string } = {}): Promise<void> {
+export async function checkOutputPath(path: string, opts: { force?: boolean; what?: string; hint?: string } = {}): Promise<void> {
   if (opts.force) return;
   const { promises: fs } = await import('node:fs');
   const exists = await fs.lstat(path).then(() => true, () => false);
   if (exists) {
     throw new EdgeloraError(`${opts.what ?? 'the output'} already exists`, {
       where: path,
-      hint: `pass ${opts.forceFlag ?? '--force'} to replace it, or choose a new path`,
+      hint: opts.hint ?? 'pass --force to replace it, or choose a new path',
     });
   }
 }
