@@ -23,7 +23,8 @@ export const brokerHelp = `Broker flags:
   --password <secret>    MQTT password (or set EDGELORA_MQTT_PASSWORD)
   --ca <file>            PEM CA certificate that signed the broker's certificate
   --cert <file>          PEM client certificate (mutual TLS)
-  --client-key <file>    PEM client private key (mutual TLS); --key-file is the same flag
+  --client-key <file>    PEM client private key (mutual TLS)
+  --key-file <file>      the same as --client-key
   --insecure             accept a broker certificate that does not verify (testing only)
   --mqtt-version <4|5>   protocol: 5 (default; falls back to 3.1.1 when the broker refuses 5) or 4`;
 

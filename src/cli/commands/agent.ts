@@ -31,6 +31,7 @@ killed agent resumes its download from <state>/transfer/.
   --quiet-ms <ms>            silence before asking for missing chunks (default 2000)
   --status-interval-ms <ms>  least time between progress status messages (default 1000)
   --quiet                    no log lines on stderr
+  -h, --help                 this text
 
 ${brokerHelp}`,
   async run(argv) {

@@ -15,6 +15,7 @@ shows "offline" (its last will).
   --wait-ms <ms>     how long to collect retained statuses (default 1000)
   --client-id <id>   MQTT client id (default: --username, else op-<random>)
   --json             print {"hub", "devices", "invalid"} as JSON
+  -h, --help         this text
 
 ${brokerHelp}`,
   async run(argv) {

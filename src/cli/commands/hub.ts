@@ -25,6 +25,7 @@ Runs until SIGINT/SIGTERM. Operators publish with \`edgelora publish\`; devices 
   --coalesce-ms <ms>         gather missing-chunk requests this long before one resend (default 250)
   --rate <bytes/s>           cap on broadcast chunk bytes per second (default unlimited)
   --quiet                    no log lines on stderr
+  -h, --help                 this text
 
 ${brokerHelp}`,
   async run(argv) {
