@@ -33,7 +33,7 @@ type BrokerValues = { [K in keyof typeof brokerFlags]?: (typeof brokerFlags)[K][
 export function brokerOptions(command: string, v: BrokerValues, fallbackUrl?: string): BrokerOptions {
   const url = v.broker ?? fallbackUrl;
   if (!url) throw new EdgeloraError('missing --broker', { where: `edgelora ${command}`, hint: 'pass --broker mqtt://host:1883' });
-  if (!/^(mqtts?|wss?|tcp|tls):\/\//.test(url)) throw new EdgeloraError(`--broker ${url}: not a broker URL`, { where: '--broker', hint: 'write mqtt://host:port or mqtts://host:port' });
+  if (!/^(mqtts?|wss?|tcp|tls):\/\//.test(url)) throw new EdgeloraError(`not a broker URL: ${url}`, { where: '--broker', hint: 'write mqtt://host:port or mqtts://host:port' });
   const ver = v['mqtt-version'] === undefined ? undefined : numberFlag('mqtt-version', v['mqtt-version'], 5, { integer: true, min: 4, max: 5 });
   const password = v.password ?? process.env.EDGELORA_MQTT_PASSWORD;
   const keyFile = v['client-key'] ?? v['key-file'];

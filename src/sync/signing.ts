@@ -56,7 +56,7 @@ export async function loadSigningKey(file: string): Promise<SigningKey> {
     throw new EdgeloraError(`cannot read signing key: ${(err as Error).message}`, { where: file, hint: 'create one with `edgelora keygen <prefix>`' });
   });
   if (/-----BEGIN PUBLIC KEY-----/.test(pem) && !/PRIVATE KEY-----/.test(pem)) {
-    throw new EdgeloraError("this is a public key; the hub signs with the private key", { where: file, hint: 'give the .key file written by `edgelora keygen` (the .pub goes to the agents)' });
+    throw new EdgeloraError('not a PEM private key: this is a public key (the hub signs with the private one)', { where: file, hint: 'give the .key file written by `edgelora keygen` (the .pub goes to the agents)' });
   }
   let privateKey: KeyObject;
   try {

@@ -191,7 +191,7 @@ test("agent --trust given the hub's private key is refused; hub --key given the 
   assert.match(r.err, /this is the hub's private key; give the \.pub/);
   const h = await cli('hub', '--broker', 'mqtt://127.0.0.1:9', '--store', path.join(tmp.dir, 'store'), '--key', k.pubFile);
   assert.equal(h.code, 1);
-  assert.match(h.err, /this is a public key[\s\S]*give the \.key file/);
+  assert.match(h.err, /not a PEM private key: this is a public key[\s\S]*give the \.key file/);
 });
 
 test("finetune's defaults are the profile's (what doctor shows); a flag overrides one", async () => {
