@@ -2,6 +2,7 @@
 // parseArgs that suggests the closest flag for a typo, takes negative numbers as values, refuses
 // stray positional arguments, and names the flag once (with its allowed range) in every message.
 import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { promises as fs } from 'node:fs';
 import { closest, distance } from 'fastest-levenshtein';
 import { EdgeloraError } from '../util/errors.js';
 
@@ -88,8 +89,8 @@ export function parseFlags<O extends FlagSpec>(command: string, argv: string[], 
       continue;
     }
     // A string flag: parseArgs (non-strict) took the next argument whatever it was. Refuse a flag
-    // as a value (`--model --json`: the value was forgotten), but take negative numbers.
-    if (t.value === undefined || (!t.inlineValue && t.value.startsWith('-') && !NEGATIVE_NUMBER.test(t.value))) {
+    // as a value (`--model --json`: the value was forgotten), but take negative numbers and "-" (stdin).
+    if (t.value === undefined || (!t.inlineValue && t.value.startsWith('-') && t.value !== '-' && !NEGATIVE_NUMBER.test(t.value))) {
       throw new EdgeloraError(`--${name} needs a value${t.value === undefined ? '' : ` (it is followed by the flag ${t.value})`}`, {
         where,
         hint: `write --${name} VALUE or --${name}=VALUE`,
@@ -185,13 +186,12 @@ export function requirePositional(command: string, name: string, v: string | und
  * Refuses an existing output path before any work starts (a 7B quantization should not run for
  * an hour to fail at the rename); the error names the flag that replaces it.
  */
-export async function checkOutputPath(path: string, opts: { force?: boolean; what?: string; hint?: string } = {}): Promise<void> {
+export async function checkOutputPath(target: string, opts: { force?: boolean; what?: string; hint?: string } = {}): Promise<void> {
   if (opts.force) return;
-  const { promises: fs } = await import('node:fs');
-  const exists = await fs.lstat(path).then(() => true, () => false);
+  const exists = await fs.lstat(target).then(() => true, () => false);
   if (exists) {
     throw new EdgeloraError(`${opts.what ?? 'the output'} already exists`, {
-      where: path,
+      where: target,
       hint: opts.hint ?? 'pass --force to replace it, or choose a new path',
     });
   }
