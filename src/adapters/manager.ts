@@ -5,6 +5,8 @@
 // of stacked adapters; a term's rows of bT are zero outside its own projection's columns.
 import ort from 'onnxruntime-node';
 import { createHash } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import path from 'node:path';
 import { EdgeloraError } from '../util/errors.js';
 import { INPUT, projGroup, groupShape, type Proj, type ProjGroupName } from '../model/llama.js';
 import type { ModelRuntime, LoraFeeds } from '../runtime/model.js';
@@ -153,13 +155,22 @@ export class AdapterManager {
   }
 }
 
-/** Parses "dir[:scale]" as given to --adapter. */
+/**
+ * Parses "dir[:scale]" as given to --adapter. Text after the last ":" is the scale unless the
+ * whole spec names an existing path (a directory may have a ":" in its name) or it holds a "/".
+ */
 export function parseAdapterSpec(spec: string): { dir: string; scale: number } {
-  const m = /^(.*):(-?[0-9.]+(?:e-?\d+)?)$/.exec(spec);
-  if (m && m[1]) {
-    const scale = Number(m[2]);
-    if (!Number.isFinite(scale)) throw new EdgeloraError(`--adapter ${spec}: scale is not a number`, { where: '--adapter' });
-    return { dir: m[1], scale };
+  const i = spec.lastIndexOf(':');
+  if (i <= 0 || existsSync(spec)) return { dir: spec, scale: 1 };
+  const dir = spec.slice(0, i);
+  const raw = spec.slice(i + 1);
+  if (raw.includes('/') || raw.includes(path.sep)) return { dir: spec, scale: 1 };
+  const scale = raw.trim() === '' ? NaN : Number(raw);
+  if (!Number.isFinite(scale)) {
+    throw new EdgeloraError(`bad scale "${raw}" in ${spec}: the text after ":" must be a number`, {
+      where: '--adapter',
+      hint: `write DIR:SCALE with a number, e.g. ${dir}:0.5, or DIR alone for scale 1`,
+    });
   }
-  return { dir: spec, scale: 1 };
+  return { dir, scale };
 }

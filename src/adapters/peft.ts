@@ -8,6 +8,7 @@ import { z } from 'zod';
 import { SafetensorsReader, writeSafetensors, type StDType } from '../formats/safetensors.js';
 import type { ModelConfig } from '../formats/hf-config.js';
 import { EdgeloraError } from '../util/errors.js';
+import { expectDir } from '../formats/dir-kind.js';
 import { writeFileAtomic, writeDirAtomic } from '../util/atomic.js';
 import { LINEAR_PROJS, linearShape, projModule, type Proj } from '../model/llama.js';
 
@@ -124,7 +125,8 @@ async function readJson(file: string, what: string): Promise<unknown> {
   try {
     text = await fs.readFile(file, 'utf8');
   } catch {
-    throw new EdgeloraError(`no ${path.basename(file)}`, { where: path.dirname(file), hint: `is this a PEFT adapter directory (${what})?` });
+    if (path.basename(file) === ADAPTER_CONFIG) await expectDir(path.dirname(file), 'adapter');
+    throw new EdgeloraError(`cannot read ${path.basename(file)}`, { where: path.dirname(file), hint: `is this a PEFT adapter directory (${what})?` });
   }
   try {
     return JSON.parse(text);
@@ -156,10 +158,16 @@ export function parsePeftConfig(json: unknown, where: string): PeftConfig {
   return c;
 }
 
+/** Reads and checks `<dir>/adapter_config.json` (a missing directory or another kind of directory is named as such). */
+export async function readPeftConfig(dir: string): Promise<PeftConfig> {
+  const cfgFile = path.join(dir, ADAPTER_CONFIG);
+  return parsePeftConfig(await readJson(cfgFile, 'adapter_config.json'), cfgFile);
+}
+
 /** Loads an adapter and checks it against the base config (and fingerprint when both are known). */
 export async function loadAdapter(dir: string, base: { cfg: ModelConfig; fingerprint: string | null }): Promise<LoraAdapter> {
   const cfgFile = path.join(dir, ADAPTER_CONFIG);
-  const config = parsePeftConfig(await readJson(cfgFile, 'adapter_config.json'), cfgFile);
+  const config = await readPeftConfig(dir);
   let baseFingerprint: string | null = null;
   const bindingFile = path.join(dir, ADAPTER_BINDING);
   if (await fs.stat(bindingFile).then(() => true, () => false)) {

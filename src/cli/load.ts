@@ -8,6 +8,7 @@ import { readManifest, type Manifest } from '../model/manifest.js';
 import { parseHfConfig, type ModelConfig } from '../formats/hf-config.js';
 import { resolveProfile, parseProfileSets, estimateInferenceMemory, type ResolvedProfile, type MemoryPlan } from '../profiles/index.js';
 import type { FlagSpec } from './command.js';
+import { expectDir } from '../formats/dir-kind.js';
 
 export interface Loaded {
   model: ModelRuntime;
@@ -66,6 +67,10 @@ export function modelMemoryPlan(
 }
 
 export async function loadModelWithAdapters(req: LoadRequest): Promise<Loaded> {
+  // Everything the user typed is checked before the model is read: the adapter specs (scale) and
+  // that each adapter directory is one.
+  const specs = req.adapters.map(parseAdapterSpec);
+  for (const { dir } of specs) await expectDir(dir, 'adapter');
   const profile = await resolveProfile({
     profile: req.profile ?? 'auto',
     overrides: parseProfileSets(req.profileSets ?? []),
@@ -78,8 +83,7 @@ export async function loadModelWithAdapters(req: LoadRequest): Promise<Loaded> {
   );
   const model = await ModelRuntime.load(req.dir, { sessionOptions: profile.sessionOptions({ graphOptimizationLevel: 'all' }) });
   const adapters = new AdapterManager(model);
-  for (const spec of req.adapters) {
-    const { dir: adir, scale } = parseAdapterSpec(spec);
+  for (const { dir: adir, scale } of specs) {
     const id = await adapters.load(adir);
     adapters.activate(id, scale);
   }

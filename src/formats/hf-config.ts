@@ -6,6 +6,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { EdgeloraError } from '../util/errors.js';
+import { expectDir } from './dir-kind.js';
 
 export const SUPPORTED_ARCHITECTURES = ['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM'] as const;
 export type Architecture = (typeof SUPPORTED_ARCHITECTURES)[number];
@@ -186,6 +187,7 @@ export async function loadHfConfig(dir: string): Promise<{ config: ModelConfig; 
   try {
     text = await fs.readFile(file, 'utf8');
   } catch (err) {
+    await expectDir(dir, 'hf-checkpoint');
     throw new EdgeloraError(`cannot read config.json: ${(err as Error).message}`, {
       where: file,
       hint: 'pass a Hugging Face model directory (config.json, model.safetensors, tokenizer.json)',

@@ -4,6 +4,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { EdgeloraError } from '../util/errors.js';
+import { expectDir } from '../formats/dir-kind.js';
 
 export const MANIFEST_FILE = 'manifest.json';
 export const MODEL_FILE = 'model.onnx';
@@ -40,7 +41,9 @@ export async function readManifest(dir: string): Promise<Manifest> {
   try {
     text = await fs.readFile(file, 'utf8');
   } catch {
-    throw new EdgeloraError(`no ${MANIFEST_FILE}`, { where: dir, hint: 'point --model at a directory written by `edgelora quantize`' });
+    // Say what the directory is instead (missing, a Hugging Face checkpoint, an adapter, …).
+    await expectDir(dir, 'quantized-model');
+    throw new EdgeloraError(`cannot read ${MANIFEST_FILE}`, { where: dir, hint: 'point --model at a directory written by `edgelora quantize`' });
   }
   let json: unknown;
   try {

@@ -101,7 +101,7 @@ export function parseProfileSets(sets: readonly string[]): Record<string, unknow
   for (const s of sets) {
     const eq = s.indexOf('=');
     if (eq <= 0) {
-      throw new EdgeloraError(`--profile-set ${s}: expected KEY=VALUE`, { where: '--profile-set', hint: 'e.g. --profile-set memoryBudgetBytes=4e9' });
+      throw new EdgeloraError(`expected KEY=VALUE, not ${JSON.stringify(s)}`, { where: '--profile-set', hint: 'e.g. --profile-set memoryBudgetBytes=4e9' });
     }
     const key = s.slice(0, eq).trim();
     const text = s.slice(eq + 1).trim();

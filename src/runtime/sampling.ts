@@ -13,9 +13,9 @@ export interface SamplingOptions {
 }
 
 export function checkSampling(o: SamplingOptions): void {
-  if (!(o.temperature >= 0)) throw new EdgeloraError(`--temperature ${o.temperature}: must be ≥ 0`, { where: '--temperature' });
-  if (!(o.topK >= 0) || !Number.isInteger(o.topK)) throw new EdgeloraError(`--top-k ${o.topK}: must be an integer ≥ 0`, { where: '--top-k' });
-  if (!(o.topP > 0 && o.topP <= 1)) throw new EdgeloraError(`--top-p ${o.topP}: must be in (0, 1]`, { where: '--top-p' });
+  if (!(o.temperature >= 0)) throw new EdgeloraError(`must be ≥ 0, not ${o.temperature}`, { where: '--temperature' });
+  if (!(o.topK >= 0) || !Number.isInteger(o.topK)) throw new EdgeloraError(`must be an integer ≥ 0, not ${o.topK}`, { where: '--top-k' });
+  if (!(o.topP > 0 && o.topP <= 1)) throw new EdgeloraError(`must be in (0, 1], not ${o.topP}`, { where: '--top-p' });
 }
 
 /** Index of the largest value (first on ties). */

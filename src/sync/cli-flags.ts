@@ -23,7 +23,8 @@ export const brokerHelp = `Broker flags:
   --password <secret>    MQTT password (or set EDGELORA_MQTT_PASSWORD)
   --ca <file>            PEM CA certificate that signed the broker's certificate
   --cert <file>          PEM client certificate (mutual TLS)
-  --client-key <file>    PEM client private key (mutual TLS); --key-file is the same flag
+  --client-key <file>    PEM client private key (mutual TLS)
+  --key-file <file>      the same as --client-key
   --insecure             accept a broker certificate that does not verify (testing only)
   --mqtt-version <4|5>   protocol: 5 (default; falls back to 3.1.1 when the broker refuses 5) or 4`;
 
@@ -32,7 +33,7 @@ type BrokerValues = { [K in keyof typeof brokerFlags]?: (typeof brokerFlags)[K][
 export function brokerOptions(command: string, v: BrokerValues, fallbackUrl?: string): BrokerOptions {
   const url = v.broker ?? fallbackUrl;
   if (!url) throw new EdgeloraError('missing --broker', { where: `edgelora ${command}`, hint: 'pass --broker mqtt://host:1883' });
-  if (!/^(mqtts?|wss?|tcp|tls):\/\//.test(url)) throw new EdgeloraError(`--broker ${url}: not a broker URL`, { where: '--broker', hint: 'write mqtt://host:port or mqtts://host:port' });
+  if (!/^(mqtts?|wss?|tcp|tls):\/\//.test(url)) throw new EdgeloraError(`not a broker URL: ${url}`, { where: '--broker', hint: 'write mqtt://host:port or mqtts://host:port' });
   const ver = v['mqtt-version'] === undefined ? undefined : numberFlag('mqtt-version', v['mqtt-version'], 5, { integer: true, min: 4, max: 5 });
   const password = v.password ?? process.env.EDGELORA_MQTT_PASSWORD;
   const keyFile = v['client-key'] ?? v['key-file'];

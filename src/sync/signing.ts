@@ -55,6 +55,9 @@ export async function loadSigningKey(file: string): Promise<SigningKey> {
   const pem = await fs.readFile(file, 'utf8').catch((err: unknown) => {
     throw new EdgeloraError(`cannot read signing key: ${(err as Error).message}`, { where: file, hint: 'create one with `edgelora keygen <prefix>`' });
   });
+  if (/-----BEGIN PUBLIC KEY-----/.test(pem) && !/PRIVATE KEY-----/.test(pem)) {
+    throw new EdgeloraError('not a PEM private key: this is a public key (the hub signs with the private one)', { where: file, hint: 'give the .key file written by `edgelora keygen` (the .pub goes to the agents)' });
+  }
   let privateKey: KeyObject;
   try {
     privateKey = createPrivateKey(pem);
@@ -70,6 +73,14 @@ export async function loadPublicKey(file: string): Promise<KeyObject> {
   const pem = await fs.readFile(file, 'utf8').catch((err: unknown) => {
     throw new EdgeloraError(`cannot read public key: ${(err as Error).message}`, { where: file, hint: 'pass the hub .pub file written by `edgelora keygen`' });
   });
+  // createPublicKey would happily derive the public half of a private key: refuse it instead, so
+  // that the hub's private key is not copied to every device by mistake.
+  if (/PRIVATE KEY-----/.test(pem)) {
+    throw new EdgeloraError("this is the hub's private key; give the .pub", {
+      where: file,
+      hint: 'pass the .pub file written next to it by `edgelora keygen`; the .key stays on the hub',
+    });
+  }
   let pub: KeyObject;
   try {
     pub = createPublicKey(pem);

@@ -2,8 +2,9 @@
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
 import type { Command } from '../command.js';
-import { parseFlags, numberFlag, requirePositional } from '../command.js';
-import { parsePeftConfig, moduleRankAlpha, ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BINDING, bindingSchema, isTargeted, loraScale, LORA_TENSOR_KEY } from '../../adapters/peft.js';
+import { parseFlags, numberFlag, requirePositional, checkOutputPath } from '../command.js';
+import { expectDir } from '../../formats/dir-kind.js';
+import { readPeftConfig, moduleRankAlpha, ADAPTER_WEIGHTS, ADAPTER_BINDING, bindingSchema, isTargeted, loraScale, LORA_TENSOR_KEY } from '../../adapters/peft.js';
 import { mergeAdapter } from '../../adapters/merge.js';
 import { SafetensorsReader } from '../../formats/safetensors.js';
 import { LINEAR_PROJS, type Proj } from '../../model/llama.js';
@@ -22,14 +23,13 @@ export const adapterInspectCommand: Command = {
   summary: 'rank, alpha, scaling, targets, size and base fingerprint of an adapter',
   help: inspectHelp,
   async run(argv) {
-    const { values, positionals, help } = parseFlags('adapter inspect', argv, { json: { type: 'boolean' } });
+    const { values, positionals, help } = parseFlags('adapter inspect', argv, { json: { type: 'boolean' } }, { positionals: ['adapter-dir'] });
     if (help) {
       process.stdout.write(inspectHelp + '\n');
       return 0;
     }
     const dir = requirePositional('adapter inspect', 'adapter-dir', positionals[0]);
-    const cfgFile = path.join(dir, ADAPTER_CONFIG);
-    const config = parsePeftConfig(JSON.parse(await fs.readFile(cfgFile, 'utf8')), cfgFile);
+    const config = await readPeftConfig(dir);
     const reader = await SafetensorsReader.open(path.join(dir, ADAPTER_WEIGHTS));
     let parameters = 0;
     const layers = new Set<number>();
@@ -116,7 +116,7 @@ export const adapterMergeCommand: Command = {
       scale: { type: 'string' },
       force: { type: 'boolean' },
       json: { type: 'boolean' },
-    });
+    }, { positionals: ['hf-base-dir', 'adapter-dir', 'out-dir'] });
     if (help) {
       process.stdout.write(mergeHelp + '\n');
       return 0;
@@ -124,7 +124,10 @@ export const adapterMergeCommand: Command = {
     const base = requirePositional('adapter merge', 'hf-base-dir', positionals[0]);
     const adapter = requirePositional('adapter merge', 'adapter-dir', positionals[1]);
     const out = requirePositional('adapter merge', 'out-dir', positionals[2]);
-    const scale = numberFlag('scale', values.scale as string | undefined, 1);
+    const scale = numberFlag('scale', values.scale, 1);
+    await expectDir(base, 'hf-checkpoint');
+    await expectDir(adapter, 'adapter');
+    await checkOutputPath(out, { force: Boolean(values.force), what: 'the output directory' });
     const res = await mergeAdapter(base, adapter, out, { scale, force: Boolean(values.force) });
     if (values.json) process.stdout.write(JSON.stringify({ out, merged: res.merged }) + '\n');
     else process.stdout.write(`wrote ${out}: ${res.merged} weights merged\n`);

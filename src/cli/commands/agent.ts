@@ -31,6 +31,7 @@ killed agent resumes its download from <state>/transfer/.
   --quiet-ms <ms>            silence before asking for missing chunks (default 2000)
   --status-interval-ms <ms>  least time between progress status messages (default 1000)
   --quiet                    no log lines on stderr
+  -h, --help                 this text
 
 ${brokerHelp}`,
   async run(argv) {
@@ -47,27 +48,34 @@ ${brokerHelp}`,
       'quiet-ms': { type: 'string' },
       'status-interval-ms': { type: 'string' },
       quiet: { type: 'boolean' },
-    });
+    }, { positionals: [] });
     if (help) {
       process.stdout.write(`${this.help}\n`);
       return 0;
     }
+    // Every flag and the trusted key are checked before the model is loaded.
     const deviceId = requireFlag('agent', 'device-id', v['device-id']);
+    const fleet = requireFlag('agent', 'fleet', v.fleet);
+    const stateDir = requireFlag('agent', 'state', v.state);
+    const trustedKey = await loadPublicKey(requireFlag('agent', 'trust', v.trust));
+    const broker = brokerOptions('agent', v);
+    const quietMs = numberFlag('quiet-ms', v['quiet-ms'], 2000, { min: 10 });
+    const statusIntervalMs = numberFlag('status-interval-ms', v['status-interval-ms'], 1000, { min: 0 });
     const log = v.quiet ? undefined : (line: string) => process.stderr.write(`${line}\n`);
     // With --model, accepted adapters are loaded into the runtime (shapes, NaN/Inf and the base
     // fingerprint checked by the adapter loader); a failure there rolls the device back.
     const model = v.model ? await ModelRuntime.load(v.model) : null;
     const agent = new Agent({
-      broker: brokerOptions('agent', v),
+      broker,
       deviceId,
-      fleet: requireFlag('agent', 'fleet', v.fleet),
+      fleet,
       ...(v.group ? { group: v.group } : {}),
-      stateDir: requireFlag('agent', 'state', v.state),
-      trustedKey: await loadPublicKey(requireFlag('agent', 'trust', v.trust)),
+      stateDir,
+      trustedKey,
       modelFingerprint: model ? model.manifest.fingerprint : null,
       ...(model ? { activator: new RuntimeActivator(new AdapterManager(model)) } : {}),
-      quietMs: numberFlag('quiet-ms', v['quiet-ms'], 2000, { min: 10 }),
-      statusIntervalMs: numberFlag('status-interval-ms', v['status-interval-ms'], 1000, { min: 0 }),
+      quietMs,
+      statusIntervalMs,
       ...(log ? { log } : {}),
     });
     await agent.start();

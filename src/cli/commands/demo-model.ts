@@ -1,9 +1,8 @@
 // `edgelora demo-model`: writes a deterministic random-init Llama checkpoint in Hugging Face layout,
 // so the other commands can be tried without downloading a model.
 import type { Command } from '../command.js';
-import { parseFlags, numberFlag, requirePositional } from '../command.js';
+import { parseFlags, numberFlag, requirePositional, choiceFlag, checkOutputPath } from '../command.js';
 import { makeDemoModel, DEMO_PRESETS, type DemoPreset } from '../../formats/demo-model.js';
-import { EdgeloraError } from '../../util/errors.js';
 
 const help = `Usage: edgelora demo-model <out-dir> [flags]
 
@@ -33,22 +32,17 @@ export const demoModelCommand: Command = {
       seed: { type: 'string' },
       force: { type: 'boolean' },
       json: { type: 'boolean' },
-    });
+    }, { positionals: ['out-dir'] });
     if (h) {
       process.stdout.write(help + '\n');
       return 0;
     }
     const out = requirePositional('demo-model', 'out-dir', positionals[0]);
-    if (positionals.length > 1) {
-      throw new EdgeloraError(`unexpected argument "${positionals[1]}"`, { where: 'edgelora demo-model', hint: 'run `edgelora demo-model --help`' });
-    }
-    const preset = (values.preset as string | undefined) ?? 'tiny';
-    if (!Object.prototype.hasOwnProperty.call(DEMO_PRESETS, preset)) {
-      throw new EdgeloraError(`--preset ${preset}: unknown preset`, { where: '--preset', hint: `use one of ${Object.keys(DEMO_PRESETS).join(', ')}` });
-    }
-    const seed = numberFlag('seed', values.seed as string | undefined, 0, { integer: true, min: 0, max: 0xffffffff });
+    const preset = choiceFlag('preset', values.preset, Object.keys(DEMO_PRESETS) as DemoPreset[]) ?? 'tiny';
+    const seed = numberFlag('seed', values.seed, 0, { integer: true, min: 0, max: 0xffffffff });
+    await checkOutputPath(out, { force: Boolean(values.force), what: 'the output directory' });
     const t0 = Date.now();
-    const res = await makeDemoModel(out, { preset: preset as DemoPreset, seed, replace: Boolean(values.force) });
+    const res = await makeDemoModel(out, { preset, seed, replace: Boolean(values.force) });
     if (values.json) {
       process.stdout.write(JSON.stringify({ dir: res.dir, preset, seed, params: res.params }) + '\n');
     } else {

@@ -63,7 +63,7 @@ export const demoCommand: Command = {
       seed: { type: 'string' },
       'keep-running': { type: 'boolean' },
       json: { type: 'boolean' },
-    });
+    }, { positionals: [] });
     if (h) {
       process.stdout.write(help + '\n');
       return 0;

@@ -66,7 +66,7 @@ function profileLines(rp: ResolvedProfile): string[] {
     `  threads       ${rp.threads}`,
     `  4-bit format  ${rp.defaultFormat}${rp.defaultFormat !== p.defaultFormat ? ` (profile says ${p.defaultFormat})` : ''}`,
     `  max context   ${rp.maxContext} tokens`,
-    `  fine-tune     batch ${ft.batchSize} × ${ft.seqLen} tokens, rank ${ft.rank} (alpha ${ft.alpha}) on ${ft.targets.join(', ')}, recompute ${ft.recompute ? 'on' : 'off'}`,
+    `  fine-tune     batch ${ft.batchSize} × ${ft.seqLen} tokens, rank ${ft.rank} (alpha ${ft.alpha}) on ${ft.targets.join(', ')}, recompute ${ft.recompute ? 'on' : 'off'} (finetune's defaults)`,
   ];
 }
 
@@ -87,7 +87,7 @@ export const doctorCommand: Command = {
         arch: { type: 'string' },
         'timeout-ms': { type: 'string' },
       },
-      { allowPositionals: false },
+      { positionals: [] },
     );
     if (wantHelp) {
       process.stdout.write(help + '\n');

@@ -36,7 +36,7 @@ export const evalCommand: Command = {
       adapter: { type: 'string', multiple: true },
       ...PROFILE_FLAGS,
       json: { type: 'boolean' },
-    });
+    }, { positionals: [] });
     if (h) {
       process.stdout.write(help + '\n');
       return 0;

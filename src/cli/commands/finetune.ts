@@ -1,7 +1,12 @@
 // `edgelora finetune`: train a LoRA adapter on a frozen quantized base (a thin layer over
 // src/train/trainer.ts `finetune()`).
 import type { Command } from '../command.js';
-import { parseFlags, numberFlag, requireFlag } from '../command.js';
+import { parseFlags, numberFlag, requireFlag, checkOutputPath, choiceFlag } from '../command.js';
+import path from 'node:path';
+import { readManifest } from '../../model/manifest.js';
+import { parseHfConfig } from '../../formats/hf-config.js';
+import { readPeftConfig } from '../../adapters/peft.js';
+import type { FinetuneDefaults } from '../../profiles/schema.js';
 import { finetune, type FinetuneOptions } from '../../train/trainer.js';
 import { LINEAR_PROJS, type Proj } from '../../model/llama.js';
 import { EdgeloraError } from '../../util/errors.js';
@@ -17,24 +22,28 @@ Trains a LoRA adapter on the frozen (4-bit) base: forward, loss and backward run
 session; the optimizer runs on the host. Loss: mean token NLL over all label tokens (labels -100
 ignored), on the JSONL formats of \`edgelora eval\`. Each row is its own right-padded sequence.
 The output is a PEFT adapter directory (+ training_log.jsonl), bound to the base's fingerprint.
+Batch size, sequence length, rank, alpha, targets and recomputation default to the device profile's
+fine-tune settings (\`edgelora doctor\` shows them); a flag overrides one, and the settings used are
+printed before training (and in --json).
 
 Flags:
   --model DIR            a directory written by \`edgelora quantize\` (required)
   --data FILE            JSONL training data (required)
   --out DIR              adapter directory to create (required; must not exist)
-  --rank R               LoRA rank (default 8)
-  --alpha A              LoRA alpha; scale = alpha / rank (default 16)
-  --targets LIST         comma-separated projections, or all-linear (default q_proj,v_proj)
+  --rank R               LoRA rank (default: the device profile's, e.g. 8)
+  --alpha A              LoRA alpha; scale = alpha / rank (default: the profile's, e.g. 16)
+  --targets LIST         comma-separated projections, or all-linear (default: the profile's, e.g. q_proj,v_proj)
   --steps N              optimizer steps (default: --epochs passes over the data)
   --epochs E             passes over the data when --steps is not given (default 1)
   --lr LR                peak learning rate (default 2e-4)
   --optimizer NAME       adamw (betas 0.9/0.999, eps 1e-8) or sgd (default adamw)
   --weight-decay WD      weight decay (default 0)
-  --batch-size B         rows per micro-batch (default 4)
+  --batch-size B         rows per micro-batch (default: the profile's, e.g. 1)
   --grad-accum G         micro-batches per optimizer step (default 1)
-  --seq-len L            longer rows are truncated, with a warning naming the line (default min(512, context))
+  --seq-len L            longer rows are truncated, with a warning naming the line
+                         (default: the profile's, e.g. 256, at most the model's context)
   --max-grad-norm X      clip gradients to this global norm; 0 disables (default 1.0)
-  --lora-dropout P       dropout on the LoRA input; 0 disables (default 0.05)
+  --lora-dropout P       dropout on the LoRA input, in [0, 1); 0 disables (default 0.05)
   --warmup N             linear warmup steps (default 0)
   --schedule NAME        cosine, linear or constant after warmup (default linear)
   --init-adapter DIR     continue from this adapter (its rank, alpha and targets are kept)
@@ -44,7 +53,9 @@ Flags:
   --seed S               seed of the init, data order and dropout (default 0)
 ${PROFILE_HELP}
   --memory-budget SIZE   refuse plans whose estimated peak exceeds SIZE (bytes, or e.g. 4GiB, 512MB)
-  --recompute            recompute each layer's activations in backward (less memory, slower)
+  --recompute            recompute each layer's activations in backward (less memory, slower;
+                         default: the profile's, see \`edgelora doctor\`)
+  --no-recompute         keep activations for backward (more memory, faster)
   --dtype NAME           adapter tensors on disk: f32, f16 or bf16 (default f32)
   --json                 print one JSON summary (final loss, loss per step, tokens/s, peak RSS)
   -h, --help             this text`;
@@ -56,7 +67,7 @@ export function parseByteSize(flag: string, raw: string): number {
   const m = /^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*$/.exec(raw);
   const unit = UNITS[(m?.[2] ?? '').toLowerCase() || 'b'];
   if (!m || unit === undefined || !(Number(m[1]) > 0)) {
-    throw new EdgeloraError(`--${flag} ${raw}: not a size`, { where: `--${flag}`, hint: 'give bytes or a number with a unit: 4GiB, 512MB, 2e9' });
+    throw new EdgeloraError(`not a size: ${JSON.stringify(raw)}`, { where: `--${flag}`, hint: 'give bytes or a number with a unit: 4GiB, 512MB, 2e9' });
   }
   return Math.floor(Number(m[1]) * unit);
 }
@@ -67,18 +78,64 @@ export function parseTargets(raw: string | undefined): Proj[] | undefined {
   const list = raw.split(',').map((s) => s.trim()).filter(Boolean);
   for (const t of list) {
     if (!(LINEAR_PROJS as readonly string[]).includes(t)) {
-      throw new EdgeloraError(`--targets: unknown projection "${t}"`, { where: '--targets', hint: `choose from ${LINEAR_PROJS.join(', ')}, or all-linear` });
+      throw new EdgeloraError(`unknown projection "${t}"`, { where: '--targets', hint: `choose from ${LINEAR_PROJS.join(', ')}, or all-linear` });
     }
   }
-  if (list.length === 0) throw new EdgeloraError('--targets is empty', { where: '--targets', hint: `choose from ${LINEAR_PROJS.join(', ')}, or all-linear` });
+  if (list.length === 0) throw new EdgeloraError('no projection given', { where: '--targets', hint: `choose from ${LINEAR_PROJS.join(', ')}, or all-linear` });
   return list as Proj[];
 }
 
-function choice<T extends string>(flag: string, raw: string | undefined, options: readonly T[]): T | undefined {
-  if (raw === undefined) return undefined;
-  if (!(options as readonly string[]).includes(raw)) throw new EdgeloraError(`--${flag} ${raw}: choose ${options.join(', ')}`, { where: `--${flag}` });
-  return raw as T;
+type From = 'flag' | 'profile' | 'model context';
+type Setting<T> = { value: T; from: From };
+
+export interface FinetuneSettings {
+  /** Absent with --init-adapter and no flag: the adapter's own rank, alpha and targets are kept. */
+  rank?: Setting<number>;
+  alpha?: Setting<number>;
+  targets?: Setting<Proj[]>;
+  batchSize: Setting<number>;
+  seqLen: Setting<number>;
+  recompute: Setting<boolean>;
 }
+
+/**
+ * The fine-tune settings: each flag given, else the device profile's default (what \`doctor\`
+ * shows); the profile's sequence length is capped at the model's context.
+ */
+export async function finetuneSettings(
+  modelDir: string,
+  flags: { rank?: number | undefined; alpha?: number | undefined; targets?: Proj[] | undefined; batchSize?: number | undefined; seqLen?: number | undefined; recompute?: boolean | undefined },
+  profile: FinetuneDefaults,
+  continuing: boolean,
+): Promise<FinetuneSettings> {
+  const pick = <T>(flag: T | undefined, def: T): Setting<T> => (flag !== undefined ? { value: flag, from: 'flag' } : { value: def, from: 'profile' });
+  const manifest = await readManifest(modelDir);
+  const context = parseHfConfig(manifest.sourceConfig, path.join(modelDir, 'manifest.json')).maxPositionEmbeddings;
+  const profileTargets = parseTargets(profile.targets.join(',')) ?? [];
+  const seqLen: Setting<number> =
+    flags.seqLen !== undefined ? { value: flags.seqLen, from: 'flag' } : profile.seqLen > context ? { value: context, from: 'model context' } : { value: profile.seqLen, from: 'profile' };
+  return {
+    ...(flags.rank !== undefined || !continuing ? { rank: pick(flags.rank, profile.rank) } : {}),
+    ...(flags.alpha !== undefined || !continuing ? { alpha: pick(flags.alpha, profile.alpha) } : {}),
+    ...(flags.targets !== undefined || !continuing ? { targets: pick(flags.targets, profileTargets) } : {}),
+    batchSize: pick(flags.batchSize, profile.batchSize),
+    seqLen,
+    recompute: pick(flags.recompute, profile.recompute),
+  };
+}
+
+/** "settings: batch 1 × 256 tokens, rank 8 (alpha 16) on q_proj, v_proj, recompute on — profile …" */
+export function describeSettings(st: FinetuneSettings, profileId: string): string {
+  const mark = (x: { from: From } | undefined) => (x && x.from !== 'profile' ? ` [${x.from}]` : '');
+  const lora = st.rank && st.alpha && st.targets
+    ? `rank ${st.rank.value}${mark(st.rank)} (alpha ${st.alpha.value}${mark(st.alpha)}) on ${st.targets.value.join(', ')}${mark(st.targets)}`
+    : "the --init-adapter's rank, alpha and targets";
+  return (
+    `settings: batch ${st.batchSize.value}${mark(st.batchSize)} × ${st.seqLen.value}${mark(st.seqLen)} tokens, ${lora}, ` +
+    `recompute ${st.recompute.value ? 'on' : 'off'}${mark(st.recompute)} (defaults from profile ${profileId}; [flag] marks a flag)`
+  );
+}
+
 
 export const finetuneCommand: Command = {
   name: 'finetune',
@@ -112,9 +169,10 @@ export const finetuneCommand: Command = {
       'memory-budget': { type: 'string' },
       ...PROFILE_FLAGS,
       recompute: { type: 'boolean' },
+      'no-recompute': { type: 'boolean' },
       dtype: { type: 'string' },
       json: { type: 'boolean' },
-    });
+    }, { positionals: [] });
     if (h) {
       process.stdout.write(help + '\n');
       return 0;
@@ -122,34 +180,50 @@ export const finetuneCommand: Command = {
     const s = (k: string) => v[k as keyof typeof v] as string | undefined;
     const num = (flag: string, check: Parameters<typeof numberFlag>[3] = {}) => (s(flag) === undefined ? undefined : numberFlag(flag, s(flag), 0, check));
     const json = Boolean(v.json);
-    const dtype = choice('dtype', s('dtype'), ['f32', 'f16', 'bf16'] as const);
-    const rank = num('rank', { integer: true });
-    if (rank !== undefined && rank < 1) throw new EdgeloraError(`--rank ${rank}: must be at least 1`, { where: '--rank' });
-    const lr = num('lr');
-    if (lr !== undefined && lr <= 0) throw new EdgeloraError(`--lr ${lr}: must be a positive number`, { where: '--lr' });
+    const dtype = choiceFlag('dtype', s('dtype'), ['f32', 'f16', 'bf16'] as const);
+    const model = requireFlag('finetune', 'model', s('model'));
+    const data = requireFlag('finetune', 'data', s('data'));
+    const out = requireFlag('finetune', 'out', s('out'));
+    const lr = num('lr', { positive: true });
     const memoryBudget = s('memory-budget') === undefined ? undefined : parseByteSize('memory-budget', s('memory-budget')!);
-    // The device profile gives the memory budget (unless --memory-budget is set) and the execution providers.
+    if (v.recompute && v['no-recompute']) throw new EdgeloraError('give --recompute or --no-recompute, not both', { where: 'edgelora finetune' });
+    // Flags are checked before the profile is resolved and before any file is read.
+    const flagged = {
+      rank: num('rank', { integer: true, min: 1 }),
+      alpha: num('alpha', { positive: true }),
+      targets: parseTargets(s('targets')),
+      batchSize: num('batch-size', { integer: true, min: 1 }),
+      seqLen: num('seq-len', { integer: true, min: 2 }),
+      recompute: v.recompute ? true : v['no-recompute'] ? false : undefined,
+    };
+    const loraDropout = num('lora-dropout', { min: 0, below: 1 });
+    await checkOutputPath(out, { what: 'the --out adapter directory', hint: 'choose a new --out directory (or remove the old adapter); --resume continues from <out>.checkpoint' });
+    // The device profile gives the memory budget (unless --memory-budget is set), the execution
+    // providers, and the fine-tune settings no flag gave.
     const rp = await resolveProfile({ profile: s('profile') ?? 'auto', overrides: parseProfileSets((v['profile-set'] as string[] | undefined) ?? []) });
+    const settings = await finetuneSettings(model, flagged, rp.finetuneDefaults, Boolean(s('init-adapter')));
+    if (!json) process.stderr.write(`${describeSettings(settings, rp.profile.id)}\n`);
     let progress: Progress | null = null;
     const opts: FinetuneOptions = {
-      model: requireFlag('finetune', 'model', s('model')),
-      data: requireFlag('finetune', 'data', s('data')),
-      out: requireFlag('finetune', 'out', s('out')),
-      ...(rank !== undefined ? { rank } : {}),
-      ...(num('alpha', { positive: true }) !== undefined ? { alpha: num('alpha')! } : {}),
-      ...(parseTargets(s('targets')) ? { targets: parseTargets(s('targets'))! } : {}),
+      model,
+      data,
+      out,
+      ...(settings.rank ? { rank: settings.rank.value } : {}),
+      ...(settings.alpha ? { alpha: settings.alpha.value } : {}),
+      ...(settings.targets ? { targets: settings.targets.value } : {}),
+      batchSize: settings.batchSize.value,
+      seqLen: settings.seqLen.value,
+      recompute: settings.recompute.value,
       ...(num('steps', { integer: true, min: 1 }) !== undefined ? { steps: num('steps')! } : {}),
       ...(num('epochs', { positive: true }) !== undefined ? { epochs: num('epochs')! } : {}),
       ...(lr !== undefined ? { lr } : {}),
-      ...(choice('optimizer', s('optimizer'), ['adamw', 'sgd'] as const) ? { optimizer: s('optimizer') as 'adamw' | 'sgd' } : {}),
+      ...(choiceFlag('optimizer', s('optimizer'), ['adamw', 'sgd'] as const) ? { optimizer: s('optimizer') as 'adamw' | 'sgd' } : {}),
       ...(num('weight-decay', { min: 0 }) !== undefined ? { weightDecay: num('weight-decay')! } : {}),
-      ...(num('batch-size', { integer: true, min: 1 }) !== undefined ? { batchSize: num('batch-size')! } : {}),
       ...(num('grad-accum', { integer: true, min: 1 }) !== undefined ? { gradAccum: num('grad-accum')! } : {}),
-      ...(num('seq-len', { integer: true, min: 2 }) !== undefined ? { seqLen: num('seq-len')! } : {}),
       ...(num('max-grad-norm', { min: 0 }) !== undefined ? { maxGradNorm: num('max-grad-norm')! } : {}),
-      ...(num('lora-dropout', { min: 0 }) !== undefined ? { loraDropout: num('lora-dropout')! } : {}),
+      ...(loraDropout !== undefined ? { loraDropout } : {}),
       ...(num('warmup', { integer: true, min: 0 }) !== undefined ? { warmup: num('warmup')! } : {}),
-      ...(choice('schedule', s('schedule'), ['cosine', 'linear', 'constant'] as const) ? { schedule: s('schedule') as 'cosine' | 'linear' | 'constant' } : {}),
+      ...(choiceFlag('schedule', s('schedule'), ['cosine', 'linear', 'constant'] as const) ? { schedule: s('schedule') as 'cosine' | 'linear' | 'constant' } : {}),
       ...(s('init-adapter') ? { initAdapter: s('init-adapter')! } : {}),
       ...(s('eval-data') ? { evalData: s('eval-data')! } : {}),
       ...(num('save-every', { integer: true, min: 0 }) !== undefined ? { saveEvery: num('save-every')! } : {}),
@@ -158,7 +232,6 @@ export const finetuneCommand: Command = {
       ...(memoryBudget !== undefined ? { memoryBudget } : {}),
       profile: { id: rp.profile.id, memoryBudgetBytes: rp.memoryBudgetBytes },
       sessionOptions: rp.sessionOptions({ graphOptimizationLevel: 'all', enableCpuMemArena: false }),
-      ...(v.recompute ? { recompute: true } : {}),
       ...(dtype ? { dtype: dtype.toUpperCase() as StDType } : {}),
       onWarning: (m) => process.stderr.write(`warning: ${m}\n`),
       onStep: (e, total) => {
@@ -168,9 +241,24 @@ export const finetuneCommand: Command = {
     };
     const res = await finetune(opts);
     if (json) {
+      // The adapter's own config is the truth for rank/alpha/targets/dropout (with --init-adapter
+      // they come from the adapter continued); the rest is what was passed to the trainer.
+      const written = await readPeftConfig(res.out);
       process.stdout.write(
         JSON.stringify({
           out: res.out,
+          profile: rp.profile.id,
+          settings: {
+            rank: written.r,
+            alpha: written.lora_alpha,
+            targets: written.target_modules,
+            lora_dropout: written.lora_dropout,
+            batch_size: settings.batchSize.value,
+            seq_len: settings.seqLen.value,
+            recompute: settings.recompute.value,
+            ...(lr !== undefined ? { lr } : {}),
+          },
+          settings_from: Object.fromEntries(Object.entries(settings).flatMap(([k, x]) => (x ? [[k, x.from]] : []))),
           steps: res.steps,
           resumed_from: res.resumedFrom,
           final_loss: res.finalLoss,

@@ -15,6 +15,7 @@ shows "offline" (its last will).
   --wait-ms <ms>     how long to collect retained statuses (default 1000)
   --client-id <id>   MQTT client id (default: --username, else op-<random>)
   --json             print {"hub", "devices", "invalid"} as JSON
+  -h, --help         this text
 
 ${brokerHelp}`,
   async run(argv) {
@@ -23,7 +24,7 @@ ${brokerHelp}`,
       'wait-ms': { type: 'string' },
       'client-id': { type: 'string' },
       json: { type: 'boolean' },
-    });
+    }, { positionals: [] });
     if (help) {
       process.stdout.write(`${this.help}\n`);
       return 0;

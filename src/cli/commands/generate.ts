@@ -39,7 +39,7 @@ export const generateCommand: Command = {
       adapter: { type: 'string', multiple: true },
       ...PROFILE_FLAGS,
       json: { type: 'boolean' },
-    });
+    }, { positionals: [] });
     if (h) {
       process.stdout.write(help + '\n');
       return 0;
@@ -47,7 +47,7 @@ export const generateCommand: Command = {
     const dir = requireFlag('generate', 'model', values.model as string | undefined);
     const prompt = values.prompt as string | undefined;
     if (prompt === undefined) throw new EdgeloraError('missing --prompt', { where: 'edgelora generate', hint: 'run `edgelora generate --help`' });
-    const maxNewTokens = numberFlag('max-new-tokens', values['max-new-tokens'] as string | undefined, 64, { integer: true, min: 1 });
+    const askedNewTokens = numberFlag('max-new-tokens', values['max-new-tokens'], 64, { integer: true, min: 1 });
     const temperature = numberFlag('temperature', values.temperature as string | undefined, 0, { min: 0 });
     const topK = numberFlag('top-k', values['top-k'] as string | undefined, 0, { integer: true, min: 0 });
     const topP = numberFlag('top-p', values['top-p'] as string | undefined, 1, { positive: true, max: 1 });
@@ -57,13 +57,29 @@ export const generateCommand: Command = {
       adapters: (values.adapter as string[] | undefined) ?? [],
       profile: values.profile as string | undefined,
       profileSets: values['profile-set'] as string[] | undefined,
-      context: Math.ceil(prompt.length / 2) + maxNewTokens, // a conservative token estimate before tokenizing
+      context: Math.ceil(prompt.length / 2) + askedNewTokens, // a conservative token estimate before tokenizing
       lower: ['--max-new-tokens', 'the prompt length'],
     });
     const tok = model.tokenizer;
     const text = values.chat ? tok.applyChatTemplate([{ role: 'user', content: prompt }], { addGenerationPrompt: true }) : prompt;
     const promptIds = tok.encode(text, { addSpecialTokens: !values.chat });
     if (promptIds.length === 0) throw new EdgeloraError('the prompt encodes to no tokens', { where: '--prompt' });
+    // The KV cache cannot grow past the model's context: say so once and clamp, rather than stop
+    // quietly after fewer tokens than asked for.
+    const context = model.cfg.maxPositionEmbeddings;
+    if (promptIds.length >= context) {
+      await model.release();
+      throw new EdgeloraError(`the prompt is ${promptIds.length} tokens; the model's context is ${context}, so no token fits after it`, {
+        where: '--prompt',
+        hint: 'shorten the prompt',
+      });
+    }
+    const maxNewTokens = Math.min(askedNewTokens, context - promptIds.length);
+    if (maxNewTokens < askedNewTokens) {
+      process.stderr.write(
+        `notice: --max-new-tokens ${askedNewTokens} clamped to ${maxNewTokens}: the model's context is ${context} tokens and the prompt takes ${promptIds.length}\n`,
+      );
+    }
     const json = Boolean(values.json);
     const res = await generate(model, promptIds, {
       maxNewTokens,
@@ -81,6 +97,7 @@ export const generateCommand: Command = {
           prompt_ids: res.promptIds,
           token_ids: res.tokenIds,
           stop_reason: res.stopReason,
+          max_new_tokens: maxNewTokens,
           prefill_ms: Number(res.prefillMs.toFixed(2)),
           prefill_tokens_per_s: Number((res.promptIds.length / (res.prefillMs / 1000)).toFixed(1)),
           decode_tokens_per_s: Number(res.decodeTokensPerSecond.toFixed(2)),

@@ -25,6 +25,7 @@ Runs until SIGINT/SIGTERM. Operators publish with \`edgelora publish\`; devices 
   --coalesce-ms <ms>         gather missing-chunk requests this long before one resend (default 250)
   --rate <bytes/s>           cap on broadcast chunk bytes per second (default unlimited)
   --quiet                    no log lines on stderr
+  -h, --help                 this text
 
 ${brokerHelp}`,
   async run(argv) {
@@ -42,7 +43,7 @@ ${brokerHelp}`,
       'coalesce-ms': { type: 'string' },
       rate: { type: 'string' },
       quiet: { type: 'boolean' },
-    });
+    }, { positionals: [] });
     if (help) {
       process.stdout.write(`${this.help}\n`);
       return 0;
@@ -50,20 +51,24 @@ ${brokerHelp}`,
     const store = requireFlag('hub', 'store', v.store);
     const key = await loadSigningKey(requireFlag('hub', 'key', v.key));
     const log = v.quiet ? undefined : (line: string) => process.stderr.write(`${line}\n`);
+    // Every flag is checked before the embedded broker starts listening.
+    const rate = v.rate === undefined ? undefined : numberFlag('rate', v.rate, 0, { positive: true });
+    const chunkSize = numberFlag('chunk-size', v['chunk-size'], 256 * 1024, { integer: true, min: 1024, max: 16 * 1024 * 1024 });
+    const coalesceMs = numberFlag('coalesce-ms', v['coalesce-ms'], 250, { min: 0 });
+    const port = v['embedded-broker'] === undefined ? undefined : numberFlag('embedded-broker', v['embedded-broker'], 1883, { integer: true, min: 0, max: 65535 });
+    if (port === undefined) brokerOptions('hub', v); // throws on a missing or bad --broker now; with the embedded broker its URL is known only once it listens
     let embedded: EmbeddedBroker | null = null;
-    if (v['embedded-broker'] !== undefined) {
-      const port = numberFlag('embedded-broker', v['embedded-broker'], 1883, { integer: true, min: 0, max: 65535 });
+    if (port !== undefined) {
       embedded = await startEmbeddedBroker(port, v.host ?? '127.0.0.1');
       log?.(`hub: embedded MQTT 3.1.1 broker on ${embedded.url}`);
     }
-    const rate = v.rate === undefined ? undefined : numberFlag('rate', v.rate, 0, { positive: true });
     const hub = new Hub({
       broker: brokerOptions('hub', v, embedded?.url),
       storeDir: store,
       key,
       ...(v['client-id'] ? { clientId: v['client-id'] } : {}),
-      chunkSize: numberFlag('chunk-size', v['chunk-size'], 256 * 1024, { integer: true, min: 1024, max: 16 * 1024 * 1024 }),
-      coalesceMs: numberFlag('coalesce-ms', v['coalesce-ms'], 250, { min: 0 }),
+      chunkSize,
+      coalesceMs,
       ...(rate !== undefined ? { rateBytesPerSec: rate } : {}),
       ...(log ? { log } : {}),
     });

@@ -1,29 +1,73 @@
-// `edgelora keygen <out-prefix>`: makes the hub's Ed25519 signing key pair.
-import { existsSync } from 'node:fs';
+// `edgelora keygen <out-prefix>`: makes the hub's Ed25519 signing key pair, refusing to leave the
+// private key where `git add .` would pick it up.
+import { existsSync, promises as fs } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import path from 'node:path';
 import type { Command } from '../command.js';
 import { parseFlags, requirePositional } from '../command.js';
 import { EdgeloraError } from '../../util/errors.js';
 import { writeKeyPair } from '../../sync/signing.js';
 
+/** The git work tree `dir` lies in (the nearest ancestor holding .git), or null. */
+function gitWorkTree(dir: string): string | null {
+  for (let d = path.resolve(dir); ; d = path.dirname(d)) {
+    if (existsSync(path.join(d, '.git'))) return d;
+    if (path.dirname(d) === d) return null;
+  }
+}
+
+/**
+ * Whether git ignores `file` (any .gitignore, .git/info/exclude or global excludes). Without a
+ * git binary to ask, nothing counts as ignored: the caller then refuses, which is the safe side.
+ */
+function gitIgnores(file: string): boolean {
+  try {
+    execFileSync('git', ['check-ignore', '-q', '--', path.basename(file)], { cwd: path.dirname(file), stdio: 'ignore' });
+    return true; // exit 0: ignored
+  } catch {
+    return false; // exit 1: not ignored; 128 or no git: unknown
+  }
+}
+
 export const keygenCommand: Command = {
   name: 'keygen',
   summary: 'make an Ed25519 key pair for signing adapter manifests (hub)',
-  help: `Usage: edgelora keygen <out-prefix> [--force] [--json]
+  help: `Usage: edgelora keygen <out-prefix> [--force] [--allow-work-tree] [--json]
 
 Writes <out-prefix>.key (PKCS#8 PEM private key, mode 0600: give it to \`edgelora hub --key\`)
 and <out-prefix>.pub (SPKI PEM public key: give it to every \`edgelora agent --trust\`).
+The directory of <out-prefix> is created (mode 0700) when missing, e.g. \`edgelora keygen keys/hub\`.
+Inside a git work tree the private key is written only where .gitignore covers it (e.g. *.key),
+so that it is never committed by accident.
 
-  --force   overwrite existing files
-  --json    print {"key", "pub", "keyId"} as JSON`,
+  --force             overwrite existing files
+  --allow-work-tree   write the private key inside a git work tree even where git does not ignore it
+  --json              print {"key", "pub", "keyId"} as JSON
+  -h, --help          this text`,
   async run(argv) {
-    const { values, positionals, help } = parseFlags('keygen', argv, { force: { type: 'boolean' }, json: { type: 'boolean' } });
+    const { values, positionals, help } = parseFlags(
+      'keygen',
+      argv,
+      { force: { type: 'boolean' }, 'allow-work-tree': { type: 'boolean' }, json: { type: 'boolean' } },
+      { positionals: ['out-prefix'] },
+    );
     if (help) {
       process.stdout.write(`${this.help}\n`);
       return 0;
     }
     const prefix = requirePositional('keygen', 'out-prefix', positionals[0]);
-    for (const f of [`${prefix}.key`, `${prefix}.pub`]) {
+    const keyFile = `${prefix}.key`;
+    for (const f of [keyFile, `${prefix}.pub`]) {
       if (existsSync(f) && !values.force) throw new EdgeloraError(`${f} exists`, { where: f, hint: 'pass --force to overwrite it' });
+    }
+    const dir = path.dirname(path.resolve(keyFile));
+    await fs.mkdir(dir, { recursive: true, mode: 0o700 });
+    const tree = gitWorkTree(dir);
+    if (tree !== null && !values['allow-work-tree'] && !gitIgnores(path.resolve(keyFile))) {
+      throw new EdgeloraError(`would write the hub's private key inside the git work tree ${tree}, where git does not ignore it`, {
+        where: keyFile,
+        hint: 'write it outside the repository (e.g. ~/.config/edgelora/hub), add *.key to .gitignore, or pass --allow-work-tree',
+      });
     }
     const r = await writeKeyPair(prefix);
     if (values.json) process.stdout.write(`${JSON.stringify({ key: r.keyFile, pub: r.pubFile, keyId: r.keyId })}\n`);

@@ -25,6 +25,7 @@ once the hub has published it (devices then download in the background: see \`ed
   --client-id <id>       MQTT client id (default: --username, else op-<random>)
   --timeout-ms <ms>      how long to wait for the hub (default 30000)
   --json                 print the hub's reply as JSON
+  -h, --help             this text
 
 ${brokerHelp}`,
   async run(argv) {
@@ -35,7 +36,7 @@ ${brokerHelp}`,
       'client-id': { type: 'string' },
       'timeout-ms': { type: 'string' },
       json: { type: 'boolean' },
-    });
+    }, { positionals: ['adapter-dir | stored-sha256'] });
     if (help) {
       process.stdout.write(`${this.help}\n`);
       return 0;

@@ -1,10 +1,11 @@
 // `edgelora quantize`: a Hugging Face checkpoint to a quantized ONNX model directory.
 import type { Command } from '../command.js';
-import { parseFlags, numberFlag, requirePositional } from '../command.js';
+import { parseFlags, numberFlag, requirePositional, choiceFlag, checkOutputPath } from '../command.js';
 import { quantizeModel, DEFAULT_BLOCK_SIZE } from '../../model/quantize.js';
 import { QUANT_FORMATS, type QuantFormat } from '../../model/weights.js';
 import { EdgeloraError } from '../../util/errors.js';
 import { Progress } from '../../util/progress.js';
+import { expectDir } from '../../formats/dir-kind.js';
 
 const help = `Usage: edgelora quantize <hf-dir> <out-dir> [flags]
 
@@ -36,25 +37,29 @@ export const quantizeCommand: Command = {
       force: { type: 'boolean' },
       'int4-accuracy': { type: 'string' },
       json: { type: 'boolean' },
-    });
+    }, { positionals: ['hf-dir', 'out-dir'] });
     if (h) {
       process.stdout.write(help + '\n');
       return 0;
     }
     const hfDir = requirePositional('quantize', 'hf-dir', positionals[0]);
     const outDir = requirePositional('quantize', 'out-dir', positionals[1]);
-    const format = (values.format ?? 'nf4') as QuantFormat;
-    if (!QUANT_FORMATS.includes(format)) {
-      throw new EdgeloraError(`unknown --format "${values.format}"`, { where: '--format', hint: `use one of ${QUANT_FORMATS.join(', ')}` });
+    const format: QuantFormat = choiceFlag('format', values.format, QUANT_FORMATS) ?? 'nf4';
+    const blockSize = numberFlag('block-size', values['block-size'], DEFAULT_BLOCK_SIZE[format], { integer: true, min: 16 });
+    if ((blockSize & (blockSize - 1)) !== 0) throw new EdgeloraError(`must be a power of two (16, 32, 64, …), not ${blockSize}`, { where: '--block-size' });
+    const int4AccuracyLevel = numberFlag('int4-accuracy', values['int4-accuracy'], 4, { integer: true, min: 0, max: 4 });
+    if (values['double-quant'] && !(format === 'nf4' || format === 'fp4')) {
+      throw new EdgeloraError(`applies to nf4/fp4, not ${format}`, { where: '--double-quant', hint: 'drop --double-quant, or pass --format nf4' });
     }
-    const blockSize = numberFlag('block-size', values['block-size'] as string | undefined, DEFAULT_BLOCK_SIZE[format], { integer: true, min: 16 });
-    if ((blockSize & (blockSize - 1)) !== 0) throw new EdgeloraError(`--block-size ${blockSize}: must be a power of two`, { where: '--block-size' });
+    // Everything that can be refused is refused before the first tensor is read.
+    await expectDir(hfDir, 'hf-checkpoint');
+    await checkOutputPath(outDir, { force: Boolean(values.force), what: 'the output directory' });
     let progress: Progress | null = null;
     const res = await quantizeModel(hfDir, outDir, {
       format,
       blockSize,
       doubleQuant: Boolean(values['double-quant']),
-      int4AccuracyLevel: numberFlag('int4-accuracy', values['int4-accuracy'] as string | undefined, 4, { integer: true, min: 0, max: 4 }),
+      int4AccuracyLevel,
       force: Boolean(values.force),
       onTensor: (name, i, total) => {
         progress ??= new Progress({ total, label: 'quantize', silent: Boolean(values.json) });
