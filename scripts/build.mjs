@@ -1,4 +1,4 @@
-// Bundles the CLI into dist/cli.js with esbuild; run by bin/edgelora.mjs when dist/ is missing or stale, and by `npm run build`.
+// Bundles the CLI into dist/cli.js with esbuild; run by scripts/edgelora.mjs when dist/ is missing or stale, and by `npm run build`.
 // onnxruntime-node stays external: it ships a native binding that cannot be bundled.
 import { build } from 'esbuild';
 import { chmod } from 'node:fs/promises';
