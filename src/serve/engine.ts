@@ -112,6 +112,7 @@ export class ServeEngine {
   private loopDone: Promise<void> | null = null;
   private stopping = false;
   private readonly betweenBatches: (() => Promise<void> | void)[] = [];
+  private readonly defaultScales = new Map<string, number>();
 
   private constructor(
     readonly model: ModelRuntime,
@@ -145,8 +146,12 @@ export class ServeEngine {
     return engine;
   }
 
-  /** Loads and validates an adapter under `id` (same content again: no-op; other content: refused). */
-  async loadAdapter(id: string, dir: string): Promise<{ created: boolean; info: AdapterInfo }> {
+  /**
+   * Loads and validates an adapter under `id` (same content again: no-op; other content: refused).
+   * `scale` (default 1) is what a request naming the adapter gets unless it gives its own.
+   */
+  async loadAdapter(id: string, dir: string, scale = 1): Promise<{ created: boolean; info: AdapterInfo & { defaultScale: number } }> {
+    if (!Number.isFinite(scale)) throw new ServeError(`scale ${scale} is not a finite number`, 400, 'invalid_scale', 'scale');
     const existed = this.adapters.has(id);
     try {
       await this.adapters.load(dir, { id });
@@ -156,13 +161,41 @@ export class ServeEngine {
       }
       throw new ServeError(err instanceof EdgeloraError ? err.describe() : (err as Error).message, 400, 'invalid_adapter', 'path');
     }
-    return { created: !existed, info: this.adapters.list().find((a) => a.id === id)! };
+    if (!existed) this.defaultScales.set(id, scale);
+    return { created: !existed, info: this.adapterInfo().find((a) => a.id === id)! };
+  }
+
+  /** The loaded adapters, each with the scale a request gets by default. */
+  adapterInfo(): (AdapterInfo & { defaultScale: number })[] {
+    return this.adapters.list().map((a) => ({ ...a, defaultScale: this.defaultScales.get(a.id) ?? 1 }));
+  }
+
+  /**
+   * The adapter stack a request asks for: `model` is the base id or "<base>:<adapter>", then the
+   * `adapters` extension's entries. An unknown model or adapter is a 404.
+   */
+  resolveAdapters(model: string, extra: readonly { id: string; scale?: number | undefined }[] = []): { id: string; scale: number }[] {
+    const out: { id: string; scale: number }[] = [];
+    if (model !== this.modelId) {
+      const prefix = `${this.modelId}:`;
+      const id = model.startsWith(prefix) ? model.slice(prefix.length) : null;
+      if (id === null || !this.adapters.has(id)) {
+        throw new ServeError(`the model "${model}" does not exist`, 404, 'model_not_found', 'model', { hint: `GET /v1/models lists ${this.modelId} and ${this.modelId}:<adapter>` });
+      }
+      out.push({ id, scale: this.defaultScales.get(id) ?? 1 });
+    }
+    for (const a of extra) {
+      if (!this.adapters.has(a.id)) throw new ServeError(`the adapter "${a.id}" does not exist`, 404, 'adapter_not_found', 'adapters', { hint: 'GET /v1/adapters lists the loaded ones' });
+      out.push({ id: a.id, scale: a.scale ?? this.defaultScales.get(a.id) ?? 1 });
+    }
+    return out;
   }
 
   /** Unloads an adapter; rows already running with it finish with the data they started with. */
   unloadAdapter(id: string): void {
     if (!this.adapters.has(id)) throw new ServeError(`no loaded adapter "${id}"`, 404, 'adapter_not_found', 'id');
     this.adapters.unload(id);
+    this.defaultScales.delete(id);
   }
 
   /** Runs `fn` at the next token boundary, with no forward in flight (for swaps that need it). */
@@ -187,27 +220,38 @@ export class ServeEngine {
     return this.running.length;
   }
 
-  /** Checks a request against the context and the adapters, holds its adapters, and queues it. */
-  submit(req: CompletionRequest): Promise<CompletionResult> {
-    if (this.stopping) return Promise.reject(new ServeError('the server is shutting down', 503, 'shutting_down'));
-    checkSampling(req.sampling);
+  /**
+   * Throws the ServeError a request would be refused with (shutting down, sampling, context,
+   * adapters, queue); a streaming response calls it before it sends its headers.
+   */
+  check(req: Omit<CompletionRequest, 'signal' | 'onText'>, promptParam = 'prompt'): void {
+    if (this.stopping) throw new ServeError('the server is shutting down', 503, 'shutting_down');
+    try {
+      checkSampling(req.sampling);
+    } catch (err) {
+      throw new ServeError((err as Error).message.replace(/--(top-k|top-p)/g, (_m, f: string) => f.replace('-', '_')), 400, 'invalid_value');
+    }
     const P = req.promptIds.length;
-    if (P === 0) return Promise.reject(new ServeError('the prompt encodes to no tokens', 400, 'empty_prompt', 'prompt'));
+    if (P === 0) throw new ServeError('the prompt encodes to no tokens', 400, 'empty_prompt', promptParam);
     if (P >= this.ctx) {
-      return Promise.reject(new ServeError(`the prompt has ${P} tokens; this server's context is ${this.ctx} tokens (prompt + completion), so at most ${this.ctx - 1} prompt tokens`, 400, 'context_length_exceeded', 'messages'));
+      throw new ServeError(`the prompt has ${P} tokens; this server's context is ${this.ctx} tokens (prompt + completion), so at most ${this.ctx - 1} prompt tokens fit`, 400, 'context_length_exceeded', promptParam, { hint: 'shorten the prompt, or start the server with a larger --ctx' });
     }
     if (req.maxTokens > this.ctx - P) {
-      return Promise.reject(new ServeError(`max_tokens ${req.maxTokens} + ${P} prompt tokens exceed this server's context of ${this.ctx} tokens; at most ${this.ctx - P} completion tokens fit`, 400, 'context_length_exceeded', 'max_tokens'));
+      throw new ServeError(`max_tokens ${req.maxTokens} + ${P} prompt tokens exceed this server's context of ${this.ctx} tokens; at most ${this.ctx - P} completion tokens fit`, 400, 'context_length_exceeded', 'max_tokens', { hint: 'lower max_tokens' });
     }
+    const missing = req.adapters.find((a) => !this.adapters.has(a.id));
+    if (missing) throw new ServeError(`the adapter "${missing.id}" does not exist`, 404, 'adapter_not_found', 'adapters');
+    if (this.queue.length >= this.maxQueue) throw new ServeError(`the queue is full (${this.maxQueue} requests waiting)`, 429, 'queue_full', null, { hint: 'retry later' });
+  }
+
+  /** Checks a request (check()), holds its adapters' data, and queues it. */
+  submit(req: CompletionRequest): Promise<CompletionResult> {
     let set: AdapterSet;
     try {
+      this.check(req);
       set = { terms: req.adapters.map((a) => ({ held: { id: a.id, ...this.adapters.held(a.id) }, scale: a.scale })) };
-    } catch {
-      const missing = req.adapters.find((a) => !this.adapters.has(a.id))!;
-      return Promise.reject(new ServeError(`the adapter "${missing.id}" does not exist`, 404, 'model_not_found', 'model'));
-    }
-    if (this.queue.length >= this.maxQueue) {
-      return Promise.reject(new ServeError(`the queue is full (${this.maxQueue} requests waiting)`, 429, 'queue_full', null, { hint: 'retry later' }));
+    } catch (err) {
+      return Promise.reject(err);
     }
     if (req.signal?.aborted) return Promise.reject(new ServeError('the request was cancelled', 499, 'cancelled'));
     return new Promise<CompletionResult>((resolve, reject) => {
