@@ -15,6 +15,8 @@ export class ServeMetrics implements EngineObserver {
   private readonly completionTokens: client.Counter;
   private readonly batchSize: client.Histogram;
   private readonly ttft: client.Histogram;
+  private readonly decodeTokens: client.Counter;
+  private readonly decodeSeconds: client.Counter;
   private readonly steps: { rows: number; ms: number }[] = [];
 
   constructor(source: { queueDepth: () => number; running: () => number; adapters: () => AdapterInfo[] }) {
@@ -25,6 +27,8 @@ export class ServeMetrics implements EngineObserver {
     this.completionTokens = new client.Counter({ name: 'edgelora_completion_tokens_total', help: 'completion tokens generated', registers });
     this.batchSize = new client.Histogram({ name: 'edgelora_batch_size', help: 'rows per forward (prefills and decode steps)', buckets: [1, 2, 3, 4, 6, 8, 12, 16, 24, 32], registers });
     this.ttft = new client.Histogram({ name: 'edgelora_time_to_first_token_seconds', help: 'from arrival to the first sampled token', buckets: [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30], registers });
+    this.decodeTokens = new client.Counter({ name: 'edgelora_decode_tokens_total', help: 'tokens produced by decode steps (rows × steps; prefills excluded)', registers });
+    this.decodeSeconds = new client.Counter({ name: 'edgelora_decode_seconds_total', help: 'time spent in decode forwards (rate(tokens)/rate(seconds) = decode tokens/s)', registers });
     const steps = this.steps;
     new client.Gauge({ name: 'edgelora_queue_depth', help: 'requests waiting for a batch slot', registers, collect() { this.set(source.queueDepth()); } });
     new client.Gauge({ name: 'edgelora_running_rows', help: 'rows in the decode batch', registers, collect() { this.set(source.running()); } });
@@ -62,6 +66,8 @@ export class ServeMetrics implements EngineObserver {
   }
 
   decodeStep(rows: number, ms: number): void {
+    this.decodeTokens.inc(rows);
+    this.decodeSeconds.inc(ms / 1000);
     this.steps.push({ rows, ms });
     if (this.steps.length > WINDOW) this.steps.shift();
   }

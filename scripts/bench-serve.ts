@@ -1,0 +1,184 @@
+// npm run bench:serve — `edgelora serve` on the `small` demo model (int4): closed-loop clients at
+// concurrency 1, 4 and 8, each sending streamed completions one after another, with (a) every
+// request on the same adapter and (b) every client on its own adapter (8 adapters, r8 on q/v, so a
+// batch mixes up to 8 adapter sets in one forward). Reports aggregate completion tokens/s over the
+// wall time, decode-step tokens/s from the server's own counters, and p50/p95 time to first token.
+// Systems alternate order round by round; figures are medians over rounds, with per-round ratios.
+// Writes bench-results/serve.json. Flags: --rounds N (default 3), --requests K per client (default 2).
+import path from 'node:path';
+import { existsSync } from 'node:fs';
+import { benchModel, printTable, writeJson, CACHE } from './bench-common.js';
+import { startServe } from '../src/serve/server.js';
+
+const PROMPT_TOKENS = 32;
+const MAX_TOKENS = 64;
+const CONCURRENCY = [1, 4, 8] as const;
+const SYSTEMS = ['single', 'mixed'] as const;
+type System = (typeof SYSTEMS)[number];
+
+function flag(name: string, def: number): number {
+  const i = process.argv.indexOf(`--${name}`);
+  return i > 0 ? Number(process.argv[i + 1]) : def;
+}
+
+async function makeAdapter(dir: string, modelDir: string, seed: number): Promise<void> {
+  if (existsSync(dir)) return;
+  const { Rng } = await import('../src/util/rng.js');
+  const { readManifest } = await import('../src/model/manifest.js');
+  const { parseHfConfig } = await import('../src/formats/hf-config.js');
+  const { saveAdapter, makePeftConfig, moduleRankAlpha } = await import('../src/adapters/peft.js');
+  const { linearShape } = await import('../src/model/llama.js');
+  const m = await readManifest(modelDir);
+  const cfg = parseHfConfig(m.sourceConfig, modelDir);
+  const r = 8;
+  const targets = ['q_proj', 'v_proj'] as const;
+  const config = makePeftConfig({ r, alpha: 16, targets: [...targets] });
+  const rng = new Rng(seed);
+  const modules = [];
+  for (let l = 0; l < cfg.numLayers; l++) {
+    for (const p of targets) {
+      const { N, K } = linearShape(cfg, p);
+      modules.push({ layer: l, proj: p, ...moduleRankAlpha(config, l, p), a: Float32Array.from({ length: r * K }, () => rng.normal() * 0.02), b: Float32Array.from({ length: N * r }, () => rng.normal() * 0.02) });
+    }
+  }
+  await saveAdapter(dir, { config, modules, baseFingerprint: null });
+}
+
+/** One streamed completion; returns time to first token and completion tokens. */
+async function request(url: string, model: string, prompt: string): Promise<{ ttftMs: number; tokens: number }> {
+  const t0 = performance.now();
+  const res = await fetch(`${url}/v1/completions`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ model, prompt, max_tokens: MAX_TOKENS, temperature: 0, ignore_eos: true, stream: true, stream_options: { include_usage: true } }),
+  });
+  if (res.status !== 200) throw new Error(`${res.status} ${await res.text()}`);
+  let ttft = -1;
+  let tokens = 0;
+  let buf = '';
+  const dec = new TextDecoder();
+  for await (const part of res.body as unknown as AsyncIterable<Uint8Array>) {
+    buf += dec.decode(part, { stream: true });
+    let i: number;
+    while ((i = buf.indexOf('\n\n')) >= 0) {
+      const line = buf.slice(0, i).replace(/^data: /, '');
+      buf = buf.slice(i + 2);
+      if (line === '[DONE]') continue;
+      const obj = JSON.parse(line) as { choices: { text: string }[]; usage?: { completion_tokens: number } | null; error?: unknown };
+      if (obj.error) throw new Error(JSON.stringify(obj.error));
+      if (ttft < 0 && obj.choices.length > 0) ttft = performance.now() - t0;
+      if (obj.usage) tokens = obj.usage.completion_tokens;
+    }
+  }
+  return { ttftMs: ttft, tokens };
+}
+
+const quantile = (xs: number[], q: number) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1))]!;
+};
+const median = (xs: number[]) => quantile(xs, 0.5);
+
+async function main(): Promise<void> {
+  const rounds = flag('rounds', 3);
+  const perClient = flag('requests', 2);
+  const modelDir = await benchModel('int4', 'small');
+  const adapterIds = Array.from({ length: 8 }, (_, i) => `a${i}`);
+  for (const [i, id] of adapterIds.entries()) await makeAdapter(path.join(CACHE, `serve-${id}-r8qv`), modelDir, 100 + i);
+  const server = await startServe({
+    modelDir,
+    port: 0,
+    maxBatch: 8,
+    ctx: 256,
+    adapters: adapterIds.map((id) => ({ id, dir: path.join(CACHE, `serve-${id}-r8qv`), scale: 1 })),
+  });
+  const engine = await server.ready;
+  const tok = engine.model.tokenizer;
+  // A prompt of exactly PROMPT_TOKENS tokens (with BOS), the same for every request.
+  let prompt = 'The kiosk in the station greets every visitor and';
+  while (tok.encode(prompt, { addSpecialTokens: true }).length < PROMPT_TOKENS) prompt += ' then';
+  const counter = async (name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(await server.metrics.registry.metrics())?.[1] ?? 0);
+
+  const run = async (system: System, c: number) => {
+    const d0 = await counter('edgelora_decode_tokens_total');
+    const s0 = await counter('edgelora_decode_seconds_total');
+    const t0 = performance.now();
+    const ttfts: number[] = [];
+    let tokens = 0;
+    await Promise.all(
+      Array.from({ length: c }, async (_, client) => {
+        for (let k = 0; k < perClient; k++) {
+          const r = await request(server.url, `${engine.modelId}:${system === 'single' ? 'a0' : adapterIds[client % adapterIds.length]}`, prompt);
+          ttfts.push(r.ttftMs);
+          tokens += r.tokens;
+        }
+      }),
+    );
+    const wall = (performance.now() - t0) / 1000;
+    const dTok = (await counter('edgelora_decode_tokens_total')) - d0;
+    const dSec = (await counter('edgelora_decode_seconds_total')) - s0;
+    return { agg: tokens / wall, decode: dTok / dSec, ttfts };
+  };
+
+  await run('single', 2); // warm-up: first LoRA packing, ORT plans for batch shapes
+  await run('mixed', 2);
+  const results = new Map<string, { agg: number[]; decode: number[]; ttfts: number[] }>();
+  for (let round = 0; round < rounds; round++) {
+    for (const c of CONCURRENCY) {
+      const order = round % 2 === 0 ? SYSTEMS : [...SYSTEMS].reverse();
+      for (const system of order) {
+        const r = await run(system, c);
+        const key = `${system}/${c}`;
+        const acc = results.get(key) ?? { agg: [], decode: [], ttfts: [] };
+        acc.agg.push(r.agg);
+        acc.decode.push(r.decode);
+        acc.ttfts.push(...r.ttfts);
+        results.set(key, acc);
+        process.stderr.write(`round ${round + 1}/${rounds} ${key}: ${r.agg.toFixed(1)} tok/s aggregate, ${r.decode.toFixed(1)} decode tok/s\n`);
+      }
+    }
+  }
+  await server.close(1000);
+
+  const rows: { system: System; concurrency: number; agg_tok_s: number; decode_tok_s: number; ttft_p50_ms: number; ttft_p95_ms: number; vs_c1: number; vs_single: number }[] = [];
+  for (const system of SYSTEMS) {
+    for (const c of CONCURRENCY) {
+      const r = results.get(`${system}/${c}`)!;
+      const c1 = results.get(`${system}/1`)!;
+      const single = results.get(`single/${c}`)!;
+      rows.push({
+        system,
+        concurrency: c,
+        agg_tok_s: median(r.agg),
+        decode_tok_s: median(r.decode),
+        ttft_p50_ms: median(r.ttfts),
+        ttft_p95_ms: quantile(r.ttfts, 0.95),
+        vs_c1: median(r.agg.map((x, i) => x / c1.agg[i]!)),
+        vs_single: median(r.agg.map((x, i) => x / single.agg[i]!)),
+      });
+    }
+  }
+  printTable(rows);
+  const get = (s: System, c: number) => rows.find((r) => r.system === s && r.concurrency === c)!;
+  const targets = {
+    c8_over_c1_single: { measured: get('single', 8).vs_c1, target: 4 },
+    c8_over_c1_mixed: { measured: get('mixed', 8).vs_c1, target: 4 },
+    mixed_over_single: Object.fromEntries(CONCURRENCY.map((c) => [`c${c}`, { measured: get('mixed', c).vs_single, target: 0.9 }])),
+  };
+  process.stdout.write(`\nc8/c1 aggregate: single ${targets.c8_over_c1_single.measured.toFixed(2)}×, mixed ${targets.c8_over_c1_mixed.measured.toFixed(2)}× (target ≥ 4×)\n`);
+  process.stdout.write(`mixed/single: ${CONCURRENCY.map((c) => `c${c} ${get('mixed', c).vs_single.toFixed(2)}×`).join(', ')} (target ≥ 0.9×)\n`);
+  process.stdout.write('(vs_c1 and vs_single are medians of per-round ratios; shared machine, so figures are noisy)\n');
+  const file = await writeJson('serve.json', {
+    model: 'small preset, int4 (MatMulNBits, accuracy_level 4)',
+    adapters: '8 × r8 on q_proj,v_proj',
+    prompt_tokens: PROMPT_TOKENS,
+    max_tokens: MAX_TOKENS,
+    requests_per_client: perClient,
+    rounds,
+    rows,
+    targets,
+  });
+  process.stdout.write(`wrote ${file}\n`);
+}
+
+await main();
