@@ -2,7 +2,9 @@
 // concurrency 1, 4 and 8, each sending streamed completions one after another, with (a) every
 // request on the same adapter and (b) every client on its own adapter (8 adapters, r8 on q/v, so a
 // batch mixes up to 8 adapter sets in one forward). Reports aggregate completion tokens/s over the
-// wall time, decode-step tokens/s from the server's own counters, and p50/p95 time to first token.
+// wall time, decode-step tokens/s (rows per decode forward / its time), p50/p95 time to first token
+// (arrival → first sampled token, in the engine) and the client's time to its first text chunk; the
+// baseline in the same run is `generate()`, one request at a time on its own runtime.
 // Systems alternate order round by round; figures are medians over rounds, with per-round ratios.
 // Writes bench-results/serve.json. Flags: --rounds N (default 3), --requests K per client (default 2).
 import path from 'node:path';
@@ -44,7 +46,7 @@ async function makeAdapter(dir: string, modelDir: string, seed: number): Promise
   await saveAdapter(dir, { config, modules, baseFingerprint: null });
 }
 
-/** One streamed completion; returns time to first token and completion tokens. */
+/** One streamed completion; returns the time to its first text chunk and its completion tokens. */
 async function request(url: string, model: string, prompt: string): Promise<{ ttftMs: number; tokens: number }> {
   const t0 = performance.now();
   const res = await fetch(`${url}/v1/completions`, {
@@ -85,7 +87,19 @@ async function main(): Promise<void> {
   const modelDir = await benchModel('int4', 'small');
   const adapterIds = Array.from({ length: 8 }, (_, i) => `a${i}`);
   for (const [i, id] of adapterIds.entries()) await makeAdapter(path.join(CACHE, `serve-${id}-r8qv`), modelDir, 100 + i);
+  // Time to first token as the engine sees it (arrival → first sampled token): a random-weight model's
+  // first tokens often decode to an incomplete UTF-8 character, which the stream holds back.
+  const firstTokenMs: number[] = [];
+  let decodeRows = 0;
+  let decodeMs = 0;
   const server = await startServe({
+    observer: {
+      firstToken: (ms) => firstTokenMs.push(ms),
+      decodeStep: (rows, ms) => {
+        decodeRows += rows;
+        decodeMs += ms;
+      },
+    },
     modelDir,
     port: 0,
     maxBatch: 8,
@@ -97,50 +111,75 @@ async function main(): Promise<void> {
   // A prompt of exactly PROMPT_TOKENS tokens (with BOS), the same for every request.
   let prompt = 'The kiosk in the station greets every visitor and';
   while (tok.encode(prompt, { addSpecialTokens: true }).length < PROMPT_TOKENS) prompt += ' then';
-  const counter = async (name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(await server.metrics.registry.metrics())?.[1] ?? 0);
+
+  // The baseline in the same run: `generate()` on its own runtime (the plain single-request path,
+  // adapter a0 through AdapterManager), one request at a time.
+  const { ModelRuntime } = await import('../src/runtime/model.js');
+  const { AdapterManager } = await import('../src/adapters/manager.js');
+  const { generate } = await import('../src/runtime/generate.js');
+  const solo = await ModelRuntime.load(modelDir);
+  const soloAdapters = new AdapterManager(solo);
+  soloAdapters.activate(await soloAdapters.load(path.join(CACHE, 'serve-a0-r8qv'), { id: 'a0' }));
+  const promptIds = tok.encode(prompt, { addSpecialTokens: true });
+  const baseline = async () => {
+    const t0 = performance.now();
+    const r = await generate(solo, promptIds, { maxNewTokens: MAX_TOKENS, temperature: 0, topK: 0, topP: 1, seed: 0, stopAtEos: false, lora: soloAdapters.feeds() });
+    return { agg: r.tokenIds.length / ((performance.now() - t0) / 1000), decode: r.decodeTokensPerSecond, ttftMs: r.prefillMs };
+  };
 
   const run = async (system: System, c: number) => {
-    const d0 = await counter('edgelora_decode_tokens_total');
-    const s0 = await counter('edgelora_decode_seconds_total');
+    const d0 = decodeRows;
+    const s0 = decodeMs;
+    firstTokenMs.length = 0;
     const t0 = performance.now();
-    const ttfts: number[] = [];
+    const clientTtfts: number[] = [];
     let tokens = 0;
     await Promise.all(
       Array.from({ length: c }, async (_, client) => {
         for (let k = 0; k < perClient; k++) {
           const r = await request(server.url, `${engine.modelId}:${system === 'single' ? 'a0' : adapterIds[client % adapterIds.length]}`, prompt);
-          ttfts.push(r.ttftMs);
+          clientTtfts.push(r.ttftMs);
           tokens += r.tokens;
         }
       }),
     );
     const wall = (performance.now() - t0) / 1000;
-    const dTok = (await counter('edgelora_decode_tokens_total')) - d0;
-    const dSec = (await counter('edgelora_decode_seconds_total')) - s0;
-    return { agg: tokens / wall, decode: dTok / dSec, ttfts };
+    return { agg: tokens / wall, decode: (decodeRows - d0) / ((decodeMs - s0) / 1000), ttfts: [...firstTokenMs], clientTtfts };
   };
 
   await run('single', 2); // warm-up: first LoRA packing, ORT plans for batch shapes
   await run('mixed', 2);
-  const results = new Map<string, { agg: number[]; decode: number[]; ttfts: number[] }>();
+  const results = new Map<string, { agg: number[]; decode: number[]; ttfts: number[]; clientTtfts: number[] }>();
+  await baseline();
+  const base: { agg: number[]; decode: number[]; ttfts: number[] } = { agg: [], decode: [], ttfts: [] };
   for (let round = 0; round < rounds; round++) {
+    const b = await baseline();
+    base.agg.push(b.agg);
+    base.decode.push(b.decode);
+    base.ttfts.push(b.ttftMs);
+    process.stderr.write(`round ${round + 1}/${rounds} generate(): ${b.agg.toFixed(1)} tok/s, ${b.decode.toFixed(1)} decode tok/s\n`);
     for (const c of CONCURRENCY) {
       const order = round % 2 === 0 ? SYSTEMS : [...SYSTEMS].reverse();
       for (const system of order) {
         const r = await run(system, c);
         const key = `${system}/${c}`;
-        const acc = results.get(key) ?? { agg: [], decode: [], ttfts: [] };
+        const acc = results.get(key) ?? { agg: [], decode: [], ttfts: [], clientTtfts: [] };
         acc.agg.push(r.agg);
         acc.decode.push(r.decode);
         acc.ttfts.push(...r.ttfts);
+        acc.clientTtfts.push(...r.clientTtfts);
         results.set(key, acc);
         process.stderr.write(`round ${round + 1}/${rounds} ${key}: ${r.agg.toFixed(1)} tok/s aggregate, ${r.decode.toFixed(1)} decode tok/s\n`);
       }
     }
   }
   await server.close(1000);
+  await solo.release();
 
-  const rows: { system: System; concurrency: number; agg_tok_s: number; decode_tok_s: number; ttft_p50_ms: number; ttft_p95_ms: number; vs_c1: number; vs_single: number }[] = [];
+  type Out = { system: System | 'generate()'; concurrency: number; agg_tok_s: number; decode_tok_s: number; ttft_p50_ms: number; ttft_p95_ms: number; first_text_p50_ms: number | string; vs_c1: number | string; vs_single: number | string };
+  const rows: Out[] = [
+    { system: 'generate()', concurrency: 1, agg_tok_s: median(base.agg), decode_tok_s: median(base.decode), ttft_p50_ms: median(base.ttfts), ttft_p95_ms: quantile(base.ttfts, 0.95), first_text_p50_ms: '', vs_c1: '', vs_single: '' },
+  ];
   for (const system of SYSTEMS) {
     for (const c of CONCURRENCY) {
       const r = results.get(`${system}/${c}`)!;
@@ -153,13 +192,14 @@ async function main(): Promise<void> {
         decode_tok_s: median(r.decode),
         ttft_p50_ms: median(r.ttfts),
         ttft_p95_ms: quantile(r.ttfts, 0.95),
+        first_text_p50_ms: median(r.clientTtfts),
         vs_c1: median(r.agg.map((x, i) => x / c1.agg[i]!)),
         vs_single: median(r.agg.map((x, i) => x / single.agg[i]!)),
       });
     }
   }
   printTable(rows);
-  const get = (s: System, c: number) => rows.find((r) => r.system === s && r.concurrency === c)!;
+  const get = (s: System, c: number) => rows.find((r) => r.system === s && r.concurrency === c)! as Out & { vs_c1: number; vs_single: number };
   const targets = {
     c8_over_c1_single: { measured: get('single', 8).vs_c1, target: 4 },
     c8_over_c1_mixed: { measured: get('mixed', 8).vs_c1, target: 4 },

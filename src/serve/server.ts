@@ -4,7 +4,7 @@
 import { promises as fs } from 'node:fs';
 import type ort from 'onnxruntime-node';
 import type { FastifyInstance } from 'fastify';
-import { ServeEngine } from './engine.js';
+import { ServeEngine, type EngineObserver } from './engine.js';
 import { ServeMetrics } from './metrics.js';
 import { buildApp, type ServeState } from './http.js';
 import { EdgeloraError } from '../util/errors.js';
@@ -26,6 +26,8 @@ export interface ServeOptions {
   readonly bodyLimit?: number;
   readonly jsonLog?: boolean;
   readonly sessionOptions?: ort.InferenceSession.SessionOptions;
+  /** Also told what the scheduler reports (besides the metrics), e.g. by bench:serve. */
+  readonly observer?: EngineObserver;
 }
 
 export interface RunningServer {
@@ -85,7 +87,7 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
       ...(o.maxQueue !== undefined ? { maxQueue: o.maxQueue } : {}),
       ...(o.ctx !== undefined ? { ctx: o.ctx } : {}),
       ...(o.sessionOptions ? { sessionOptions: o.sessionOptions } : {}),
-      observer: metrics,
+      observer: o.observer ? chain(metrics, o.observer) : metrics,
     });
     try {
       for (const a of o.adapters ?? []) await engine.loadAdapter(a.id, a.dir, a.scale);
@@ -110,5 +112,16 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
       await engine?.shutdown(graceMs);
       await closing;
     },
+  };
+}
+
+/** One observer that tells both. */
+function chain(a: EngineObserver, b: EngineObserver): EngineObserver {
+  return {
+    batch: (n) => (a.batch?.(n), b.batch?.(n)),
+    firstToken: (ms) => (a.firstToken?.(ms), b.firstToken?.(ms)),
+    decodeStep: (n, ms) => (a.decodeStep?.(n, ms), b.decodeStep?.(n, ms)),
+    finished: (r) => (a.finished?.(r), b.finished?.(r)),
+    queueDepth: (n) => (a.queueDepth?.(n), b.queueDepth?.(n)),
   };
 }

@@ -328,3 +328,15 @@ test('SIGTERM: the CLI stops accepting, lets the running stream finish, exits 0'
     child.kill('SIGKILL');
   }
 });
+
+test('`edgelora serve --help` lists every flag; a non-loopback --host without --api-key-file exits non-zero, saying why', () => {
+  const h = spawnSync(process.execPath, ['--import', 'tsx', CLI, 'serve', '--help'], { encoding: 'utf8' });
+  assert.equal(h.status, 0, h.stderr);
+  for (const f of ['--model', '--host', '--port', '--model-id', '--adapter', '--max-batch', '--max-queue', '--ctx', '--api-key-file', '--body-limit', '--shutdown-timeout', '--profile', '--profile-set', '--json-log']) {
+    assert.match(h.stdout, new RegExp(`^\\s+${f} `, 'm'), `--help does not describe ${f}`);
+  }
+  const r = spawnSync(process.execPath, ['--import', 'tsx', CLI, 'serve', '--model', modelDir, '--host', '0.0.0.0', '--port', '0'], { encoding: 'utf8' });
+  assert.notEqual(r.status, 0);
+  assert.match(r.stderr, /would expose the API/);
+  assert.match(r.stderr, /--api-key-file/);
+});
