@@ -174,7 +174,47 @@ async function main(): Promise<void> {
     }
   }
   await server.close(1000);
+
+  // The decode forward alone, without HTTP or scheduling: per-step time at B = 1, 4, 8 rows, with
+  // one adapter for all rows or one per row, interleaved step by step so that load drifting on a
+  // shared machine hits every configuration alike. This is the kernel-level ceiling of the ratios above.
+  const { BatchLoraPacker } = await import('../src/serve/lora-batch.js');
+  const { KvSlots } = await import('../src/serve/kv-slots.js');
+  const configs = CONCURRENCY.flatMap((B) => SYSTEMS.map((system) => ({ B, system })));
+  for (const id of adapterIds.slice(1)) await soloAdapters.load(path.join(CACHE, `serve-${id}-r8qv`), { id });
+  const heldOf = (id: string) => ({ id, ...soloAdapters.held(id) });
+  const steps = flag('steps', 24);
+  type Live = { B: number; system: System; lora: ReturnType<InstanceType<typeof BatchLoraPacker>['feeds']>; slots: InstanceType<typeof KvSlots>; lengths: number[]; ms: number[] };
+  const live: Live[] = [];
+  for (const { B, system } of configs) {
+    const sets = Array.from({ length: B }, (_, b) => ({ terms: [{ held: heldOf(system === 'single' ? 'a0' : adapterIds[b]!), scale: 1 }] }));
+    const lora = new BatchLoraPacker(solo.cfg).feeds(sets);
+    const slots = new KvSlots(solo.cfg, B, PROMPT_TOKENS + steps + 8);
+    slots.ensure(PROMPT_TOKENS + steps + 8, []);
+    await solo.forward({ ids: sets.map(() => promptIds), cache: solo.cacheOver(slots.view(0, B), sets.map(() => 0), lora.key), lora, logits: 'last' });
+    live.push({ B, system, lora, slots, lengths: sets.map(() => promptIds.length), ms: [] as number[] });
+  }
+  for (let k = 0; k < steps; k++) {
+    for (const c of k % 2 === 0 ? live : [...live].reverse()) {
+      const t0 = performance.now();
+      await solo.forward({ ids: c.lengths.map(() => [5]), cache: solo.cacheOver(c.slots.view(0, c.B), c.lengths, c.lora.key), lora: c.lora, logits: 'last' });
+      c.ms.push(performance.now() - t0);
+      c.lengths = c.lengths.map((l) => l + 1);
+    }
+  }
   await solo.release();
+  const step1 = live.find((c) => c.B === 1 && c.system === 'single')!;
+  const forwardRows = live.map((c) => {
+    const single = live.find((x) => x.B === c.B && x.system === 'single')!;
+    return {
+      rows: c.B,
+      system: c.system,
+      step_ms: median(c.ms),
+      tok_s: (c.B * 1000) / median(c.ms),
+      vs_b1: median(c.ms.map((m, i) => (c.B / m) / (1 / step1.ms[i]!))),
+      vs_single: median(c.ms.map((m, i) => single.ms[i]! / m)),
+    };
+  });
 
   type Out = { system: System | 'generate()'; concurrency: number; agg_tok_s: number; decode_tok_s: number; ttft_p50_ms: number; ttft_p95_ms: number; first_text_p50_ms: number | string; vs_c1: number | string; vs_single: number | string };
   const rows: Out[] = [
@@ -199,6 +239,8 @@ async function main(): Promise<void> {
     }
   }
   printTable(rows);
+  process.stdout.write('\ndecode forward alone (no HTTP, no scheduler), steps interleaved:\n');
+  printTable(forwardRows);
   const get = (s: System, c: number) => rows.find((r) => r.system === s && r.concurrency === c)! as Out & { vs_c1: number; vs_single: number };
   const targets = {
     c8_over_c1_single: { measured: get('single', 8).vs_c1, target: 4 },
@@ -216,6 +258,7 @@ async function main(): Promise<void> {
     requests_per_client: perClient,
     rounds,
     rows,
+    forward_only: forwardRows,
     targets,
   });
   process.stdout.write(`wrote ${file}\n`);
