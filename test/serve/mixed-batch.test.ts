@@ -101,6 +101,16 @@ for (const format of ['int4', 'nf4'] as const) test(`${format}: rows with differ
       res = await rt.forward({ ids: aloneTokens.map((t) => [t[k]!]), cache: rt.cacheOver(slots.view(0, B), lengths, lora.key), lora, logits: 'last' });
       lengths = lengths.map((l) => l + 1);
     }
+    // A later batch that needs fewer adapters reuses the packed union: unused columns carry mask 0.
+    for (const b of [1, 3]) {
+      const sub = packer.feeds([rows[b]!]);
+      assert.equal(sub.tensors.get('lora.0.qkv_proj.a')?.dims[1], lora.tensors.get('lora.0.qkv_proj.a')?.dims[1], 'the union was repacked');
+      const one = new KvSlots(rt.cfg, 1, 64);
+      one.ensure(prompt.length + 1, []);
+      const r1 = await rt.forward({ ids: [prompt], cache: rt.cacheOver(one.view(0, 1), [0], sub.key), lora: sub, logits: 'last' });
+      const e1 = relError(r1.logits.subarray(0, V), alone[b]![0]!);
+      assert.ok(e1.rel < TOL_REL, `row ${b} alone over the wider union differs: rel ${e1.rel.toExponential(3)}`);
+    }
     // The sets really differ: without its adapter a row's logits would not match.
     const e = relError(alone[1]![0]!, alone[0]![0]!);
     assert.ok(e.rel > 100 * TOL_REL, `adapter a0 barely changes the logits (rel ${e.rel.toExponential(3)}); the test would not see a leak`);
