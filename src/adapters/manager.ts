@@ -31,6 +31,9 @@ interface Entry {
   contentHash: string;
 }
 
+/** Loading other content under an id that is loaded: an id always means one content. */
+export class AdapterConflictError extends EdgeloraError {}
+
 export class AdapterManager {
   private readonly entries = new Map<string, Entry>();
   private order: string[] = [];
@@ -47,7 +50,7 @@ export class AdapterManager {
     const existing = this.entries.get(id);
     // An id always means one content: loading the same content again is a no-op, other content is refused.
     if (existing && existing.contentHash === contentHash) return id;
-    if (existing) throw new EdgeloraError(`an adapter with id "${id}" is already loaded with other content`, { where: dir, hint: 'unload it first or choose another id' });
+    if (existing) throw new AdapterConflictError(`an adapter with id "${id}" is already loaded with other content`, { where: dir, hint: 'unload it first or choose another id' });
     this.entries.set(id, { adapter, active: false, scale: 1, generation: ++this.generation, contentHash });
     return id;
   }

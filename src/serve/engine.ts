@@ -8,7 +8,7 @@
 import path from 'node:path';
 import type ort from 'onnxruntime-node';
 import { ModelRuntime, type KvCache } from '../runtime/model.js';
-import { AdapterManager, type AdapterInfo } from '../adapters/manager.js';
+import { AdapterManager, AdapterConflictError, type AdapterInfo } from '../adapters/manager.js';
 import { sampleToken, checkSampling, type SamplingOptions } from '../runtime/sampling.js';
 import { StreamDecoder } from '../formats/tokenizer.js';
 import { Rng } from '../util/rng.js';
@@ -156,7 +156,7 @@ export class ServeEngine {
     try {
       await this.adapters.load(dir, { id });
     } catch (err) {
-      if (err instanceof EdgeloraError && /already loaded with other content/.test(err.message)) {
+      if (err instanceof AdapterConflictError) {
         throw new ServeError(err.message, 409, 'adapter_conflict', 'id', { hint: 'unload it first (DELETE /v1/adapters/{id}) or choose another id' });
       }
       throw new ServeError(err instanceof EdgeloraError ? err.describe() : (err as Error).message, 400, 'invalid_adapter', 'path');

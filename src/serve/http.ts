@@ -207,7 +207,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     if (!b.stream) {
       const r = await engine.submit({ ...base, signal: ac.signal });
       if (r.finishReason === 'cancelled') {
-        if (raw.destroyed) return reply;
+        if (raw.destroyed) return reply.hijack(); // the client is gone: nothing to send
         throw new ServeError('the server is shutting down; the request was cancelled', 503, 'shutting_down');
       }
       const choice = kind === 'chat'
