@@ -1,16 +1,14 @@
 // The runtime adapter API: load, activate (with a per-adapter scale), deactivate, list and unload
 // adapters on one loaded base. Activation is a change of graph feeds only: the active set's deltas
-// are summed by concatenating ranks, aT = [A₁ᵀ | A₂ᵀ | …] [K, ΣR] and bT = [s₁B₁ᵀ ; s₂B₂ᵀ ; …]
-// [ΣR, N], so one pair of MatMuls per projection group (q/k/v, o, gate/up, down) serves any number
-// of stacked adapters; a term's rows of bT are zero outside its own projection's columns.
-import ort from 'onnxruntime-node';
+// are summed by concatenating ranks (packLora in pack.ts), so one pair of MatMuls per projection
+// group (q/k/v, o, gate/up, down) serves any number of stacked adapters.
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { EdgeloraError } from '../util/errors.js';
-import { INPUT, projGroup, groupShape, type Proj, type ProjGroupName } from '../model/llama.js';
 import type { ModelRuntime, LoraFeeds } from '../runtime/model.js';
 import { loadAdapter, type LoraAdapter } from './peft.js';
+import { packLora } from './pack.js';
 
 export interface AdapterInfo {
   readonly id: string;
@@ -35,6 +33,9 @@ interface Entry {
   contentHash: string;
 }
 
+/** Loading other content under an id that is loaded: an id always means one content. */
+export class AdapterConflictError extends EdgeloraError {}
+
 export class AdapterManager {
   private readonly entries = new Map<string, Entry>();
   private order: string[] = [];
@@ -47,15 +48,27 @@ export class AdapterManager {
   async load(dir: string, opts: { id?: string } = {}): Promise<string> {
     const adapter = await loadAdapter(dir, { cfg: this.model.cfg, fingerprint: this.model.manifest.fingerprint });
     const id = opts.id ?? dir;
-    if (this.entries.has(id)) throw new EdgeloraError(`an adapter with id "${id}" is already loaded`, { hint: 'unload it first or choose another id' });
-    const h = createHash('sha256');
-    for (const [k, m] of adapter.modules) {
-      h.update(`${k}|${m.r}|${m.scale}|`);
-      h.update(new Uint8Array(m.a.buffer, m.a.byteOffset, m.a.byteLength));
-      h.update(new Uint8Array(m.b.buffer, m.b.byteOffset, m.b.byteLength));
-    }
-    this.entries.set(id, { adapter, active: false, scale: 1, generation: ++this.generation, contentHash: h.digest('hex') });
+    const contentHash = adapterContentHash(adapter);
+    const existing = this.entries.get(id);
+    // An id always means one content: loading the same content again is a no-op, other content is refused.
+    if (existing && existing.contentHash === contentHash) return id;
+    if (existing) throw new AdapterConflictError(`an adapter with id "${id}" is already loaded with other content`, { where: dir, hint: 'unload it first or choose another id' });
+    this.entries.set(id, { adapter, active: false, scale: 1, generation: ++this.generation, contentHash });
     return id;
+  }
+
+  /** Whether an adapter with this id is loaded. */
+  has(id: string): boolean {
+    return this.entries.has(id);
+  }
+
+  /**
+   * A loaded adapter's data and its version key (id, load generation, content hash). The data stays
+   * valid after an unload: a request in flight keeps what it started with.
+   */
+  held(id: string): { adapter: LoraAdapter; key: string } {
+    const e = this.get(id);
+    return { adapter: e.adapter, key: `${id}#${e.generation}:${e.contentHash.slice(0, 16)}` };
   }
 
   private get(id: string): Entry {
@@ -114,42 +127,8 @@ export class AdapterManager {
   feeds(): LoraFeeds {
     if (this.feedsCache) return this.feedsCache;
     const active = this.order.map((id) => [id, this.get(id)] as const);
-    const key = active.length === 0 ? '' : active.map(([id, e]) => `${id}#${e.generation}:${e.contentHash.slice(0, 16)}*${e.scale}`).join('+');
-    const tensors = new Map<string, ort.Tensor>();
-    const cfg = this.model.cfg;
-    type Term = { a: Float32Array; b: Float32Array; r: number; s: number };
-    const modules = new Map<string, { layer: number; proj: Proj; terms: Term[] }>();
-    for (const [, e] of active) {
-      for (const [k, m] of e.adapter.modules) {
-        const slot = modules.get(k) ?? { layer: m.layer, proj: m.proj, terms: [] };
-        slot.terms.push({ a: m.a, b: m.b, r: m.r, s: m.scale * e.scale });
-        modules.set(k, slot);
-      }
-    }
-    // One aT/bT pair per (layer, projection group): a term for projection p fills p's columns of bT.
-    const byGroup = new Map<string, { layer: number; group: ProjGroupName; terms: { offset: number; N: number; t: Term }[] }>();
-    for (const { layer, proj, terms } of modules.values()) {
-      const { group, offset, N } = projGroup(cfg, proj);
-      const slot = byGroup.get(`${layer}.${group}`) ?? { layer, group, terms: [] };
-      for (const t of terms) slot.terms.push({ offset, N, t });
-      byGroup.set(`${layer}.${group}`, slot);
-    }
-    for (const { layer, group, terms } of byGroup.values()) {
-      const { N: NG, K } = groupShape(cfg, group);
-      const R = terms.reduce((acc, x) => acc + x.t.r, 0);
-      const aT = new Float32Array(K * R); // [K, R]
-      const bT = new Float32Array(R * NG); // [R, ΣN], zero outside each term's projection
-      let off = 0;
-      for (const { offset, N, t } of terms) {
-        for (let j = 0; j < t.r; j++) {
-          for (let k = 0; k < K; k++) aT[k * R + off + j] = t.a[j * K + k]!;
-          for (let n = 0; n < N; n++) bT[(off + j) * NG + offset + n] = t.s * t.b[n * t.r + j]!;
-        }
-        off += t.r;
-      }
-      tensors.set(INPUT.loraGroupA(layer, group), new ort.Tensor('float32', aT, [K, R]));
-      tensors.set(INPUT.loraGroupB(layer, group), new ort.Tensor('float32', bT, [R, NG]));
-    }
+    const key = active.length === 0 ? '' : active.map(([id, e]) => `${this.held(id).key}*${e.scale}`).join('+');
+    const { tensors } = packLora(this.model.cfg, active.map(([, e]) => ({ adapter: e.adapter, scale: e.scale })));
     this.feedsCache = { key, tensors };
     return this.feedsCache;
   }
@@ -173,4 +152,15 @@ export function parseAdapterSpec(spec: string): { dir: string; scale: number } {
     });
   }
   return { dir, scale };
+}
+
+/** sha256 over an adapter's modules (names, ranks, scales, A and B bytes). */
+export function adapterContentHash(adapter: LoraAdapter): string {
+  const h = createHash('sha256');
+  for (const [k, m] of adapter.modules) {
+    h.update(`${k}|${m.r}|${m.scale}|`);
+    h.update(new Uint8Array(m.a.buffer, m.a.byteOffset, m.a.byteLength));
+    h.update(new Uint8Array(m.b.buffer, m.b.byteOffset, m.b.byteLength));
+  }
+  return h.digest('hex');
 }

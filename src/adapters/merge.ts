@@ -11,6 +11,7 @@ import { loadHfConfig } from '../formats/hf-config.js';
 import { writeDirAtomic } from '../util/atomic.js';
 import { linearWeightName } from '../model/llama.js';
 import { loadAdapter, type LoraModule } from './peft.js';
+import { createSession } from '../runtime/sessions.js';
 
 const COPIED = ['config.json', 'tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'special_tokens_map.json'];
 
@@ -22,7 +23,7 @@ async function mergeSession(): Promise<ort.InferenceSession> {
   const a = g.input('a', 'float32', ['R', 'K']);
   const s = g.input('s', 'float32', [1]);
   g.output(g.add(w, g.mul(g.matmul(b, a), s)), 'merged');
-  return ort.InferenceSession.create(toOnnxBytes(g));
+  return createSession({ kind: 'merge', model: toOnnxBytes(g), where: 'edgelora adapter merge' });
 }
 
 export async function mergeAdapter(hfDir: string, adapterDir: string, outDir: string, opts: { scale?: number; force?: boolean } = {}): Promise<{ merged: number }> {

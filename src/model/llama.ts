@@ -70,6 +70,19 @@ export interface LoraOperands {
   readonly bT: Value;
   /** Optional dropout mask on the LoRA input (training), broadcastable to x, values 0 or 1/(1-p). */
   readonly dropout?: Value;
+  /**
+   * Optional per-row gate on the rank columns (inference) [B, 1, R]: row b's own adapters' columns
+   * carry that row's scale, every other column 0, so rows with different adapter sets share one
+   * forward over the concatenation of all their adapters.
+   */
+  readonly rowMask?: Value;
+}
+
+/** The LoRA delta ((x ⊙ dropout) · aT ⊙ rowMask) · bT [B, T, N]: the one place it is computed. */
+function loraDelta(g: Graph, x: Value, lora: LoraOperands): Value {
+  const xin = lora.dropout ? g.mul(x, lora.dropout) : x;
+  const xa = g.matmul(xin, lora.aT); // [B, T, R]
+  return g.matmul(lora.rowMask ? g.mul(xa, lora.rowMask) : xa, lora.bT);
 }
 
 /**
@@ -102,10 +115,7 @@ export function linear(g: Graph, x: Value, spec: { readonly N: number; readonly 
       break;
   }
   if (bias) y = g.add(y, bias);
-  if (lora) {
-    const xin = lora.dropout ? g.mul(x, lora.dropout) : x;
-    y = g.add(y, g.matmul(g.matmul(xin, lora.aT), lora.bT));
-  }
+  if (lora) y = g.add(y, loraDelta(g, x, lora));
   return y;
 }
 
@@ -160,7 +170,7 @@ export interface BuildOptions {
 export interface LlamaGraph {
   readonly logits: Value; // [B, T, V]
   /** LoRA graph inputs by "layer.proj" key (training) or "layer.group" key (inference). */
-  readonly loraInputs: Map<string, { aT: Value; bT: Value; dropout?: Value }>;
+  readonly loraInputs: Map<string, { aT: Value; bT: Value; dropout?: Value; rowMask?: Value }>;
 }
 
 /** Graph input names, shared by the runtime and the trainer. */
@@ -179,6 +189,7 @@ export const INPUT = {
   sinCache: 'rope_sin_cache', // float32 [M, D/2]
   loraGroupA: (layer: number, group: ProjGroupName) => `lora.${layer}.${group}.a`, // float32 [K, R]
   loraGroupB: (layer: number, group: ProjGroupName) => `lora.${layer}.${group}.b`, // float32 [R, ΣN]
+  loraGroupMask: (layer: number, group: ProjGroupName) => `lora.${layer}.${group}.m`, // float32 [B, 1, R]: per-row scale per rank column
   pastKey: (i: number) => `past_key.${i}`, // float32 [B, G, P, D]
   pastValue: (i: number) => `past_value.${i}`,
   loraA: (layer: number, proj: Proj) => `lora.${layer}.${proj}.a`, // float32 [K, R]
@@ -325,7 +336,11 @@ async function inferLayers(
       let lora: LoraOperands | null = null;
       if (loraInputs) {
         const R = `R_${layer}_${name}`;
-        lora = { aT: g.input(INPUT.loraGroupA(layer, name), 'float32', [K, R]), bT: g.input(INPUT.loraGroupB(layer, name), 'float32', [R, N]) };
+        lora = {
+          aT: g.input(INPUT.loraGroupA(layer, name), 'float32', [K, R]),
+          bT: g.input(INPUT.loraGroupB(layer, name), 'float32', [R, N]),
+          rowMask: g.input(INPUT.loraGroupMask(layer, name), 'float32', ['B', 1, R]),
+        };
         loraInputs.set(`${layer}.${name}`, lora);
       }
       const fused = fuseBases(g, specs, bases);
@@ -334,7 +349,7 @@ async function inferLayers(
       if (fused) return linear(g, x, { N, K }, fused, bias, lora);
       const parts = specs.map((s, i) => linear(g, x, s, bases[i]!, biases[i] ?? null, null));
       const y = g.concat(parts, -1, N);
-      return lora ? g.add(y, g.matmul(g.matmul(x, lora.aT), lora.bT)) : y;
+      return lora ? g.add(y, loraDelta(g, x, lora)) : y;
     });
 
   const sln = (x: Value, w: Value): Value =>

@@ -2,7 +2,6 @@
 // held as ORT tensors between calls and belongs to the adapter set that computed it: a forward
 // with another adapter set refuses the cache (a cached prefix is never reused across adapters).
 import ort from 'onnxruntime-node';
-import os from 'node:os';
 import path from 'node:path';
 import type { ModelConfig } from '../formats/hf-config.js';
 import { parseHfConfig } from '../formats/hf-config.js';
@@ -12,6 +11,7 @@ import { readManifest, MODEL_FILE, type Manifest } from '../model/manifest.js';
 import { buildLoraInferenceGraph } from '../model/infer-graph.js';
 import { INPUT, OUTPUT, PROJ_GROUPS, groupShape } from '../model/llama.js';
 import { inverseFrequencies } from '../model/rope.js';
+import { createSession } from './sessions.js';
 
 /** The LoRA feeds of an adapter set: one aT/bT pair per (layer, projection) input, plus an identity. */
 export interface LoraFeeds {
@@ -92,7 +92,7 @@ export class ModelRuntime {
     readonly cfg: ModelConfig,
     readonly tokenizer: EdgeTokenizer,
     session: ort.InferenceSession,
-    private readonly options: ort.InferenceSession.SessionOptions,
+    private readonly options: ort.InferenceSession.SessionOptions | undefined,
   ) {
     this.current = session;
     this.inv = inverseFrequencies(cfg);
@@ -150,28 +150,8 @@ export class ModelRuntime {
     const manifest = await readManifest(dir);
     const cfg = parseHfConfig(manifest.sourceConfig, path.join(dir, 'manifest.json'));
     const tokenizer = await loadTokenizer(dir);
-    const sessionOptions: ort.InferenceSession.SessionOptions = opts.sessionOptions ?? {
-      executionProviders: ['cpu'],
-      intraOpNumThreads: os.availableParallelism(),
-      graphOptimizationLevel: 'all',
-    };
-    // In an nf4/fp4 graph the only kernel ORT prepacks is the lm_head Gemm, and its packed copy
-    // duplicates the (tied) embedding table: on the small preset prepacking cost ~100 MiB of RSS
-    // and no decode speed (bench: 445 → 348 MiB peak). int4's MatMulNBits and fp32's MatMul need it.
-    const bnb4 = manifest.quant.format === 'nf4' || manifest.quant.format === 'fp4';
-    const options: ort.InferenceSession.SessionOptions = bnb4
-      ? { ...sessionOptions, extra: { ...(sessionOptions.extra ?? {}), session: { ...((sessionOptions.extra as { session?: object } | undefined)?.session ?? {}), disable_prepacking: '1' } } }
-      : sessionOptions;
-    let session: ort.InferenceSession;
-    try {
-      session = await ort.InferenceSession.create(path.join(dir, MODEL_FILE), options);
-    } catch (err) {
-      throw new EdgeloraError(`onnxruntime could not load the model: ${(err as Error).message}`, {
-        where: path.join(dir, MODEL_FILE),
-        hint: 're-run `edgelora quantize`; the directory may be incomplete',
-      });
-    }
-    return new ModelRuntime(dir, manifest, cfg, tokenizer, session, options);
+    const session = await createSession({ kind: 'decoder', model: path.join(dir, MODEL_FILE), sessionOptions: opts.sessionOptions, format: manifest.quant.format, where: path.join(dir, MODEL_FILE) });
+    return new ModelRuntime(dir, manifest, cfg, tokenizer, session, opts.sessionOptions);
   }
 
   /** The ORT session now serving forwards (the plain decoder, or its LoRA-capable twin). */
@@ -194,20 +174,39 @@ export class ModelRuntime {
     if (this.loraReady) return;
     this.switching ??= (async () => {
       const bytes = await buildLoraInferenceGraph(this.dir, this.manifest, this.cfg);
-      const extra = (this.options.extra ?? {}) as { session?: Record<string, string> };
-      const options = { ...this.options, extra: { ...extra, session: { ...(extra.session ?? {}), model_external_initializers_file_folder_path: path.resolve(this.dir) } } };
+      const format = this.manifest.quant.format;
       await this.current.release();
       try {
-        this.current = await ort.InferenceSession.create(bytes, options);
+        this.current = await createSession({ kind: 'lora-twin', model: bytes, sessionOptions: this.options, externalDataDir: this.dir, format, where: this.dir });
       } catch (err) {
-        this.current = await ort.InferenceSession.create(path.join(this.dir, MODEL_FILE), this.options);
-        throw new EdgeloraError(`onnxruntime could not build the LoRA graph: ${(err as Error).message}`, { where: this.dir });
+        this.current = await createSession({ kind: 'decoder', model: path.join(this.dir, MODEL_FILE), sessionOptions: this.options, format, where: path.join(this.dir, MODEL_FILE) });
+        throw err;
       }
       this.inputNames = new Set(this.current.inputNames);
     })().finally(() => {
       this.switching = null;
     });
     return this.switching;
+  }
+
+  private readonly ones = new Map<string, ort.Tensor>();
+  /** A row mask of ones [B, 1, R] (cached per shape). */
+  private onesMask(B: number, R: number): ort.Tensor {
+    const k = `${B}x${R}`;
+    let t = this.ones.get(k);
+    if (!t) this.ones.set(k, (t = new ort.Tensor('float32', new Float32Array(B * R).fill(1), [B, 1, R])));
+    return t;
+  }
+
+  /**
+   * A cache over caller-owned buffers (the serving batch's slots): `keys[i]`/`values[i]` are
+   * [B, G, capacity, D] views for rows holding `lengths` tokens. A forward continuing it appends in
+   * place; the caller keeps capacity ≥ every row's length after the step and tracks which adapter
+   * set each row was computed under (`adapterKey` names the batch's feeds).
+   */
+  cacheOver(buffers: { capacity: number; keys: Float32Array[]; values: Float32Array[] }, lengths: readonly number[], adapterKey: string): KvCache {
+    const store: KvStore = { capacity: buffers.capacity, keys: buffers.keys, values: buffers.values, version: 0 };
+    return { batch: lengths.length, length: Math.max(0, ...lengths), lengths: [...lengths], adapterKey, store, version: 0 };
   }
 
   /** An empty cache for `batch` rows, bound to an adapter set. */
@@ -315,7 +314,16 @@ export class ModelRuntime {
       feeds[INPUT.pastValue(i)] = new ort.Tensor('float32', store.values[i]!, dims);
     }
     if (lora.tensors.size > 0) await this.enableLora();
-    if (this.loraReady) for (const [name, t] of this.emptyLora) feeds[name] = lora.tensors.get(name) ?? t;
+    if (this.loraReady) {
+      for (const [name, t] of this.emptyLora) feeds[name] = lora.tensors.get(name) ?? t;
+      // Feeds without row masks apply their adapters to every row: a mask of ones.
+      for (let l = 0; l < numLayers; l++) {
+        for (const grp of PROJ_GROUPS) {
+          const m = INPUT.loraGroupMask(l, grp.name);
+          feeds[m] = lora.tensors.get(m) ?? this.onesMask(B, feeds[INPUT.loraGroupA(l, grp.name)]!.dims[1]!);
+        }
+      }
+    }
     for (const name of lora.tensors.keys()) {
       if (!this.inputNames.has(name)) throw new EdgeloraError(`adapter feed ${name} is not an input of the model graph`);
     }

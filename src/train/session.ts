@@ -5,13 +5,12 @@
 //
 // Dimension letters: B batch, T tokens, D head dim, K in, N out, R rank.
 import ort from 'onnxruntime-node';
-import os from 'node:os';
-import path from 'node:path';
 import type { ModelConfig } from '../formats/hf-config.js';
 import type { Manifest } from '../model/manifest.js';
 import { INPUT, MASKED, type Proj } from '../model/llama.js';
 import { inverseFrequencies, ropeTables } from '../model/rope.js';
 import { EdgeloraError } from '../util/errors.js';
+import { createSession } from '../runtime/sessions.js';
 import { buildTrainGraph, TRAIN_INPUT, TRAIN_OUTPUT, IGNORE, type LoraTarget, type TrainGraphOptions } from './graph.js';
 
 /** Trainable LoRA tensors of one projection, PEFT layout. */
@@ -75,25 +74,9 @@ export class TrainSession {
 
   static async create(dir: string, manifest: Manifest, cfg: ModelConfig, targets: readonly LoraTarget[], opts: TrainSessionOptions & { padTokenId: number }): Promise<TrainSession> {
     const tg = await buildTrainGraph(dir, manifest, cfg, { ...opts, targets });
-    const sessionOptions: ort.InferenceSession.SessionOptions = opts.sessionOptions ?? {
-      executionProviders: ['cpu'],
-      intraOpNumThreads: os.availableParallelism(),
-      graphOptimizationLevel: 'all',
-      // Activations of one training step are freed as the backward passes them; without the arena
-      // that memory goes back to the allocator instead of staying reserved at its peak.
-      enableCpuMemArena: false,
-    };
     // The graph is handed to ORT as bytes; its external initializers resolve in the quantized model's
     // directory (read in place, never copied). ORT refuses symlinked data files that leave the folder.
-    let session: ort.InferenceSession;
-    try {
-      session = await ort.InferenceSession.create(tg.bytes, {
-        ...sessionOptions,
-        extra: { ...(sessionOptions.extra ?? {}), session: { model_external_initializers_file_folder_path: path.resolve(dir) } },
-      });
-    } catch (err) {
-      throw new EdgeloraError(`onnxruntime could not load the training graph: ${(err as Error).message}`, { where: dir, hint: 'is the quantized model directory complete?' });
-    }
+    const session = await createSession({ kind: 'train', model: tg.bytes, sessionOptions: opts.sessionOptions, externalDataDir: dir, format: manifest.quant.format, where: dir });
     const constFeeds: Record<string, ort.Tensor> = {};
     for (const [name, f] of tg.runtimeFeeds) constFeeds[name] = new ort.Tensor(f.dtype as 'float32', f.data as Float32Array, f.shape);
     return new TrainSession(cfg, targets, opts.dropout, session, constFeeds, opts.padTokenId);

@@ -1,0 +1,80 @@
+// The one place edgelora creates ONNX Runtime sessions: the plain decoder, the LoRA twin (which also
+// serves batched requests), the training step and the adapter-merge product. Execution providers,
+// the profile's session options, prepacking, external-data resolution and error formatting are
+// decided here once, by a table keyed on the session's kind.
+import ort from 'onnxruntime-node';
+import os from 'node:os';
+import path from 'node:path';
+import type { QuantFormat } from '../model/weights.js';
+import { EdgeloraError } from '../util/errors.js';
+
+export type SessionKind = 'decoder' | 'lora-twin' | 'train' | 'merge';
+
+type SessionOptions = ort.InferenceSession.SessionOptions;
+
+interface KindRule {
+  /** What failed to load, for the error message. */
+  readonly what: string;
+  readonly hint: string;
+  /** Options that apply unless the caller (the device profile) sets them. */
+  readonly defaults: SessionOptions;
+  /**
+   * Whether ORT may prepack weights. In an nf4/fp4 graph the only kernel ORT prepacks is the lm_head
+   * Gemm, and its packed copy duplicates the (tied) embedding table: on the small preset prepacking
+   * cost ~100 MiB of RSS and no decode speed (bench: 445 → 348 MiB peak). int4's MatMulNBits and
+   * fp32's MatMul need it.
+   */
+  readonly prepack: (format: QuantFormat | undefined) => boolean;
+}
+
+const CPU_ALL_CORES: SessionOptions = { executionProviders: ['cpu'], intraOpNumThreads: os.availableParallelism(), graphOptimizationLevel: 'all' };
+const inferencePrepack = (f: QuantFormat | undefined): boolean => f !== 'nf4' && f !== 'fp4';
+
+const RULES: Readonly<Record<SessionKind, KindRule>> = {
+  decoder: { what: 'the model', hint: 're-run `edgelora quantize`; the directory may be incomplete', defaults: CPU_ALL_CORES, prepack: inferencePrepack },
+  'lora-twin': { what: 'the LoRA graph', hint: 'is the quantized model directory complete (model.onnx.data)?', defaults: CPU_ALL_CORES, prepack: inferencePrepack },
+  // Activations of one training step are freed as the backward passes them; without the arena that
+  // memory goes back to the allocator instead of staying reserved at its peak.
+  train: { what: 'the training graph', hint: 'is the quantized model directory complete?', defaults: { ...CPU_ALL_CORES, enableCpuMemArena: false }, prepack: () => true },
+  merge: { what: 'the merge graph', hint: 'this is a bug in edgelora; please report it', defaults: { executionProviders: ['cpu'] }, prepack: () => true },
+};
+
+export interface SessionRequest {
+  readonly kind: SessionKind;
+  /** A model file path, or serialized ONNX bytes. */
+  readonly model: string | Uint8Array;
+  /** The profile's options (providers, threads, …); they win over the kind's defaults. */
+  readonly sessionOptions?: SessionOptions | undefined;
+  /** Where a graph given as bytes finds its external initializers (read in place, never copied). */
+  readonly externalDataDir?: string | undefined;
+  /** The base model's quantization, which decides prepacking. */
+  readonly format?: QuantFormat | undefined;
+  /** Named in errors: the model directory or the job. */
+  readonly where: string;
+}
+
+type SessionConfig = Record<string, string>;
+
+/** The options ORT receives for `req` (exported so tests can check what a profile's options become). */
+export function sessionOptionsFor(req: Omit<SessionRequest, 'model' | 'where'>): SessionOptions {
+  const rule = RULES[req.kind];
+  const given = req.sessionOptions ?? {};
+  const extra = { ...((rule.defaults.extra ?? {}) as Record<string, unknown>), ...((given.extra ?? {}) as Record<string, unknown>) };
+  // Session config entries merge key by key: a profile's entries survive the ones set here.
+  const session: SessionConfig = { ...((extra.session ?? {}) as SessionConfig) };
+  if (!rule.prepack(req.format)) session.disable_prepacking = '1';
+  if (req.externalDataDir !== undefined) session.model_external_initializers_file_folder_path = path.resolve(req.externalDataDir);
+  const out: SessionOptions = { ...rule.defaults, ...given };
+  return Object.keys(session).length > 0 ? { ...out, extra: { ...extra, session } } : Object.keys(extra).length > 0 ? { ...out, extra } : out;
+}
+
+/** Creates an ORT session; an ORT failure becomes an EdgeloraError naming what and where. */
+export async function createSession(req: SessionRequest): Promise<ort.InferenceSession> {
+  const options = sessionOptionsFor(req);
+  const rule = RULES[req.kind];
+  try {
+    return typeof req.model === 'string' ? await ort.InferenceSession.create(req.model, options) : await ort.InferenceSession.create(req.model, options);
+  } catch (err) {
+    throw new EdgeloraError(`onnxruntime could not load ${rule.what}: ${(err as Error).message}`, { where: req.where, hint: rule.hint, cause: err });
+  }
+}
