@@ -12,6 +12,7 @@ import { createHash, type KeyObject } from 'node:crypto';
 import { z } from 'zod';
 import { EdgeloraError } from '../util/errors.js';
 import { writeDirAtomic, writeFileAtomic } from '../util/atomic.js';
+import { withTimeout } from '../util/timeout.js';
 import { ValidatingActivator, type AdapterActivator } from './activator.js';
 import { Bitmap } from './bitmap.js';
 import {
@@ -195,9 +196,8 @@ export class Agent extends EventEmitter {
     this.link = null;
     if (link) {
       if (link.connected) {
-        await link
-          .publish(topics.status(this.deviceId), encodeJson({ type: 'status', v: PROTOCOL_VERSION, deviceId: this.deviceId, online: false, state: 'offline' }), { retain: true })
-          .catch(() => undefined);
+        const bye = link.publish(topics.status(this.deviceId), encodeJson({ type: 'status', v: PROTOCOL_VERSION, deviceId: this.deviceId, online: false, state: 'offline' }), { retain: true });
+        await withTimeout(bye, 2000, 'offline status').catch(() => undefined);
       }
       await link.close();
     }

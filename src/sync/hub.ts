@@ -6,9 +6,10 @@ import { EventEmitter } from 'node:events';
 import { promises as fs } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { EdgeloraError } from '../util/errors.js';
 import { writeFileAtomic } from '../util/atomic.js';
+import { withTimeout } from '../util/timeout.js';
 import { Bitmap } from './bitmap.js';
 import {
   CommandRequestSchema,
@@ -26,6 +27,8 @@ import {
   PROTOCOL_VERSION,
   PublishRequestSchema,
   ReplyToSchema,
+  HubStatusSchema,
+  type HubStatus,
   ResultSchema,
   StatusSchema,
   UploadFinSchema,
@@ -80,21 +83,36 @@ export interface HubStats {
   chunksSent: number;
   /** Chunk frames sent in answer to missing requests. */
   chunksResent: number;
+  /** Chunk frames sent to one device's own chunk topic (repairs that only it needed). */
+  chunksUnicast: number;
+  /** Inbound messages refused (see the 'refused' event). */
+  refused: number;
   missingRequests: number;
 }
 
-/** Broadcasts one blob to one target: pending chunks go out in index order with a PUBACK window. */
+/**
+ * Sends one blob to one target: broadcast chunks go to the target's chunk topic, repairs for a few
+ * devices to each device's own chunk topic, in index order with a PUBACK window.
+ */
 class Sender {
+  /** Chunks to broadcast on the target's topic. */
   readonly pending: Bitmap;
-  requested: Bitmap | null = null;
+  /** Chunks to send to one device on its own chunk topic (device id → chunks). */
+  readonly unicast = new Map<string, Bitmap>();
+  /** Requests gathered in the coalescing window, by device. */
+  requested: Map<string, Bitmap> | null = null;
   coalesceTimer: NodeJS.Timeout | null = null;
   inflight = 0;
   generation = 0;
   lastActive = 0;
   /** Current pass: 1 is the first broadcast, each resend of a union is the next. */
   pass = 1;
-  /** The pass in which each chunk was last sent (0: never). */
+  /** The pass in which each chunk was last broadcast (0: never). */
   readonly sentInPass: Uint32Array;
+  /** The last pass in which chunks went to a device's own topic, and which. */
+  readonly sentTo = new Map<string, { pass: number; chunks: Bitmap }>();
+  /** Devices sent to on their own topic in the current pass: they get the pass's end marker there. */
+  readonly passDevices = new Set<string>();
   constructor(
     readonly manifest: Manifest,
     readonly blob: Buffer,
@@ -105,6 +123,38 @@ class Sender {
   chunk(i: number): Buffer {
     const cs = this.manifest.blob.chunkSize;
     return encodeChunk(this.manifest.blob.sha256, i, this.manifest.blob.chunks, this.blob.subarray(i * cs, Math.min(this.blob.length, (i + 1) * cs)));
+  }
+  /** The next chunk to send: broadcasts first, then each device's repairs; null when none. */
+  take(): { index: number; device: string | null } | null {
+    const b = this.pending.next();
+    if (b >= 0) {
+      this.pending.set(b, false);
+      return { index: b, device: null };
+    }
+    for (const [device, bm] of this.unicast) {
+      const i = bm.next();
+      if (i < 0) {
+        this.unicast.delete(device);
+        continue;
+      }
+      bm.set(i, false);
+      return { index: i, device };
+    }
+    return null;
+  }
+  /** Puts a chunk whose publish failed back in line. */
+  giveBack(index: number, device: string | null): void {
+    if (device === null) this.pending.set(index);
+    else {
+      let bm = this.unicast.get(device);
+      if (!bm) this.unicast.set(device, (bm = new Bitmap(this.manifest.blob.chunks)));
+      bm.set(index);
+    }
+  }
+  hasPending(): boolean {
+    if (this.pending.next() >= 0) return true;
+    for (const bm of this.unicast.values()) if (bm.next() >= 0) return true;
+    return false;
   }
 }
 
@@ -119,19 +169,21 @@ interface UploadState {
 }
 
 export class Hub extends EventEmitter {
-  readonly stats: HubStats = { bytesOut: 0, chunkBytesOut: 0, chunksSent: 0, chunksResent: 0, missingRequests: 0 };
+  readonly stats: HubStats = { bytesOut: 0, chunkBytesOut: 0, chunksSent: 0, chunksResent: 0, chunksUnicast: 0, refused: 0, missingRequests: 0 };
   /** The last status each device reported (retained on the broker). */
   readonly devices = new Map<string, Status>();
   private link: Link | null = null;
   private store: HubStore | null = null;
   private readonly senders = new Map<string, Sender>();
   private readonly uploads = new Map<string, UploadState>();
-  private readonly pendingCommands = new Map<string, (r: Result) => void>();
+  /** Waiting command callers; called with null when the hub stops. */
+  private readonly pendingCommands = new Map<string, (r: Result | null) => void>();
   private publishing: Promise<unknown> = Promise.resolve();
   private brokerMaxPacket: number | undefined;
   private readonly now: () => Date;
   private readonly chunkSize: number;
   private cmdCounter = 0;
+  private lastHubStatus: HubStatus | null = null;
   private nextSendAt = 0;
   private rateTimer: NodeJS.Timeout | null = null;
 
@@ -145,6 +197,13 @@ export class Hub extends EventEmitter {
     this.opts.log?.(line);
   }
 
+  /** Records why an inbound message was refused: counted, logged, and a 'refused' event. */
+  private refuse(reason: string, topic: string): void {
+    this.stats.refused++;
+    this.log(`hub: ${topic}: ${reason}`);
+    this.emit('refused', reason, topic);
+  }
+
   get keyId(): string {
     return this.opts.key.keyId;
   }
@@ -156,29 +215,49 @@ export class Hub extends EventEmitter {
     return this.store;
   }
 
+  /** This run's random id: carried in hub/status so one hub's offline will never passes for another's. */
+  readonly instance = randomBytes(6).toString('hex');
+
+  private hubStatus(online: boolean): Buffer {
+    return encodeJson({ type: 'hub-status', v: PROTOCOL_VERSION, online, keyId: this.keyId, instance: this.instance, updatedAt: this.now().toISOString() });
+  }
+
   async start(): Promise<void> {
-    this.store = await HubStore.open(this.opts.storeDir);
-    const offline = encodeJson({ type: 'hub-status', v: PROTOCOL_VERSION, online: false, keyId: this.keyId });
-    this.link = await Link.open(this.opts.broker, { clientId: this.clientId, will: { topic: topics.hubStatus, payload: offline, retain: true } });
-    const link = this.link;
-    link.onMessage((t, p) => this.onMessage(t, p));
-    link.client.on('connect', (connack) => {
-      this.brokerMaxPacket = connack.properties?.maximumPacketSize;
-      for (const s of this.senders.values()) {
-        s.generation++;
-        s.inflight = 0;
-      }
-      void this.onConnect();
-    });
-    await link.waitConnected();
-    await link.subscribe([topics.allMissing, topics.allResults, topics.allUploads, topics.allStatus, topics.publishRequest, topics.commandRequest, topics.allManifests]);
+    this.store = await HubStore.open(this.opts.storeDir, { lock: true });
+    try {
+      // The will is fixed at CONNECT, so its updatedAt says when this hub connected.
+      this.link = await Link.open(this.opts.broker, { clientId: this.clientId, will: { topic: topics.hubStatus, payload: this.hubStatus(false), retain: true } });
+      const link = this.link;
+      link.onMessage((t, p) => this.onMessage(t, p));
+      link.client.on('connect', (connack) => {
+        this.brokerMaxPacket = connack.properties?.maximumPacketSize;
+        for (const s of this.senders.values()) {
+          s.generation++;
+          s.inflight = 0;
+        }
+        this.log(`hub: connected to ${link.currentUrl}`);
+        void this.onConnect();
+      });
+      link.client.on('disconnect', (packet) => {
+        // MQTT 5 reason 0x8E: another client connected with our client id.
+        if (packet.reasonCode === 0x8e) this.log(`hub: the broker closed this connection because another client connected with client id "${this.clientId}": is a second hub running? Give each hub its own --client-id (and --store)`);
+      });
+      await link.waitConnected();
+      await link.subscribe([topics.allMissing, topics.allResults, topics.allUploads, topics.allStatus, topics.publishRequest, topics.commandRequest, topics.allManifests, topics.hubStatus]);
+    } catch (err) {
+      await this.link?.close();
+      this.link = null;
+      await this.store.close();
+      this.store = null;
+      throw err;
+    }
   }
 
   private async onConnect(): Promise<void> {
     const link = this.link;
     if (!link) return;
     try {
-      await link.publish(topics.hubStatus, encodeJson({ type: 'hub-status', v: PROTOCOL_VERSION, online: true, keyId: this.keyId, updatedAt: this.now().toISOString() }), { retain: true });
+      await link.publish(topics.hubStatus, this.hubStatus(true), { retain: true, contentType: 'application/json' });
       // The broker may have lost its retained messages (restart without persistence): publish every
       // current manifest again. Devices that already hold it ignore it.
       for (const m of this.hubStore.targets()) await this.publishManifest(m);
@@ -188,7 +267,25 @@ export class Hub extends EventEmitter {
     }
   }
 
-  async stop(): Promise<void> {
+  /** Another hub's status arrived on hub/status: keep ours there while we run, and say so. */
+  private onHubStatus(payload: Buffer): void {
+    if (payload.length === 0 || !this.link) return;
+    const d = decodeJson(HubStatusSchema, payload);
+    if (!d.ok) return this.refuse(`hub status refused: ${d.reason}`, topics.hubStatus);
+    const st = d.value;
+    this.lastHubStatus = st;
+    if (st.instance === this.instance) return;
+    if (st.online) this.log(`hub: another hub (instance ${st.instance ?? '?'}, key ${st.keyId ?? '?'}) says it is online on this broker; two hubs on one namespace hand out clashing seq numbers: stop one`);
+    // A stopped or dead hub's offline status (its will, or an older hub's clean stop) must not
+    // hide that this one still runs.
+    else void this.link.publish(topics.hubStatus, this.hubStatus(true), { retain: true, contentType: 'application/json' }).catch(() => undefined);
+  }
+
+  /**
+   * Stops: uploads are saved, and the retained status says offline unless another hub's status
+   * has replaced ours. Bounded: with the broker gone it gives up on the goodbye after `graceMs`.
+   */
+  async stop(graceMs = 2000): Promise<void> {
     if (this.rateTimer) clearTimeout(this.rateTimer);
     for (const s of this.senders.values()) if (s.coalesceTimer) clearTimeout(s.coalesceTimer);
     for (const u of this.uploads.values()) {
@@ -197,12 +294,16 @@ export class Hub extends EventEmitter {
       await u.fh.close().catch(() => undefined);
     }
     this.uploads.clear();
+    for (const w of this.pendingCommands.values()) w(null);
+    this.pendingCommands.clear();
     const link = this.link;
     this.link = null;
     if (link) {
-      await link.publish(topics.hubStatus, encodeJson({ type: 'hub-status', v: PROTOCOL_VERSION, online: false, keyId: this.keyId }), { retain: true }).catch(() => undefined);
+      const mine = this.lastHubStatus === null || this.lastHubStatus.instance === this.instance;
+      if (link.connected && mine) await withTimeout(link.publish(topics.hubStatus, this.hubStatus(false), { retain: true, contentType: 'application/json' }), graceMs, 'offline status').catch(() => undefined);
       await link.close();
     }
+    await this.store?.close();
   }
 
   private get mqtt(): Link {
@@ -294,13 +395,9 @@ export class Hub extends EventEmitter {
     if (!link) return;
     const window = this.opts.window ?? 16;
     const gen = s.generation;
-    const topic = topics.chunk(s.manifest.target);
-    let i = 0;
     while (s.inflight < window && link.connected) {
-      while (i < s.pending.size && !s.pending.get(i)) i++;
-      if (i >= s.pending.size) break;
       const rate = this.opts.rateBytesPerSec;
-      if (rate !== undefined) {
+      if (rate !== undefined && s.hasPending()) {
         const wait = this.nextSendAt - Date.now();
         if (wait > 0) {
           this.rateTimer ??= setTimeout(() => {
@@ -309,70 +406,128 @@ export class Hub extends EventEmitter {
           }, wait);
           break;
         }
-        this.nextSendAt = Math.max(this.nextSendAt, Date.now()) + (1000 * (s.manifest.blob.chunkSize + CHUNK_HEADER_BYTES)) / rate;
       }
-      s.pending.set(i, false);
-      s.sentInPass[i] = s.pass;
-      const frame = s.chunk(i);
+      const job = s.take();
+      if (!job) break;
+      if (rate !== undefined) this.nextSendAt = Math.max(this.nextSendAt, Date.now()) + (1000 * (s.manifest.blob.chunkSize + CHUNK_HEADER_BYTES)) / rate;
+      const { index: idx, device } = job;
+      if (device === null) s.sentInPass[idx] = s.pass;
+      else {
+        s.passDevices.add(device);
+        const last = s.sentTo.get(device);
+        if (last && last.pass === s.pass) last.chunks.set(idx);
+        else {
+          const chunks = new Bitmap(s.manifest.blob.chunks);
+          chunks.set(idx);
+          s.sentTo.set(device, { pass: s.pass, chunks });
+        }
+        this.stats.chunksUnicast++;
+      }
+      const frame = s.chunk(idx);
       s.inflight++;
       s.lastActive = Date.now();
       this.stats.bytesOut += frame.length;
       this.stats.chunkBytesOut += frame.length;
       this.stats.chunksSent++;
       if (resend) this.stats.chunksResent++;
-      const idx = i;
+      const topic = device === null ? topics.chunk(s.manifest.target) : topics.chunk({ kind: 'device', name: device });
       link
         .publish(topic, frame, { expirySec: this.opts.chunkExpirySec ?? 600, user: { sha256: s.manifest.blob.sha256, index: String(idx) } })
         .then(
           () => undefined,
           () => {
-            if (gen === s.generation) s.pending.set(idx);
+            if (gen === s.generation) s.giveBack(idx, device);
           },
         )
         .finally(() => {
           if (gen !== s.generation) return;
           s.inflight--;
           this.pump(s, resend);
-          if (s.inflight === 0 && s.pending.count() === 0) this.endPass(s);
+          if (s.inflight === 0 && !s.hasPending()) this.endPass(s);
         });
-      i++;
     }
   }
 
   /**
-   * After a pass (the first broadcast or a resend), an empty marker frame follows the chunks on the
-   * same topic. MQTT keeps one publisher's QoS 1 messages in order on a topic, so a device that sees
-   * the marker knows every chunk of the pass that will reach it has, and asks for the rest at once.
+   * After a pass (the first broadcast or a repair), an empty marker frame follows the chunks on
+   * every topic the pass used: the target's, and the own topic of each device repaired. MQTT keeps
+   * one publisher's QoS 1 messages in order on a topic, so a device that sees the marker knows every
+   * chunk of the pass that will reach it has, and asks for the rest at once.
    */
   private endPass(s: Sender): void {
     this.emit('sent', s.manifest);
     const passNo = Buffer.alloc(4);
     passNo.writeUInt32BE(s.pass);
     const frame = encodeChunk(s.manifest.blob.sha256, PASS_END_INDEX, s.manifest.blob.chunks, passNo);
-    this.stats.bytesOut += frame.length;
-    this.link?.publish(topics.chunk(s.manifest.target), frame, { expirySec: this.opts.chunkExpirySec ?? 600 }).catch(() => undefined);
+    const to = [topics.chunk(s.manifest.target), ...[...s.passDevices].map((d) => topics.chunk({ kind: 'device', name: d }))];
+    s.passDevices.clear();
+    for (const topic of new Set(to)) {
+      this.stats.bytesOut += frame.length;
+      this.link?.publish(topic, frame, { expirySec: this.opts.chunkExpirySec ?? 600 }).catch(() => undefined);
+    }
   }
 
   private passInProgress(s: Sender): boolean {
-    return s.inflight > 0 || s.pending.count() > 0;
+    return s.inflight > 0 || s.hasPending();
+  }
+
+  /** Devices that last said they are online and follow `target` (from their retained status). */
+  private onlineIn(target: Target): number {
+    let n = 0;
+    for (const d of this.devices.values()) {
+      if (!d.online) continue;
+      if (target.kind === 'fleet' ? d.fleet === target.name : target.kind === 'group' ? d.group === target.name : d.deviceId === target.name) n++;
+    }
+    return n;
+  }
+
+  /**
+   * Turns the requests gathered in one coalescing window into one repair pass. A chunk goes to
+   * the target's topic when at least half of the target's online devices asked for it, else to the
+   * own topic of each device that asked. Rationale: a broadcast moves the chunk once into the
+   * broker and once out to each of the `online` subscribers (1 + online), unicasts move it in and
+   * out once per requester (2 × requesters); the broadcast is cheaper from requesters ≥ (online + 1) / 2.
+   * So a late joiner costs its own bytes, and a lossy broadcast that many missed costs one resend.
+   */
+  private planRepair(s: Sender, req: Map<string, Bitmap>): void {
+    const n = s.manifest.blob.chunks;
+    const target = s.manifest.target;
+    const online = Math.max(this.onlineIn(target), req.size);
+    const askers = new Uint32Array(n);
+    for (const bm of req.values()) for (let i = bm.next(); i >= 0; i = bm.next(i + 1)) askers[i] = (askers[i] ?? 0) + 1;
+    for (let i = 0; i < n; i++) {
+      const r = askers[i] ?? 0;
+      if (r > 0 && (target.kind === 'device' || 2 * r >= online + 1)) s.pending.set(i);
+    }
+    for (const [device, bm] of req) {
+      let mine: Bitmap | null = null;
+      for (let i = bm.next(); i >= 0; i = bm.next(i + 1)) {
+        if (s.pending.get(i)) continue;
+        mine ??= s.unicast.get(device) ?? new Bitmap(n);
+        mine.set(i);
+      }
+      if (mine) s.unicast.set(device, mine);
+    }
   }
 
   private onMissing(deviceId: string, payload: Buffer): void {
+    const topic = topics.missing(deviceId);
     const d = decodeJson(MissingSchema, payload);
-    if (!d.ok) return this.log(`hub: missing request from ${deviceId} rejected: ${d.reason}`);
+    if (!d.ok) return this.refuse(`missing request refused: ${d.reason}`, topic);
     const m = d.value;
-    if (m.deviceId !== deviceId) return this.log(`hub: missing request on ${deviceId}'s topic names ${m.deviceId}`);
+    if (m.deviceId !== deviceId) return this.refuse(`missing request refused: it names device ${m.deviceId}, the topic ${deviceId}`, topic);
     const key = targetKey(m.target);
     const current = this.hubStore.target(key);
-    if (!current || current.blob.sha256 !== m.sha256) return this.log(`hub: ${deviceId} asks for ${m.sha256.slice(0, 12)} which is not ${key}'s current blob`);
+    if (!current) return this.refuse(`missing request refused: no adapter is published to ${key}`, topic);
+    if (current.blob.sha256 !== m.sha256) return this.refuse(`missing request refused: ${m.sha256.slice(0, 12)} is not ${key}'s current blob (${current.blob.sha256.slice(0, 12)})`, topic);
     const want = Bitmap.fromBase64(current.blob.chunks, m.bitmap);
-    if (!want) return this.log(`hub: ${deviceId} sent a bitmap of the wrong length`);
+    if (!want) return this.refuse(`missing request refused: the bitmap is not ceil(${current.blob.chunks} / 8) bytes with no bit set past chunk ${current.blob.chunks - 1}`, topic);
     this.stats.missingRequests++;
     void this.senderFor(current).then((s) => {
       if (!s.requested) {
-        s.requested = new Bitmap(current.blob.chunks);
-        // Requests for the same blob within the window become one broadcast of their union, so a
-        // hundred late devices cost one resend, not a hundred.
+        s.requested = new Map();
+        // Requests for the same blob within the window become one repair pass, so a hundred
+        // devices that lost the same chunk cost one resend, not a hundred.
         const flush = () => {
           // While a pass is still going out, requests keep merging: what they ask for may be in
           // flight already, and the devices will ask again after the pass's end marker if not.
@@ -383,18 +538,25 @@ export class Hub extends EventEmitter {
           const req = s.requested;
           s.requested = null;
           s.coalesceTimer = null;
-          if (req && req.count() > 0) {
+          if (req && req.size > 0) {
             s.pass++;
-            s.pending.or(req);
+            this.planRepair(s, req);
             this.pump(s, true);
           }
         };
         s.coalesceTimer = setTimeout(flush, this.opts.coalesceMs ?? 250);
       }
-      // Chunks resent in a pass this device has not seen the end of are on their way to it.
+      // Chunks sent in a pass this device has not seen the end of are on their way to it.
       // (A request without `pass`, e.g. after a silence, is served in full.)
       const seen = m.pass ?? 0;
-      for (const i of want.indices()) if (seen === 0 || (s.sentInPass[i] ?? 0) <= seen) s.requested.set(i);
+      const own = s.sentTo.get(deviceId);
+      let bm = s.requested.get(deviceId);
+      for (const i of want.indices()) {
+        const onTheWay = seen > 0 && ((s.sentInPass[i] ?? 0) > seen || (own !== undefined && own.pass > seen && own.chunks.get(i)));
+        if (onTheWay) continue;
+        if (!bm) s.requested.set(deviceId, (bm = new Bitmap(current.blob.chunks)));
+        bm.set(i);
+      }
     });
   }
 
@@ -421,7 +583,8 @@ export class Hub extends EventEmitter {
       }, timeoutMs);
       this.pendingCommands.set(id, (r) => {
         clearTimeout(t);
-        resolve(r);
+        if (r) resolve(r);
+        else reject(new EdgeloraError(`hub stopped before device ${deviceId} answered command ${id}`, { where: topics.command(deviceId) }));
       });
       this.publishJson(topics.command(deviceId), signMessage(body, this.opts.key)).catch((err: unknown) => {
         clearTimeout(t);
@@ -467,6 +630,8 @@ export class Hub extends EventEmitter {
         return;
       case 'manifest':
         return this.onRetainedManifest(t.target, payload);
+      case 'hubStatus':
+        return this.onHubStatus(payload);
       default:
         return;
     }

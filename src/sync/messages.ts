@@ -214,6 +214,8 @@ export const HubStatusSchema = z.strictObject({
   v: z.literal(PROTOCOL_VERSION),
   online: z.boolean(),
   keyId: z.string().regex(/^[0-9a-f]{16}$/).optional(),
+  /** Random id of one hub run: tells a running hub's status from a stopped one's will. */
+  instance: z.string().regex(/^[0-9a-f]{1,32}$/).optional(),
   updatedAt: isoTime.optional(),
 });
 export type HubStatus = z.infer<typeof HubStatusSchema>;

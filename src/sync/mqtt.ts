@@ -7,8 +7,12 @@ import { EdgeloraError } from '../util/errors.js';
 
 /** How to reach the broker; every field but `url` is optional and passed through to mqtt.js. */
 export interface BrokerOptions {
-  /** mqtt://host:port, mqtts://host:port (TLS), ws:// or wss://. */
-  url: string;
+  /**
+   * mqtt://host:port, mqtts://host:port (TLS), ws:// or wss://; or several (the nodes of a
+   * clustered broker), tried in turn: when the node in use is gone the client connects to the
+   * next one, resubscribes, and the protocol resumes from its retained messages.
+   */
+  url: string | readonly string[];
   username?: string;
   password?: string;
   /** PEM file of the CA that signed the broker's certificate (mqtts). */
@@ -53,19 +57,64 @@ async function readOpt(file: string | undefined, what: string): Promise<Buffer |
   });
 }
 
+/** The URLs of a BrokerOptions, as a list. */
+export function brokerUrlList(b: BrokerOptions): string[] {
+  return typeof b.url === 'string' ? [b.url] : [...b.url];
+}
+
+const DEFAULT_PORTS: Record<string, number> = { mqtt: 1883, tcp: 1883, mqtts: 8883, tls: 8883, ssl: 8883, ws: 80, wss: 443 };
+
+/** mqtt.js's failover list: one {host, port, protocol} per URL (they share credentials and TLS files). */
+function serverList(urls: string[]): NonNullable<IClientOptions['servers']> {
+  return urls.map((u) => {
+    let parsed: URL;
+    try {
+      parsed = new URL(u);
+    } catch {
+      throw new EdgeloraError(`not a broker URL: ${u}`, { where: '--broker', hint: 'write mqtt://host:port or mqtts://host:port' });
+    }
+    const protocol = parsed.protocol.replace(/:$/, '');
+    const port = parsed.port === '' ? DEFAULT_PORTS[protocol] : Number(parsed.port);
+    if (port === undefined) throw new EdgeloraError(`unknown broker protocol ${protocol}: in ${u}`, { where: '--broker', hint: 'use mqtt://, mqtts://, ws:// or wss://' });
+    return { host: parsed.hostname, port, protocol: protocol as 'mqtt' };
+  });
+}
+
+/** Socket errors that mean "nothing listens there" rather than "the network blinked". */
+const UNREACHABLE = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN']);
+
 export class Link {
   /** Payload bytes published (all topics) and by kind, for egress accounting. */
   bytesOut = 0;
   messagesOut = 0;
   private readonly handlers: MessageHandler[] = [];
+  /** Connection attempts that failed since the last success, and why the last one did. */
+  private failures = 0;
+  private lastFailure: string | null = null;
   /** The work the last delivered message started; mqtt.js reads the next packet only after it. */
   private work: Promise<unknown> = Promise.resolve();
   private constructor(
     readonly client: MqttClient,
     readonly clientId: string,
+    /** Every broker URL, comma-joined, for messages. */
     readonly url: string,
+    private readonly urlCount: number,
     private readonly inbound: InboundHook | undefined,
   ) {
+    client.on('connect', () => {
+      this.failures = 0;
+      this.lastFailure = null;
+    });
+    client.on('error', (err: Error & { code?: string | number }) => {
+      if (typeof err.code === 'string' && UNREACHABLE.has(err.code)) {
+        this.failures++;
+        this.lastFailure = `${err.code}: ${err.message}`;
+      } else if (err.code === 4 || err.code === 5 || err.code === 134 || err.code === 135) {
+        // CONNACK: bad user name or password / not authorized. Retrying will not change that.
+        this.failures = Number.MAX_SAFE_INTEGER;
+        this.lastFailure = `the broker refused the credentials (${err.message})`;
+      }
+    });
     client.on('message', (topic, payload) => {
       const started: Promise<unknown>[] = [];
       const deliver = (t: string, p: Buffer) => {
@@ -96,7 +145,11 @@ export class Link {
   ): Promise<Link> {
     const [ca, cert, key] = await Promise.all([readOpt(broker.caFile, 'CA file'), readOpt(broker.certFile, 'client certificate'), readOpt(broker.keyFile, 'client key')]);
     const version = broker.protocolVersion ?? 5;
+    const urls = brokerUrlList(broker);
+    const first = urls[0];
+    if (first === undefined) throw new EdgeloraError('no broker URL given', { where: 'broker.url', hint: 'pass --broker mqtt://host:1883' });
     const options: IClientOptions = {
+      ...(urls.length > 1 ? { servers: serverList(urls) } : {}),
       clientId: opts.clientId,
       clean: opts.clean ?? true,
       protocolVersion: version,
@@ -117,9 +170,9 @@ export class Link {
     };
     let client: MqttClient;
     try {
-      client = mqtt.connect(broker.url, options);
+      client = mqtt.connect(first, options);
     } catch (err) {
-      throw new EdgeloraError(`cannot connect: ${(err as Error).message}`, { where: broker.url, hint: 'use mqtt://host:port or mqtts://host:port' });
+      throw new EdgeloraError(`cannot connect: ${(err as Error).message}`, { where: urls.join(','), hint: 'use mqtt://host:port or mqtts://host:port' });
     }
     // A 3.1.1-only broker (aedes, old Mosquitto) answers a v5 CONNECT with "unacceptable protocol
     // version" (return code 1): retry with 3.1.1 unless v5 was asked for explicitly.
@@ -131,7 +184,7 @@ export class Link {
         client.once('close', () => setImmediate(() => client.reconnect()));
       }
     });
-    return new Link(client, opts.clientId, broker.url, opts.inbound);
+    return new Link(client, opts.clientId, urls.join(','), urls.length, opts.inbound);
   }
 
   get v5(): boolean {
@@ -150,19 +203,39 @@ export class Link {
     };
   }
 
-  /** Resolves once connected (now or later); rejects after `timeoutMs`. */
-  waitConnected(timeoutMs = 10_000): Promise<void> {
+  /** The URL of the node this client is connected (or connecting) to. */
+  get currentUrl(): string {
+    const o = this.client.options;
+    return `${o.protocol ?? 'mqtt'}://${o.hostname ?? o.host ?? '?'}:${o.port ?? '?'}`;
+  }
+
+  /**
+   * Resolves once connected (now or later); rejects after `timeoutMs`, or with `failFast` as soon
+   * as every broker URL refused the connection (nothing listens there, or bad credentials): an
+   * operator command then fails at once instead of waiting out its timeout.
+   */
+  waitConnected(timeoutMs = 10_000, o: { failFast?: boolean } = {}): Promise<void> {
     if (this.client.connected) return Promise.resolve();
     return new Promise((resolve, reject) => {
-      const t = setTimeout(() => {
-        this.client.off('connect', ok);
-        reject(new EdgeloraError(`no connection to the broker after ${timeoutMs} ms`, { where: this.url, hint: 'check --broker, credentials and that the broker runs' }));
-      }, timeoutMs);
-      const ok = () => {
+      const done = (err: EdgeloraError | null) => {
         clearTimeout(t);
-        resolve();
+        this.client.off('connect', ok);
+        this.client.off('error', onError);
+        if (err) reject(err);
+        else resolve();
+      };
+      const t = setTimeout(
+        () => done(new EdgeloraError(`no connection to the broker after ${timeoutMs} ms${this.lastFailure ? ` (last error: ${this.lastFailure})` : ''}`, { where: this.url, hint: 'check --broker (host and port), credentials and that the broker runs' })),
+        timeoutMs,
+      );
+      const ok = () => done(null);
+      const onError = () => {
+        if (o.failFast && this.failures >= this.urlCount) {
+          done(new EdgeloraError(`cannot connect to the broker: ${this.lastFailure ?? 'refused'}`, { where: this.url, hint: 'check --broker (host and port), --username/--password, and that the broker runs' }));
+        }
       };
       this.client.once('connect', ok);
+      this.client.on('error', onError);
     });
   }
 

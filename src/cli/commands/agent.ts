@@ -5,7 +5,7 @@ import { numberFlag, parseFlags, requireFlag } from '../command.js';
 import { Agent } from '../../sync/agent.js';
 import { sanitizeName } from '../../sync/hub.js';
 import { loadPublicKey } from '../../sync/signing.js';
-import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../../sync/cli-flags.js';
+import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../broker-flags.js';
 import { ModelRuntime } from '../../runtime/model.js';
 import { AdapterManager } from '../../adapters/manager.js';
 import { RuntimeActivator } from '../../adapters/activator.js';

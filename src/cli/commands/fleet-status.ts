@@ -2,7 +2,7 @@
 import type { Command } from '../command.js';
 import { numberFlag, parseFlags } from '../command.js';
 import { Operator } from '../../sync/operator.js';
-import { brokerFlags, brokerHelp, brokerOptions } from '../../sync/cli-flags.js';
+import { brokerFlags, brokerHelp, brokerOptions } from '../broker-flags.js';
 
 export const fleetStatusCommand: Command = {
   name: 'fleet status',

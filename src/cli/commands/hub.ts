@@ -5,7 +5,7 @@ import { numberFlag, parseFlags, requireFlag } from '../command.js';
 import { Hub } from '../../sync/hub.js';
 import { loadSigningKey } from '../../sync/signing.js';
 import { startEmbeddedBroker, type EmbeddedBroker } from '../../sync/embedded-broker.js';
-import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../../sync/cli-flags.js';
+import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../broker-flags.js';
 
 export const hubCommand: Command = {
   name: 'hub',

@@ -7,7 +7,7 @@ import { EdgeloraError } from '../../util/errors.js';
 import { Operator } from '../../sync/operator.js';
 import { sanitizeName } from '../../sync/hub.js';
 import { parseTarget } from '../../sync/topics.js';
-import { brokerFlags, brokerHelp, brokerOptions } from '../../sync/cli-flags.js';
+import { brokerFlags, brokerHelp, brokerOptions } from '../broker-flags.js';
 
 export const publishCommand: Command = {
   name: 'publish',
