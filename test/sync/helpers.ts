@@ -6,6 +6,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
+import mqtt, { type MqttClient } from 'mqtt';
 import { Rng } from '../../src/util/rng.ts';
 import type { AdapterActivator } from '../../src/sync/activator.ts';
 import { validateAdapterDir } from '../../src/sync/activator.ts';
@@ -53,6 +54,8 @@ export interface MosquittoOptions {
   aclFile?: string;
   /** user → password; when given, anonymous clients are refused. */
   users?: Record<string, string>;
+  /** Seconds between $SYS updates (e.g. 1 to read $SYS/broker/bytes/sent); default: Mosquitto's 10. */
+  sysInterval?: number;
 }
 
 export class Mosquitto {
@@ -86,6 +89,7 @@ export class Mosquitto {
       lines.push('allow_anonymous true');
     }
     if (o.aclFile) lines.push(`acl_file ${o.aclFile}`);
+    if (o.sysInterval !== undefined) lines.push(`sys_interval ${o.sysInterval}`);
     await fs.writeFile(m.confFile, lines.join('\n') + '\n');
     await m.launch();
     return m;
@@ -205,4 +209,35 @@ export class RecordingActivator implements AdapterActivator {
 
 export function digestKey(d: Record<string, string>): string {
   return JSON.stringify(d);
+}
+
+/**
+ * Reads Mosquitto's own count of bytes it sent to clients ($SYS/broker/bytes/sent, updated every
+ * sys_interval): the broker egress an operator would see, independent of edgelora's accounting.
+ */
+export class BrokerBytes {
+  private latest = -1;
+  private updates = 0;
+  private constructor(private readonly client: MqttClient) {
+    client.on('message', (_t, p) => {
+      this.latest = Number(p.toString());
+      this.updates++;
+    });
+  }
+  static async open(url: string): Promise<BrokerBytes> {
+    const client = await mqtt.connectAsync(url, { clientId: `sysbytes-${process.pid}-${Math.random().toString(36).slice(2, 8)}`, reconnectPeriod: 0 });
+    const b = new BrokerBytes(client);
+    await client.subscribeAsync('$SYS/broker/bytes/sent', { qos: 0 });
+    return b;
+  }
+  /** The value after the next update at least `settleMs` from now (so earlier traffic is counted). */
+  async read(settleMs = 1200): Promise<number> {
+    await sleep(settleMs);
+    const n = this.updates;
+    await waitFor('a $SYS/broker/bytes/sent update', () => this.updates > n, 5000);
+    return this.latest;
+  }
+  async close(): Promise<void> {
+    await this.client.endAsync(true);
+  }
 }
