@@ -165,10 +165,16 @@ export class Agent extends EventEmitter {
     });
     this.link.onMessage((t, p) => this.onMessage(t, p));
     let connects = 0;
-    this.link.client.on('connect', () => {
+    const link = this.link;
+    link.client.on('connect', () => {
+      // Logged here, before the subscriptions deliver a retained manifest ("downloading …").
+      this.log(`connected to ${link.currentUrl}; active: ${this.active ? `${this.active.id} v${this.active.version}` : 'none'}`);
       if (++connects > 1) this.counters.reconnects++;
       void this.publishStatus(true);
-      // After a reconnect the broker may have restarted and the hub may have missed our requests.
+    });
+    // After a reconnect (maybe to another node, or a restarted broker) the hub may have missed our
+    // requests: ask again once we can receive the answer.
+    link.onResubscribed(() => {
       if (this.transfer) this.armQuiet(this.transfer, this.quietMs);
     });
     const subs = this.targets.flatMap((t) => [topics.manifest(t), topics.chunk(t)]);
@@ -201,6 +207,11 @@ export class Agent extends EventEmitter {
       }
       await link.close();
     }
+  }
+
+  /** The broker node this agent is connected (or connecting) to. */
+  get brokerUrl(): string | null {
+    return this.link?.currentUrl ?? null;
   }
 
   private get quietMs(): number {

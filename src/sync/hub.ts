@@ -499,15 +499,19 @@ export class Hub extends EventEmitter {
       const r = askers[i] ?? 0;
       if (r > 0 && (target.kind === 'device' || 2 * r >= online + 1)) s.pending.set(i);
     }
+    const broadcast = s.pending.count();
+    let unicast = 0;
     for (const [device, bm] of req) {
       let mine: Bitmap | null = null;
       for (let i = bm.next(); i >= 0; i = bm.next(i + 1)) {
         if (s.pending.get(i)) continue;
         mine ??= s.unicast.get(device) ?? new Bitmap(n);
         mine.set(i);
+        unicast++;
       }
       if (mine) s.unicast.set(device, mine);
     }
+    this.log(`hub: repair pass ${s.pass} of ${targetKey(target)} for ${req.size} device(s) (${online} online): ${broadcast} chunk(s) to the target, ${unicast} to devices' own topics`);
   }
 
   private onMissing(deviceId: string, payload: Buffer): void {

@@ -1,6 +1,7 @@
 // The one place edgelora talks to mqtt.js: connection options (credentials, TLS, protocol version
 // with fallback from MQTT 5 to 3.1.1), publishing with MQTT 5 properties only when the session is
 // v5, byte accounting, and an inbound hook tests use to drop, duplicate or reorder messages.
+import { EventEmitter } from 'node:events';
 import { promises as fs } from 'node:fs';
 import mqtt, { type IClientOptions, type IClientPublishOptions, type MqttClient } from 'mqtt';
 import { EdgeloraError } from '../util/errors.js';
@@ -64,8 +65,14 @@ export function brokerUrlList(b: BrokerOptions): string[] {
 
 const DEFAULT_PORTS: Record<string, number> = { mqtt: 1883, tcp: 1883, mqtts: 8883, tls: 8883, ssl: 8883, ws: 80, wss: 443 };
 
-/** mqtt.js's failover list: one {host, port, protocol} per URL (they share credentials and TLS files). */
-function serverList(urls: string[]): NonNullable<IClientOptions['servers']> {
+interface Server {
+  host: string;
+  port: number;
+  protocol: NonNullable<IClientOptions['protocol']>;
+}
+
+/** One {host, port, protocol} per URL (they share credentials and TLS files). */
+function serverList(urls: string[]): Server[] {
   return urls.map((u) => {
     let parsed: URL;
     try {
@@ -76,7 +83,7 @@ function serverList(urls: string[]): NonNullable<IClientOptions['servers']> {
     const protocol = parsed.protocol.replace(/:$/, '');
     const port = parsed.port === '' ? DEFAULT_PORTS[protocol] : Number(parsed.port);
     if (port === undefined) throw new EdgeloraError(`unknown broker protocol ${protocol}: in ${u}`, { where: '--broker', hint: 'use mqtt://, mqtts://, ws:// or wss://' });
-    return { host: parsed.hostname, port, protocol: protocol as 'mqtt' };
+    return { host: parsed.hostname, port, protocol: protocol as Server['protocol'] };
   });
 }
 
@@ -91,6 +98,11 @@ export class Link {
   /** Connection attempts that failed since the last success, and why the last one did. */
   private failures = 0;
   private lastFailure: string | null = null;
+  /** Every topic subscribed, with its QoS: restored after each reconnect. */
+  private readonly wanted = new Map<string, 0 | 1>();
+  private resubTimer: NodeJS.Timeout | undefined;
+  private readonly emitter = new EventEmitter();
+  private connects = 0;
   /** The work the last delivered message started; mqtt.js reads the next packet only after it. */
   private work: Promise<unknown> = Promise.resolve();
   private constructor(
@@ -104,6 +116,7 @@ export class Link {
     client.on('connect', () => {
       this.failures = 0;
       this.lastFailure = null;
+      if (++this.connects > 1) this.resubscribe();
     });
     client.on('error', (err: Error & { code?: string | number }) => {
       if (typeof err.code === 'string' && UNREACHABLE.has(err.code)) {
@@ -148,15 +161,16 @@ export class Link {
     const urls = brokerUrlList(broker);
     const first = urls[0];
     if (first === undefined) throw new EdgeloraError('no broker URL given', { where: 'broker.url', hint: 'pass --broker mqtt://host:1883' });
+    const servers = serverList(urls);
     const options: IClientOptions = {
-      ...(urls.length > 1 ? { servers: serverList(urls) } : {}),
       clientId: opts.clientId,
       clean: opts.clean ?? true,
       protocolVersion: version,
       reconnectPeriod: broker.reconnectMs ?? 1000,
       connectTimeout: 10_000,
       keepalive: opts.keepaliveSec ?? 30,
-      resubscribe: true,
+      // Link resubscribes itself after a reconnect, checking the grants (see subscribe()).
+      resubscribe: false,
       ...(broker.username !== undefined ? { username: broker.username } : {}),
       ...(broker.password !== undefined ? { password: broker.password } : {}),
       ...(ca ? { ca } : {}),
@@ -174,10 +188,26 @@ export class Link {
     } catch (err) {
       throw new EdgeloraError(`cannot connect: ${(err as Error).message}`, { where: urls.join(','), hint: 'use mqtt://host:port or mqtts://host:port' });
     }
-    // A 3.1.1-only broker (aedes, old Mosquitto) answers a v5 CONNECT with "unacceptable protocol
-    // version" (return code 1): retry with 3.1.1 unless v5 was asked for explicitly.
+    // Failover: after every lost or failed connection the next attempt goes to the next URL. (Our
+    // own rotation rather than mqtt.js `servers`, whose rotation would also move on after the
+    // protocol fallback below, away from the node that just answered.)
+    let at = 0;
+    let retrySameNode = false;
+    client.on('close', () => {
+      if (servers.length < 2) return;
+      if (retrySameNode) retrySameNode = false;
+      else at = (at + 1) % servers.length;
+      const next = servers[at] as Server;
+      client.options.host = next.host;
+      client.options.hostname = next.host;
+      client.options.port = next.port;
+      client.options.protocol = next.protocol;
+    });
+    // A 3.1.1-only broker (aedes, NATS, old Mosquitto) answers a v5 CONNECT with "unacceptable
+    // protocol version" (return code 1): retry with 3.1.1 unless v5 was asked for explicitly.
     client.on('error', (err: Error & { code?: number }) => {
       if (err.code === 1 && client.options.protocolVersion === 5 && broker.protocolVersion === undefined) {
+        retrySameNode = true;
         client.options.protocolVersion = 4;
         if (client.options.properties) delete client.options.properties;
         // mqtt.js ends the client after a refused CONNACK; start it again with 3.1.1.
@@ -239,13 +269,40 @@ export class Link {
     });
   }
 
+  /**
+   * Subscribes, and again after every reconnect. A refusal now throws (an ACL says no); after a
+   * reconnect refusals and timeouts are retried with backoff, because a cluster node whose
+   * JetStream is still electing leaders refuses QoS 1 subscriptions for a while (NATS does).
+   */
   async subscribe(topicList: string[], qos: 0 | 1 = 1): Promise<void> {
+    for (const t of topicList) this.wanted.set(t, qos);
+    await this.subscribeNow(topicList.map((t) => [t, qos]));
+  }
+
+  private async subscribeNow(list: [string, 0 | 1][]): Promise<void> {
     const map: Record<string, { qos: 0 | 1 }> = {};
-    for (const t of topicList) map[t] = { qos };
+    for (const [t, qos] of list) map[t] = { qos };
     const grants = await this.client.subscribeAsync(map);
     for (const g of grants) {
       if (g.qos === 128) throw new EdgeloraError('subscription refused by the broker', { where: g.topic, hint: 'check the broker ACL for this user' });
     }
+  }
+
+  private resubscribe(attempt = 0): void {
+    if (this.wanted.size === 0 || !this.client.connected) return;
+    clearTimeout(this.resubTimer);
+    this.subscribeNow([...this.wanted]).then(
+      () => this.emitter.emit('resubscribed'),
+      () => {
+        // Retried while this connection lasts; a new connection starts over.
+        if (this.client.connected) this.resubTimer = setTimeout(() => this.resubscribe(attempt + 1), Math.min(30_000, 500 * 2 ** attempt));
+      },
+    );
+  }
+
+  /** Calls `fn` each time the subscriptions were restored after a reconnect. */
+  onResubscribed(fn: () => void): void {
+    this.emitter.on('resubscribed', fn);
   }
 
   /** Publishes; resolves when the broker acknowledged (QoS 1) or the packet was written (QoS 0). */
@@ -264,6 +321,7 @@ export class Link {
   }
 
   async close(): Promise<void> {
+    clearTimeout(this.resubTimer);
     await this.client.endAsync(true).catch(() => undefined);
   }
 }

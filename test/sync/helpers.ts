@@ -241,3 +241,105 @@ export class BrokerBytes {
     await this.client.endAsync(true);
   }
 }
+
+export function findNatsServer(): string {
+  for (const dir of (process.env.PATH ?? '').split(':')) {
+    const p = path.join(dir, 'nats-server');
+    if (dir && existsSync(p)) return p;
+  }
+  if (existsSync('/usr/sbin/nats-server')) return '/usr/sbin/nats-server';
+  throw new Error('nats-server not found on PATH or at /usr/sbin/nats-server: install the Debian package `nats-server` (.ci/run does)');
+}
+
+/** One node of a NatsCluster: its MQTT listener, and a handle to kill it. */
+export interface NatsNode {
+  name: string;
+  mqttPort: number;
+  url: string;
+  proc: ChildProcess | null;
+  kill(): Promise<void>;
+}
+
+/**
+ * A NATS cluster on loopback, each node in its own temp directory with `cluster { routes }`,
+ * `jetstream { store_dir }` (MQTT QoS 1 and retained messages live in JetStream, replicated) and an
+ * `mqtt { listen }` block. NATS speaks MQTT 3.1.1 only and takes payloads up to 1 MB by default.
+ */
+export class NatsCluster {
+  private constructor(
+    readonly nodes: NatsNode[],
+    readonly dir: string,
+  ) {}
+
+  static async start(size = 3): Promise<NatsCluster> {
+    const bin = findNatsServer();
+    const dir = tmpDir('nats');
+    const ports = await Promise.all(Array.from({ length: size }, async () => ({ client: await freePort(), cluster: await freePort(), mqtt: await freePort() })));
+    const nodes: NatsNode[] = [];
+    for (let i = 0; i < size; i++) {
+      const p = ports[i] as { client: number; cluster: number; mqtt: number };
+      const name = `n${i + 1}`;
+      const nd = path.join(dir, name);
+      await fs.mkdir(nd, { recursive: true });
+      const routes = ports.filter((_, j) => j !== i).map((q) => `nats-route://127.0.0.1:${q.cluster}`);
+      const conf = [
+        `server_name: ${name}`,
+        `listen: 127.0.0.1:${p.client}`,
+        `jetstream { store_dir: "${path.join(nd, 'js')}" }`,
+        `cluster { name: edgelora, listen: 127.0.0.1:${p.cluster}, routes: [${routes.join(', ')}] }`,
+        // Replicate the MQTT streams (sessions, retained messages, QoS 1) on all three nodes, so the
+        // cluster keeps a quorum when one node dies.
+        `mqtt { listen: 127.0.0.1:${p.mqtt}, stream_replicas: ${size}, consumer_replicas: ${size} }`,
+      ].join('\n');
+      const confFile = path.join(nd, 'nats.conf');
+      await fs.writeFile(confFile, `${conf}\n`);
+      const proc = spawn(bin, ['-c', confFile, '-l', path.join(nd, 'nats.log')], { stdio: ['ignore', 'ignore', 'ignore'] });
+      const node: NatsNode = {
+        name,
+        mqttPort: p.mqtt,
+        url: `mqtt://127.0.0.1:${p.mqtt}`,
+        proc,
+        async kill() {
+          const pr = node.proc;
+          node.proc = null;
+          if (!pr || pr.exitCode !== null) return;
+          const gone = new Promise((r) => pr.once('exit', r));
+          pr.kill('SIGKILL');
+          await gone;
+        },
+      };
+      nodes.push(node);
+    }
+    const c = new NatsCluster(nodes, dir);
+    const deadline = Date.now() + 30_000;
+    for (const n of nodes) {
+      while (!(await portOpen(n.mqttPort))) {
+        if (n.proc?.exitCode !== null) throw new Error(`nats-server ${n.name} exited (${n.proc?.exitCode}); see ${path.join(dir, n.name, 'nats.log')}`);
+        if (Date.now() > deadline) throw new Error(`nats-server ${n.name} did not open its MQTT port`);
+        await sleep(100);
+      }
+    }
+    await c.waitJetStream(deadline);
+    return c;
+  }
+
+  /** Waits until the cluster serves MQTT sessions (JetStream has a meta leader): a retained round trip works. */
+  private async waitJetStream(deadline: number): Promise<void> {
+    for (;;) {
+      try {
+        const client = await mqtt.connectAsync((this.nodes[0] as NatsNode).url, { clientId: `probe${Date.now()}`, protocolVersion: 4, reconnectPeriod: 0, connectTimeout: 3000 });
+        await client.publishAsync('probe/ready', 'x', { qos: 1, retain: true });
+        await client.endAsync(true);
+        return;
+      } catch (err) {
+        if (Date.now() > deadline) throw new Error(`NATS JetStream not ready: ${(err as Error).message}; see ${this.dir}`);
+        await sleep(300);
+      }
+    }
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all(this.nodes.map((n) => n.kill()));
+    await fs.rm(this.dir, { recursive: true, force: true });
+  }
+}

@@ -71,7 +71,6 @@ ${brokerHelp}`,
       ...(log ? { log } : {}),
     });
     await agent.start();
-    log?.(`[${deviceId}] connected; active: ${agent.active ? `${agent.active.id} v${agent.active.version}` : 'none'}`);
     if (v.upload) {
       const name = v['upload-name'] ?? sanitizeName(path.basename(path.resolve(v.upload)));
       const sha = await agent.uploadDir(v.upload, name);
