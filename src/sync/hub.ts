@@ -60,6 +60,12 @@ export interface HubOptions {
   chunkSize?: number;
   /** Milliseconds to gather missing-chunk requests for one blob before resending their union; default 250. */
   coalesceMs?: number;
+  /**
+   * A repaired chunk is broadcast to the target when more than this share of the target's online
+   * devices asked for it, else sent to each asking device's own topic; default 0.5 (the break-even
+   * of broker traffic, see planRepair). 0 broadcasts every repair (protocol 1's first hubs did).
+   */
+  repairBroadcastShare?: number;
   /** Chunk publishes awaiting the broker's PUBACK at once; default 16. */
   window?: number;
   /** Largest upload accepted, bytes; default 1 GiB. */
@@ -486,18 +492,19 @@ export class Hub extends EventEmitter {
    * the target's topic when at least half of the target's online devices asked for it, else to the
    * own topic of each device that asked. Rationale: a broadcast moves the chunk once into the
    * broker and once out to each of the `online` subscribers (1 + online), unicasts move it in and
-   * out once per requester (2 × requesters); the broadcast is cheaper from requesters ≥ (online + 1) / 2.
+   * out once per requester (2 × requesters); the broadcast is cheaper from requesters > online / 2.
    * So a late joiner costs its own bytes, and a lossy broadcast that many missed costs one resend.
    */
   private planRepair(s: Sender, req: Map<string, Bitmap>): void {
     const n = s.manifest.blob.chunks;
     const target = s.manifest.target;
     const online = Math.max(this.onlineIn(target), req.size);
+    const share = this.opts.repairBroadcastShare ?? 0.5;
     const askers = new Uint32Array(n);
     for (const bm of req.values()) for (let i = bm.next(); i >= 0; i = bm.next(i + 1)) askers[i] = (askers[i] ?? 0) + 1;
     for (let i = 0; i < n; i++) {
       const r = askers[i] ?? 0;
-      if (r > 0 && (target.kind === 'device' || 2 * r >= online + 1)) s.pending.set(i);
+      if (r > 0 && (target.kind === 'device' || r > share * online)) s.pending.set(i);
     }
     const broadcast = s.pending.count();
     let unicast = 0;
