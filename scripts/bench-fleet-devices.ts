@@ -6,8 +6,8 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { createPublicKey } from 'node:crypto';
 import { z } from 'zod';
-import { Agent } from '../src/sync/agent.ts';
-import type { InboundHook } from '../src/sync/mqtt.ts';
+import { Agent } from '../src/sync/agent/agent.ts';
+import type { InboundHook } from '../src/sync/transport/mqtt.ts';
 import { Rng } from '../src/util/rng.ts';
 
 export const WorkerCommand = z.discriminatedUnion('cmd', [

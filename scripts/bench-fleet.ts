@@ -13,9 +13,9 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { Hub } from '../src/sync/hub.ts';
-import { generateSigningKey } from '../src/sync/signing.ts';
-import { packAdapterDir } from '../src/sync/pack.ts';
+import { Hub } from '../src/sync/hub/hub.ts';
+import { generateSigningKey } from '../src/sync/protocol/signing.ts';
+import { packAdapterDir } from '../src/sync/transfer/pack.ts';
 import { BrokerBytes, Mosquitto, makeAdapter, BASE_FP, waitFor } from '../test/sync/helpers.ts';
 import type { WorkerCommand, WorkerEvent } from './bench-fleet-devices.ts';
 

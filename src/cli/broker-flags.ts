@@ -4,7 +4,7 @@
 import type { FlagSpec } from './command.js';
 import { numberFlag } from './command.js';
 import { EdgeloraError } from '../util/errors.js';
-import type { BrokerOptions } from '../sync/mqtt.js';
+import type { BrokerOptions } from '../sync/transport/mqtt.js';
 
 export const brokerFlags = {
   broker: { type: 'string', multiple: true },

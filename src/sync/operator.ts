@@ -3,11 +3,11 @@
 // command to a device, and read every device's retained status.
 import { randomBytes } from 'node:crypto';
 import { EdgeloraError } from '../util/errors.js';
-import { decodeJson, encodeJson, HubStatusSchema, PROTOCOL_VERSION, ReplySchema, StatusSchema, type CommandAction, type HubStatus, type Reply, type Status } from './messages.js';
-import { Link, type BrokerOptions } from './mqtt.js';
-import { packAdapterDir } from './pack.js';
-import { checkName, parseTopic, topics, type Target } from './topics.js';
-import { uploadBlob } from './uploader.js';
+import { decodeJson, encodeJson, HubStatusSchema, PROTOCOL_VERSION, ReplySchema, StatusSchema, type CommandAction, type HubStatus, type Reply, type Status } from './protocol/messages.js';
+import { Link, type BrokerOptions } from './transport/mqtt.js';
+import { packAdapterDir } from './transfer/pack.js';
+import { checkName, parseTopic, topics, type Target } from './protocol/topics.js';
+import { uploadBlob } from './transfer/uploader.js';
 
 export interface OperatorOptions {
   broker: BrokerOptions;

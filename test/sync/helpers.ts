@@ -8,8 +8,8 @@ import path from 'node:path';
 import { createHash } from 'node:crypto';
 import mqtt, { type MqttClient } from 'mqtt';
 import { Rng } from '../../src/util/rng.ts';
-import type { AdapterActivator } from '../../src/sync/activator.ts';
-import { validateAdapterDir } from '../../src/sync/activator.ts';
+import type { AdapterActivator } from '../../src/sync/agent/activator.ts';
+import { validateAdapterDir } from '../../src/sync/agent/activator.ts';
 
 export const REPO = path.resolve(import.meta.dirname, '../..');
 

@@ -6,9 +6,9 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { Agent, type AgentOptions } from '../../src/sync/agent.ts';
-import { Hub, type HubOptions } from '../../src/sync/hub.ts';
-import { generateSigningKey } from '../../src/sync/signing.ts';
+import { Agent, type AgentOptions } from '../../src/sync/agent/agent.ts';
+import { Hub, type HubOptions } from '../../src/sync/hub/hub.ts';
+import { generateSigningKey } from '../../src/sync/protocol/signing.ts';
 import { BASE_FP, NatsCluster, RecordingActivator, dirDigest, makeAdapter, tmpDir, waitFor, type NatsNode } from './helpers.ts';
 
 const key = generateSigningKey();

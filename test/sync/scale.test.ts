@@ -7,12 +7,12 @@ import { spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import mqtt from 'mqtt';
-import { Agent, type AgentOptions } from '../../src/sync/agent.ts';
-import { Hub } from '../../src/sync/hub.ts';
-import { generateSigningKey, writeKeyPair } from '../../src/sync/signing.ts';
-import { decodeJson, HubStatusSchema, type HubStatus } from '../../src/sync/messages.ts';
-import type { InboundHook } from '../../src/sync/mqtt.ts';
-import { topics } from '../../src/sync/topics.ts';
+import { Agent, type AgentOptions } from '../../src/sync/agent/agent.ts';
+import { Hub } from '../../src/sync/hub/hub.ts';
+import { generateSigningKey, writeKeyPair } from '../../src/sync/protocol/signing.ts';
+import { decodeJson, HubStatusSchema, type HubStatus } from '../../src/sync/protocol/messages.ts';
+import type { InboundHook } from '../../src/sync/transport/mqtt.ts';
+import { topics } from '../../src/sync/protocol/topics.ts';
 import { BASE_FP, BrokerBytes, Mosquitto, REPO, RecordingActivator, dirDigest, makeAdapter, sleep, tmpDir, waitFor } from './helpers.ts';
 
 const key = generateSigningKey();

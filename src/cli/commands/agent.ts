@@ -2,9 +2,9 @@
 import path from 'node:path';
 import type { Command } from '../command.js';
 import { numberFlag, parseFlags, requireFlag } from '../command.js';
-import { Agent } from '../../sync/agent.js';
-import { sanitizeName } from '../../sync/hub.js';
-import { loadPublicKey } from '../../sync/signing.js';
+import { Agent } from '../../sync/agent/agent.js';
+import { sanitizeName } from '../../sync/hub/hub.js';
+import { loadPublicKey } from '../../sync/protocol/signing.js';
 import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../broker-flags.js';
 import { ModelRuntime } from '../../runtime/model.js';
 import { AdapterManager } from '../../adapters/manager.js';

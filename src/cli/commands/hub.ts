@@ -2,9 +2,9 @@
 // optionally with an embedded MQTT 3.1.1 broker (aedes) in the same process.
 import type { Command } from '../command.js';
 import { numberFlag, parseFlags, requireFlag } from '../command.js';
-import { Hub } from '../../sync/hub.js';
-import { loadSigningKey } from '../../sync/signing.js';
-import { startEmbeddedBroker, type EmbeddedBroker } from '../../sync/embedded-broker.js';
+import { Hub } from '../../sync/hub/hub.js';
+import { loadSigningKey } from '../../sync/protocol/signing.js';
+import { startEmbeddedBroker, type EmbeddedBroker } from '../../sync/transport/embedded-broker.js';
 import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../broker-flags.js';
 
 export const hubCommand: Command = {

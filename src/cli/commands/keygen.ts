@@ -3,7 +3,7 @@ import { existsSync } from 'node:fs';
 import type { Command } from '../command.js';
 import { parseFlags, requirePositional } from '../command.js';
 import { EdgeloraError } from '../../util/errors.js';
-import { writeKeyPair } from '../../sync/signing.js';
+import { writeKeyPair } from '../../sync/protocol/signing.js';
 
 export const keygenCommand: Command = {
   name: 'keygen',

@@ -5,8 +5,8 @@ import type { Command } from '../command.js';
 import { numberFlag, parseFlags, requireFlag, requirePositional } from '../command.js';
 import { EdgeloraError } from '../../util/errors.js';
 import { Operator } from '../../sync/operator.js';
-import { sanitizeName } from '../../sync/hub.js';
-import { parseTarget } from '../../sync/topics.js';
+import { sanitizeName } from '../../sync/hub/hub.js';
+import { parseTarget } from '../../sync/protocol/topics.js';
 import { brokerFlags, brokerHelp, brokerOptions } from '../broker-flags.js';
 
 export const publishCommand: Command = {

@@ -6,7 +6,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { z } from 'zod';
-import { EdgeloraError } from '../util/errors.js';
+import { EdgeloraError } from '../../util/errors.js';
 
 export const PACK_MAGIC = Buffer.from('ELPK', 'ascii');
 /** File names a pack may hold: one path level, no dot files, no separators. */

@@ -6,11 +6,11 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import lockfile from 'proper-lockfile';
 import { z } from 'zod';
-import { EdgeloraError } from '../util/errors.js';
-import { writeFileAtomic } from '../util/atomic.js';
-import { ManifestSchema, TargetSchema, type Manifest } from './messages.js';
-import { adapterInfo, sha256Hex, unpack, type AdapterInfo } from './pack.js';
-import { NAME_RE } from './topics.js';
+import { EdgeloraError } from '../../util/errors.js';
+import { writeFileAtomic } from '../../util/atomic.js';
+import { ManifestSchema, TargetSchema, type Manifest } from '../protocol/messages.js';
+import { adapterInfo, sha256Hex, unpack, type AdapterInfo } from '../transfer/pack.js';
+import { NAME_RE } from '../protocol/topics.js';
 
 const hex64 = z.string().regex(/^[0-9a-f]{64}$/);
 

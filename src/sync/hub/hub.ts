@@ -7,10 +7,10 @@ import { promises as fs } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
-import { EdgeloraError } from '../util/errors.js';
-import { writeFileAtomic } from '../util/atomic.js';
-import { withTimeout } from '../util/timeout.js';
-import { Bitmap } from './bitmap.js';
+import { EdgeloraError } from '../../util/errors.js';
+import { writeFileAtomic } from '../../util/atomic.js';
+import { withTimeout } from '../../util/timeout.js';
+import { Bitmap } from '../protocol/bitmap.js';
 import {
   CommandRequestSchema,
   DEFAULT_CHUNK_SIZE,
@@ -42,12 +42,12 @@ import {
   type Status,
   type UploadAck,
   type UploadInit,
-} from './messages.js';
-import { Link, type BrokerOptions } from './mqtt.js';
-import { packAdapterDir } from './pack.js';
-import { signMessage, type SigningKey } from './signing.js';
+} from '../protocol/messages.js';
+import { Link, type BrokerOptions } from '../transport/mqtt.js';
+import { packAdapterDir } from '../transfer/pack.js';
+import { signMessage, type SigningKey } from '../protocol/signing.js';
 import { HubStore, type BlobEntry } from './store.js';
-import { checkName, parseTopic, targetKey, topics, type Target } from './topics.js';
+import { checkName, parseTopic, targetKey, topics, type Target } from '../protocol/topics.js';
 
 export interface HubOptions {
   broker: BrokerOptions;

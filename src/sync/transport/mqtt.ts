@@ -4,7 +4,7 @@
 import { EventEmitter } from 'node:events';
 import { promises as fs } from 'node:fs';
 import mqtt, { type IClientOptions, type IClientPublishOptions, type MqttClient } from 'mqtt';
-import { EdgeloraError } from '../util/errors.js';
+import { EdgeloraError } from '../../util/errors.js';
 
 /** How to reach the broker; every field but `url` is optional and passed through to mqtt.js. */
 export interface BrokerOptions {

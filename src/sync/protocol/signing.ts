@@ -3,8 +3,8 @@
 // string serialization) of the message without its `signature` field.
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, sign, verify, type KeyObject } from 'node:crypto';
 import { promises as fs } from 'node:fs';
-import { EdgeloraError } from '../util/errors.js';
-import { writeFileAtomic } from '../util/atomic.js';
+import { EdgeloraError } from '../../util/errors.js';
+import { writeFileAtomic } from '../../util/atomic.js';
 
 /** Canonical JSON (JCS) of a JSON value; throws on values JSON cannot carry. */
 export function canonicalJson(v: unknown): string {

@@ -2,12 +2,12 @@
 // size, sha256) answered with the segments the hub already holds, `seg` frames each acknowledged,
 // `fin` (size + sha256) answered once the hub verified and stored the blob. Unacknowledged steps are
 // resent after a timeout and after every reconnect, so an upload resumes where it stopped.
-import { EdgeloraError } from '../util/errors.js';
-import { Bitmap } from './bitmap.js';
-import { decodeJson, encodeJson, encodeSegment, PROTOCOL_VERSION, UploadAckSchema, type UploadAck } from './messages.js';
-import type { Link } from './mqtt.js';
+import { EdgeloraError } from '../../util/errors.js';
+import { Bitmap } from '../protocol/bitmap.js';
+import { decodeJson, encodeJson, encodeSegment, PROTOCOL_VERSION, UploadAckSchema, type UploadAck } from '../protocol/messages.js';
+import type { Link } from '../transport/mqtt.js';
 import { sha256Hex } from './pack.js';
-import { topics } from './topics.js';
+import { topics } from '../protocol/topics.js';
 
 export interface UploadOptions {
   /** Segment size in bytes; default 256 KiB. */

@@ -10,11 +10,11 @@ import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { createHash, type KeyObject } from 'node:crypto';
 import { z } from 'zod';
-import { EdgeloraError } from '../util/errors.js';
-import { writeDirAtomic, writeFileAtomic } from '../util/atomic.js';
-import { withTimeout } from '../util/timeout.js';
+import { EdgeloraError } from '../../util/errors.js';
+import { writeDirAtomic, writeFileAtomic } from '../../util/atomic.js';
+import { withTimeout } from '../../util/timeout.js';
 import { ValidatingActivator, type AdapterActivator } from './activator.js';
-import { Bitmap } from './bitmap.js';
+import { Bitmap } from '../protocol/bitmap.js';
 import {
   CommandSchema,
   decodeChunk,
@@ -33,12 +33,12 @@ import {
   type Result,
   type Status,
   UploadAckSchema,
-} from './messages.js';
-import { Link, type BrokerOptions, type InboundHook } from './mqtt.js';
-import { adapterInfo, packAdapterDir, readPackIndex, type PackEntry, type PackedFile } from './pack.js';
-import { checkSignature } from './signing.js';
-import { checkName, parseTopic, targetKey, topics, type Target } from './topics.js';
-import { uploadBlob } from './uploader.js';
+} from '../protocol/messages.js';
+import { Link, type BrokerOptions, type InboundHook } from '../transport/mqtt.js';
+import { adapterInfo, packAdapterDir, readPackIndex, type PackEntry, type PackedFile } from '../transfer/pack.js';
+import { checkSignature } from '../protocol/signing.js';
+import { checkName, parseTopic, targetKey, topics, type Target } from '../protocol/topics.js';
+import { uploadBlob } from '../transfer/uploader.js';
 
 export interface AgentOptions {
   broker: BrokerOptions;
