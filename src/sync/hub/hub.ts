@@ -3,19 +3,15 @@
 // the same blob are coalesced into one broadcast of their union), receives uploads, and sends
 // signed commands to devices. One hub per fleet namespace.
 import { EventEmitter } from 'node:events';
-import { promises as fs } from 'node:fs';
-import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
 import { EdgeloraError } from '../../util/errors.js';
-import { writeFileAtomic } from '../../util/atomic.js';
 import { withTimeout } from '../../util/timeout.js';
 import { Bitmap } from '../protocol/bitmap.js';
 import {
   CommandRequestSchema,
   DEFAULT_CHUNK_SIZE,
   decodeJson,
-  decodeSegment,
   encodeChunk,
   encodeJson,
   CHUNK_HEADER_BYTES,
@@ -31,8 +27,6 @@ import {
   type HubStatus,
   ResultSchema,
   StatusSchema,
-  UploadFinSchema,
-  UploadInitSchema,
   type CommandAction,
   type CommandBody,
   type Manifest,
@@ -41,12 +35,12 @@ import {
   type Result,
   type Status,
   type UploadAck,
-  type UploadInit,
 } from '../protocol/messages.js';
 import { Link, type BrokerOptions } from '../transport/mqtt.js';
 import { packAdapterDir } from '../transfer/pack.js';
 import { signMessage, type SigningKey } from '../protocol/signing.js';
 import { HubStore, type BlobEntry } from './store.js';
+import { Uploads } from './uploads.js';
 import { checkName, parseTopic, targetKey, topics, type Target } from '../protocol/topics.js';
 
 export interface HubOptions {
@@ -164,16 +158,6 @@ class Sender {
   }
 }
 
-interface UploadState {
-  clientId: string;
-  init: UploadInit;
-  have: Bitmap;
-  fh: FileHandle;
-  partFile: string;
-  stateFile: string;
-  persistTimer: NodeJS.Timeout | null;
-}
-
 export class Hub extends EventEmitter {
   readonly stats: HubStats = { bytesOut: 0, chunkBytesOut: 0, chunksSent: 0, chunksResent: 0, chunksUnicast: 0, refused: 0, missingRequests: 0 };
   /** The last status each device reported (retained on the broker). */
@@ -181,7 +165,7 @@ export class Hub extends EventEmitter {
   private link: Link | null = null;
   private store: HubStore | null = null;
   private readonly senders = new Map<string, Sender>();
-  private readonly uploads = new Map<string, UploadState>();
+  private uploads: Uploads | null = null;
   /** Waiting command callers; called with null when the hub stops. */
   private readonly pendingCommands = new Map<string, (r: Result | null) => void>();
   private publishing: Promise<unknown> = Promise.resolve();
@@ -230,6 +214,15 @@ export class Hub extends EventEmitter {
 
   async start(): Promise<void> {
     this.store = await HubStore.open(this.opts.storeDir, { lock: true });
+    this.uploads = new Uploads({
+      store: this.store,
+      maxUploadBytes: this.opts.maxUploadBytes ?? 2 ** 30,
+      ack: (clientId, ack) => this.ack(clientId, ack),
+      refuse: (reason, topic) => this.refuse(reason, topic),
+      stored: (entry, clientId) => this.emit('upload', entry, clientId),
+      log: (line) => this.log(line),
+      now: () => this.now(),
+    });
     try {
       // The will is fixed at CONNECT, so its updatedAt says when this hub connected.
       this.link = await Link.open(this.opts.broker, { clientId: this.clientId, will: { topic: topics.hubStatus, payload: this.hubStatus(false), retain: true } });
@@ -294,12 +287,8 @@ export class Hub extends EventEmitter {
   async stop(graceMs = 2000): Promise<void> {
     if (this.rateTimer) clearTimeout(this.rateTimer);
     for (const s of this.senders.values()) if (s.coalesceTimer) clearTimeout(s.coalesceTimer);
-    for (const u of this.uploads.values()) {
-      if (u.persistTimer) clearTimeout(u.persistTimer);
-      await this.persistUpload(u).catch(() => undefined);
-      await u.fh.close().catch(() => undefined);
-    }
-    this.uploads.clear();
+    await this.uploads?.close();
+    this.uploads = null;
     for (const w of this.pendingCommands.values()) w(null);
     this.pendingCommands.clear();
     const link = this.link;
@@ -631,7 +620,7 @@ export class Hub extends EventEmitter {
         return;
       }
       case 'upload':
-        void this.onUpload(t.clientId, t.stage, payload).catch((err: unknown) => this.log(`hub: upload from ${t.clientId}: ${(err as Error).message}`));
+        void this.uploads?.onMessage(t.clientId, t.stage, payload).catch((err: unknown) => this.log(`hub: upload from ${t.clientId}: ${(err as Error).message}`));
         return;
       case 'publishRequest':
         void this.onPublishRequest(payload);
@@ -702,122 +691,6 @@ export class Hub extends EventEmitter {
 
   private async ack(clientId: string, ack: Omit<UploadAck, 'type' | 'v'>): Promise<void> {
     await this.publishJson(topics.uploadAck(clientId), { type: 'upload-ack', v: PROTOCOL_VERSION, ...ack });
-  }
-
-  private uploadFiles(clientId: string, sha: string): { partFile: string; stateFile: string } {
-    const base = path.join(this.hubStore.uploadsDir, `${clientId}-${sha}`);
-    return { partFile: `${base}.part`, stateFile: `${base}.json` };
-  }
-
-  private async persistUpload(u: UploadState): Promise<void> {
-    await u.fh.sync();
-    await writeFileAtomic(u.stateFile, JSON.stringify({ init: u.init, have: u.have.toBase64() }));
-  }
-
-  /** Finds an upload in memory or (after a hub restart) on disk. */
-  private async loadUpload(clientId: string, sha: string): Promise<UploadState | null> {
-    const k = `${clientId}|${sha}`;
-    const mem = this.uploads.get(k);
-    if (mem) return mem;
-    const { partFile, stateFile } = this.uploadFiles(clientId, sha);
-    const raw = await fs.readFile(stateFile, 'utf8').catch(() => null);
-    if (raw === null) return null;
-    let parsed: { init: unknown; have: unknown };
-    try {
-      parsed = JSON.parse(raw) as { init: unknown; have: unknown };
-    } catch {
-      return null;
-    }
-    const init = UploadInitSchema.safeParse(parsed.init);
-    if (!init.success || typeof parsed.have !== 'string') return null;
-    const n = Math.ceil(init.data.size / init.data.segmentSize);
-    const have = Bitmap.fromBase64(n, parsed.have);
-    if (!have) return null;
-    const fh = await fs.open(partFile, 'r+').catch(() => null);
-    if (!fh) return null;
-    const u: UploadState = { clientId, init: init.data, have, fh, partFile, stateFile, persistTimer: null };
-    this.uploads.set(k, u);
-    return u;
-  }
-
-  private async onUpload(clientId: string, stage: 'init' | 'seg' | 'fin', payload: Buffer): Promise<void> {
-    if (stage === 'init') {
-      const d = decodeJson(UploadInitSchema, payload);
-      if (!d.ok) return this.log(`hub: upload init from ${clientId} rejected: ${d.reason}`);
-      const init = d.value;
-      const n = Math.ceil(init.size / init.segmentSize);
-      if (init.size > (this.opts.maxUploadBytes ?? 2 ** 30)) return this.ack(clientId, { sha256: init.sha256, stage: 'init', ok: false, error: `upload of ${init.size} bytes exceeds the hub's limit` });
-      if (this.hubStore.getEntry(init.sha256)) return this.ack(clientId, { sha256: init.sha256, stage: 'init', ok: true, have: Bitmap.full(n).toBase64() });
-      let u = await this.loadUpload(clientId, init.sha256);
-      if (u && (u.init.size !== init.size || u.init.segmentSize !== init.segmentSize)) {
-        await this.dropUpload(u);
-        u = null;
-      }
-      if (!u) {
-        const { partFile, stateFile } = this.uploadFiles(clientId, init.sha256);
-        const fh = await fs.open(partFile, 'w+');
-        await fh.truncate(init.size);
-        u = { clientId, init, have: new Bitmap(n), fh, partFile, stateFile, persistTimer: null };
-        this.uploads.set(`${clientId}|${init.sha256}`, u);
-        await this.persistUpload(u);
-      }
-      return this.ack(clientId, { sha256: init.sha256, stage: 'init', ok: true, have: u.have.toBase64() });
-    }
-    if (stage === 'seg') {
-      const d = decodeSegment(payload);
-      if (!d.ok) return this.log(`hub: upload segment from ${clientId} rejected: ${d.reason}`);
-      const { sha256, index, data } = d.value;
-      const u = await this.loadUpload(clientId, sha256);
-      if (!u) return this.ack(clientId, { sha256, stage: 'seg', index, ok: false, error: 'unknown upload: send init' });
-      const ss = u.init.segmentSize;
-      const n = u.have.size;
-      const want = index === n - 1 ? u.init.size - index * ss : ss;
-      if (index >= n || data.length !== want) return this.ack(clientId, { sha256, stage: 'seg', index, ok: false, error: `segment ${index} has ${data.length} bytes, expected ${index >= n ? 'none' : want}` });
-      if (!u.have.get(index)) {
-        await u.fh.write(data, 0, data.length, index * ss);
-        u.have.set(index);
-        u.persistTimer ??= setTimeout(() => {
-          u.persistTimer = null;
-          void this.persistUpload(u).catch(() => undefined);
-        }, 200);
-      }
-      return this.ack(clientId, { sha256, stage: 'seg', index, ok: true });
-    }
-    const d = decodeJson(UploadFinSchema, payload);
-    if (!d.ok) return this.log(`hub: upload fin from ${clientId} rejected: ${d.reason}`);
-    const fin = d.value;
-    if (this.hubStore.getEntry(fin.sha256)) return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: true });
-    const u = await this.loadUpload(clientId, fin.sha256);
-    if (!u) return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: false, error: 'unknown upload: send init' });
-    if (fin.size !== u.init.size) return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: false, error: `size ${fin.size} differs from init's ${u.init.size}` });
-    const lacking = u.have.complement().count();
-    if (lacking > 0) return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: false, error: `missing segments: ${lacking}` });
-    const { bytesRead, buffer } = await u.fh.read(Buffer.alloc(u.init.size), 0, u.init.size, 0);
-    const blob = buffer.subarray(0, bytesRead);
-    const got = createHash('sha256').update(blob).digest('hex');
-    if (got !== fin.sha256) {
-      await this.dropUpload(u);
-      return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: false, error: `checksum mismatch: received bytes hash to ${got}` });
-    }
-    let entry: BlobEntry;
-    try {
-      entry = await this.hubStore.putBlob(blob, { name: u.init.name, source: `upload:${clientId}`, now: this.now() });
-    } catch (err) {
-      await this.dropUpload(u);
-      return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: false, error: `not an adapter: ${(err as Error).message}` });
-    }
-    await this.dropUpload(u);
-    this.log(`hub: stored upload ${entry.name} (${entry.sha256.slice(0, 12)}, ${entry.size} bytes) from ${clientId}`);
-    this.emit('upload', entry, clientId);
-    return this.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: true });
-  }
-
-  private async dropUpload(u: UploadState): Promise<void> {
-    if (u.persistTimer) clearTimeout(u.persistTimer);
-    this.uploads.delete(`${u.clientId}|${u.init.sha256}`);
-    await u.fh.close().catch(() => undefined);
-    await fs.rm(u.partFile, { force: true });
-    await fs.rm(u.stateFile, { force: true });
   }
 }
 

@@ -7,9 +7,9 @@ import path from 'node:path';
 import lockfile from 'proper-lockfile';
 import { z } from 'zod';
 import { EdgeloraError } from '../../util/errors.js';
-import { writeFileAtomic } from '../../util/atomic.js';
+import { fsyncDir, writeFileAtomic } from '../../util/atomic.js';
 import { ManifestSchema, TargetSchema, type Manifest } from '../protocol/messages.js';
-import { adapterInfo, sha256Hex, unpack, type AdapterInfo } from '../transfer/pack.js';
+import { adapterInfo, readPackInfo, sha256Hex, unpack, type AdapterInfo } from '../transfer/pack.js';
 import { NAME_RE } from '../protocol/topics.js';
 
 const hex64 = z.string().regex(/^[0-9a-f]{64}$/);
@@ -132,6 +132,38 @@ export class HubStore {
     const info: AdapterInfo = adapterInfo(await unpack(blob));
     await writeFileAtomic(this.blobPath(sha), blob);
     const entry: BlobEntry = { sha256: sha, size: blob.length, name: meta.name, source: meta.source, storedAt: (meta.now ?? new Date()).toISOString(), info };
+    this.index.blobs[sha] = entry;
+    await this.save();
+    return entry;
+  }
+
+  /**
+   * Stores a verified file (a finished upload whose sha256 is `sha`) by moving it into blobs/:
+   * validated as an adapter pack by streaming it, never read whole into memory.
+   */
+  async adoptFile(file: string, sha: string, meta: { name: string; source: string; now?: Date }): Promise<BlobEntry> {
+    const existing = this.index.blobs[sha];
+    if (existing) return existing;
+    const fh = await fs.open(file, 'r');
+    let info: AdapterInfo;
+    let size: number;
+    try {
+      size = (await fh.stat()).size;
+      const buf = Buffer.allocUnsafe(64 * 1024);
+      const read = async (offset: number, length: number): Promise<Buffer> => {
+        const out = length <= buf.length ? buf.subarray(0, length) : Buffer.allocUnsafe(length);
+        const { bytesRead } = await fh.read(out, 0, length, offset);
+        if (bytesRead !== length) throw new EdgeloraError(`short read at ${offset}`, { where: file });
+        return out;
+      };
+      info = (await readPackInfo(read, size)).info;
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await fs.rename(file, this.blobPath(sha));
+    await fsyncDir(path.dirname(this.blobPath(sha)));
+    const entry: BlobEntry = { sha256: sha, size, name: meta.name, source: meta.source, storedAt: (meta.now ?? new Date()).toISOString(), info };
     this.index.blobs[sha] = entry;
     await this.save();
     return entry;
