@@ -6,15 +6,13 @@
 // signed commands. State directory layout: see docs/protocol.md, "Agent state".
 import { EventEmitter } from 'node:events';
 import { promises as fs } from 'node:fs';
-import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { createHash, type KeyObject } from 'node:crypto';
+import type { KeyObject } from 'node:crypto';
 import { z } from 'zod';
 import { EdgeloraError } from '../../util/errors.js';
 import { writeDirAtomic, writeFileAtomic } from '../../util/atomic.js';
 import { withTimeout } from '../../util/timeout.js';
 import { ValidatingActivator, type AdapterActivator } from './activator.js';
-import { Bitmap } from '../protocol/bitmap.js';
 import {
   CommandSchema,
   decodeChunk,
@@ -35,7 +33,8 @@ import {
   UploadAckSchema,
 } from '../protocol/messages.js';
 import { Link, type BrokerOptions, type InboundHook } from '../transport/mqtt.js';
-import { adapterInfo, packAdapterDir, readPackIndex, type PackEntry, type PackedFile } from '../transfer/pack.js';
+import { packAdapterDir, readPackInfo, sha256Hex, type PackEntry } from '../transfer/pack.js';
+import { ResumableFile } from '../transfer/resumable-file.js';
 import { checkSignature } from '../protocol/signing.js';
 import { checkName, parseTopic, targetKey, topics, type Target } from '../protocol/topics.js';
 import { uploadBlob } from '../transfer/uploader.js';
@@ -90,14 +89,11 @@ const StateSchema = z.strictObject({
   installed: z.array(InstalledSchema),
 });
 type State = z.infer<typeof StateSchema>;
-const TransferFileSchema = z.strictObject({ manifest: ManifestSchema, have: z.string() });
 
 interface Transfer {
   manifest: Manifest;
-  have: Bitmap;
-  fh: FileHandle;
-  partFile: string;
-  persistTimer: NodeJS.Timeout | null;
+  /** The part file and the chunks it holds (state in transfer/current.json, key "manifest"). */
+  file: ResumableFile<Manifest>;
   quietTimer: NodeJS.Timeout | null;
   retries: number;
   finishing: boolean;
@@ -193,9 +189,7 @@ export class Agent extends EventEmitter {
     const t = this.transfer;
     if (t) {
       if (t.quietTimer) clearTimeout(t.quietTimer);
-      if (t.persistTimer) clearTimeout(t.persistTimer);
-      await this.persistTransfer(t).catch(() => undefined);
-      await t.fh.close().catch(() => undefined);
+      await t.file.close();
       this.transfer = null;
     }
     const link = this.link;
@@ -308,7 +302,7 @@ export class Agent extends EventEmitter {
       baseFingerprint: this.opts.modelFingerprint ?? null,
       active: ref(this.installed(this.state.active)),
       previous: ref(this.installed(this.state.previous)),
-      transfer: t ? { adapter: t.manifest.adapter, sha256: t.manifest.blob.sha256, seq: t.manifest.seq, received: t.have.count(), total: t.manifest.blob.chunks } : null,
+      transfer: t ? { adapter: t.manifest.adapter, sha256: t.manifest.blob.sha256, seq: t.manifest.seq, received: t.file.have.count(), total: t.manifest.blob.chunks } : null,
       lastError: this.lastError,
       updatedAt: this.now().toISOString(),
     };
@@ -420,13 +414,20 @@ export class Agent extends EventEmitter {
     await this.beginTransfer(m);
   }
 
+  private transferFiles(m: Manifest) {
+    return {
+      partFile: this.p('transfer', `${m.blob.sha256}.part`),
+      stateFile: this.p('transfer', 'current.json'),
+      metaKey: 'manifest',
+      onPersistError: (err: unknown) => this.log(`saving transfer state: ${(err as Error).message}`),
+    };
+  }
+
   private async beginTransfer(m: Manifest): Promise<void> {
-    const partFile = this.p('transfer', `${m.blob.sha256}.part`);
-    const fh = await fs.open(partFile, 'w+');
-    await fh.truncate(m.blob.size);
-    const t: Transfer = { manifest: m, have: new Bitmap(m.blob.chunks), fh, partFile, persistTimer: null, quietTimer: null, retries: 0, finishing: false, passSeen: 0 };
+    await this.cleanTransferDir();
+    const file = await ResumableFile.create<Manifest>({ ...this.transferFiles(m), meta: m, geometry: { size: m.blob.size, pieceSize: m.blob.chunkSize } });
+    const t: Transfer = { manifest: m, file, quietTimer: null, retries: 0, finishing: false, passSeen: 0 };
     this.transfer = t;
-    await this.persistTransfer(t);
     this.log(`downloading ${m.adapter.id} v${m.adapter.version} (${m.blob.size} bytes, ${m.blob.chunks} chunks) for ${targetKey(m.target)}`);
     this.setState('downloading');
     this.armQuiet(t, this.quietMs);
@@ -434,58 +435,42 @@ export class Agent extends EventEmitter {
 
   /** Resumes a transfer saved by an earlier run, re-checking every chunk it claims to hold. */
   private async loadTransfer(): Promise<void> {
-    const raw = await fs.readFile(this.p('transfer', 'current.json'), 'utf8').catch(() => null);
+    const stateFile = this.p('transfer', 'current.json');
+    const raw = await fs.readFile(stateFile, 'utf8').catch(() => null);
     if (raw === null) return;
-    let parsed: z.infer<typeof TransferFileSchema>;
+    // The part file is named by the blob, so peek at the saved manifest to find it.
+    let partFile: string | null = null;
     try {
-      const r = TransferFileSchema.safeParse(JSON.parse(raw));
-      if (!r.success) throw new Error(r.error.issues[0]?.message ?? 'invalid');
-      parsed = r.data;
-    } catch (err) {
-      this.log(`transfer state unreadable (${(err as Error).message}); discarded`);
+      const sha = (JSON.parse(raw) as { manifest?: { blob?: { sha256?: unknown } } }).manifest?.blob?.sha256;
+      if (typeof sha === 'string' && /^[0-9a-f]{64}$/.test(sha)) partFile = this.p('transfer', `${sha}.part`);
+    } catch {
+      partFile = null;
+    }
+    const r = partFile
+      ? await ResumableFile.resume<Manifest>({
+          partFile,
+          stateFile,
+          metaKey: 'manifest',
+          onPersistError: (err: unknown) => this.log(`saving transfer state: ${(err as Error).message}`),
+          parseMeta: (v) => {
+            const p = ManifestSchema.safeParse(v);
+            return p.success && !checkSignature(p.data, this.opts.trustedKey) && p.data.seq > this.state.appliedSeq ? p.data : null;
+          },
+          geometryOf: (m) => ({ size: m.blob.size, pieceSize: m.blob.chunkSize }),
+          verifyPiece: (m, i, data) => sha256Hex(data) === m.blob.chunkSha256[i],
+        })
+      : null;
+    if (!r) {
+      this.log('saved transfer state unusable or outdated; discarded');
       await this.cleanTransferDir();
       return;
     }
-    const m = parsed.manifest;
-    if (checkSignature(m, this.opts.trustedKey) || m.seq <= this.state.appliedSeq) {
-      await this.cleanTransferDir();
-      return;
-    }
-    const partFile = this.p('transfer', `${m.blob.sha256}.part`);
-    const fh = await fs.open(partFile, 'r+').catch(() => null);
-    const have = Bitmap.fromBase64(m.blob.chunks, parsed.have);
-    if (!fh || !have) {
-      await fh?.close();
-      await this.cleanTransferDir();
-      return;
-    }
-    const st = await fh.stat();
-    if (st.size !== m.blob.size) await fh.truncate(m.blob.size);
-    const t: Transfer = { manifest: m, have, fh, partFile, persistTimer: null, quietTimer: null, retries: 0, finishing: false, passSeen: 0 };
-    const buf = Buffer.alloc(m.blob.chunkSize);
-    let dropped = 0;
-    for (const i of have.indices()) {
-      const len = this.chunkLength(m, i);
-      const { bytesRead } = await fh.read(buf, 0, len, i * m.blob.chunkSize);
-      if (bytesRead !== len || createHash('sha256').update(buf.subarray(0, len)).digest('hex') !== m.blob.chunkSha256[i]) {
-        have.set(i, false);
-        dropped++;
-      }
-    }
+    const m = r.file.meta;
+    const t: Transfer = { manifest: m, file: r.file, quietTimer: null, retries: 0, finishing: false, passSeen: 0 };
     this.transfer = t;
     this.agentState = 'downloading';
-    this.log(`resuming ${m.adapter.id} v${m.adapter.version}: ${have.count()}/${m.blob.chunks} chunks held${dropped ? `, ${dropped} failed re-verification` : ''}`);
-    if (have.count() === m.blob.chunks) void this.enqueue(() => this.finishTransfer(t));
-  }
-
-  private chunkLength(m: Manifest, i: number): number {
-    return i === m.blob.chunks - 1 ? m.blob.size - i * m.blob.chunkSize : m.blob.chunkSize;
-  }
-
-  private async persistTransfer(t: Transfer): Promise<void> {
-    // Data first, then the bitmap that claims it: a crash never marks a chunk held that is not on disk.
-    await t.fh.sync();
-    await writeFileAtomic(this.p('transfer', 'current.json'), JSON.stringify({ manifest: t.manifest, have: t.have.toBase64() }));
+    this.log(`resuming ${m.adapter.id} v${m.adapter.version}: ${r.file.have.count()}/${m.blob.chunks} chunks held${r.dropped ? `, ${r.dropped} failed re-verification` : ''}`);
+    if (r.file.complete) void this.enqueue(() => this.finishTransfer(t));
   }
 
   private async cleanTransferDir(): Promise<void> {
@@ -498,8 +483,7 @@ export class Agent extends EventEmitter {
     if (!t) return;
     this.transfer = null;
     if (t.quietTimer) clearTimeout(t.quietTimer);
-    if (t.persistTimer) clearTimeout(t.persistTimer);
-    await t.fh.close().catch(() => undefined);
+    await t.file.discard();
     await this.cleanTransferDir();
   }
 
@@ -517,7 +501,7 @@ export class Agent extends EventEmitter {
   /** `pass`: the pass whose end marker prompted this request (0 after a silence: serve everything). */
   private requestMissing(t: Transfer, pass = 0): void {
     if (this.transfer !== t || t.finishing || this.stopped) return;
-    const missing = t.have.complement();
+    const missing = t.file.have.complement();
     if (missing.count() === 0) return;
     const link = this.link;
     if (link?.connected) {
@@ -546,30 +530,24 @@ export class Agent extends EventEmitter {
       return;
     }
     if (count !== m.blob.chunks || index >= m.blob.chunks) return this.reject(`chunk refused: index ${index}/${count} does not fit the manifest's ${m.blob.chunks} chunks`, topic);
-    if (t.have.get(index)) {
+    if (t.file.have.get(index)) {
       this.counters.chunksDuplicate++;
       return;
     }
-    const want = this.chunkLength(m, index);
-    if (data.length !== want || createHash('sha256').update(data).digest('hex') !== m.blob.chunkSha256[index]) {
+    if (data.length !== t.file.pieceLength(index) || sha256Hex(data) !== m.blob.chunkSha256[index]) {
       this.counters.chunksCorrupt++;
       this.setError(`chunk ${index} of ${m.adapter.id} v${m.adapter.version} failed its sha256 check; dropped and asked for again`, topic);
       this.armQuiet(t, this.quietMs);
       return;
     }
-    await t.fh.write(data, 0, data.length, index * m.blob.chunkSize);
-    t.have.set(index);
+    await t.file.writePiece(index, data);
     this.counters.chunksReceived++;
     t.retries = 0;
-    if (t.have.count() === m.blob.chunks) {
+    if (t.file.complete) {
       await this.finishTransfer(t);
       return;
     }
     this.armQuiet(t, this.quietMs);
-    t.persistTimer ??= setTimeout(() => {
-      t.persistTimer = null;
-      if (this.transfer === t) void this.enqueue(() => this.persistTransfer(t)).catch(() => undefined);
-    }, 250);
     void this.publishStatus();
   }
 
@@ -578,25 +556,14 @@ export class Agent extends EventEmitter {
     if (this.transfer !== t || t.finishing) return;
     t.finishing = true;
     if (t.quietTimer) clearTimeout(t.quietTimer);
-    if (t.persistTimer) clearTimeout(t.persistTimer);
     const m = t.manifest;
     this.setState('verifying');
-    await this.persistTransfer(t);
-    // Stream the part file: the agent needs bounded memory whatever the adapter's size.
-    const piece = Buffer.allocUnsafe(Math.min(m.blob.size, 1 << 20));
-    const read = async (offset: number, length: number): Promise<Buffer> => {
-      const out = length <= piece.length ? piece.subarray(0, length) : Buffer.allocUnsafe(length);
-      const { bytesRead } = await t.fh.read(out, 0, length, offset);
-      if (bytesRead !== length) throw new EdgeloraError(`short read of the partial blob at ${offset}`);
-      return out;
-    };
-    const hash = createHash('sha256');
-    for (let off = 0; off < m.blob.size; off += piece.length) hash.update(await read(off, Math.min(piece.length, m.blob.size - off)));
-    const sha = hash.digest('hex');
+    await t.file.persist();
+    const sha = await t.file.sha256();
     if (sha !== m.blob.sha256) {
       // Cannot happen with every chunk hash verified, unless the disk changed under us: start over.
       this.setError(`blob of ${m.adapter.id} v${m.adapter.version} hashes to ${sha}, manifest says ${m.blob.sha256}; downloading again`);
-      t.have = new Bitmap(m.blob.chunks);
+      t.file.forget();
       t.finishing = false;
       this.setState('downloading');
       this.armQuiet(t, this.quietMs);
@@ -610,13 +577,9 @@ export class Agent extends EventEmitter {
     };
     let entries: PackEntry[];
     try {
-      entries = await readPackIndex(read, m.blob.size);
-      const small: PackedFile[] = [];
-      for (const e of entries) {
-        // One at a time: `read` reuses one buffer.
-        if (e.name.endsWith('.json') && e.size <= MAX_JSON_BYTES) small.push({ name: e.name, data: Buffer.from(await read(e.offset, e.size)) });
-      }
-      const info = adapterInfo(small);
+      const packed = await readPackInfo((o, l) => t.file.read(o, l), m.blob.size);
+      entries = packed.entries;
+      const info = packed.info;
       const mine = this.opts.modelFingerprint;
       if (mine && info.baseFingerprint !== null && info.baseFingerprint !== mine) {
         throw new EdgeloraError(`edgelora_adapter.json names base model ${info.baseFingerprint}, this device runs ${mine}`);
@@ -633,9 +596,10 @@ export class Agent extends EventEmitter {
         for (const e of entries) {
           const out = await fs.open(path.join(tmp, e.name), 'w');
           try {
-            for (let o = 0; o < e.size; o += piece.length) {
-              const len = Math.min(piece.length, e.size - o);
-              await out.write(await read(e.offset + o, len), 0, len, o);
+            let o = 0;
+            for await (const piece of t.file.stream(e.offset, e.size)) {
+              await out.write(piece, 0, piece.length, o);
+              o += piece.length;
             }
           } finally {
             await out.close();
