@@ -88,6 +88,8 @@ export interface HubStats {
   /** Inbound messages refused (see the 'refused' event). */
   refused: number;
   missingRequests: number;
+  /** Missing requests that arrived while a pass was going out (answered by that pass and its end marker). */
+  missingDeferred: number;
 }
 
 /**
@@ -159,7 +161,7 @@ class Sender {
 }
 
 export class Hub extends EventEmitter {
-  readonly stats: HubStats = { bytesOut: 0, chunkBytesOut: 0, chunksSent: 0, chunksResent: 0, chunksUnicast: 0, refused: 0, missingRequests: 0 };
+  readonly stats: HubStats = { bytesOut: 0, chunkBytesOut: 0, chunksSent: 0, chunksResent: 0, chunksUnicast: 0, refused: 0, missingRequests: 0, missingDeferred: 0 };
   /** The last status each device reported (retained on the broker). */
   readonly devices = new Map<string, Status>();
   private link: Link | null = null;
@@ -524,13 +526,19 @@ export class Hub extends EventEmitter {
     if (!want) return this.refuse(`missing request refused: the bitmap is not ceil(${current.blob.chunks} / 8) bytes with no bit set past chunk ${current.blob.chunks - 1}`, topic);
     this.stats.missingRequests++;
     void this.senderFor(current).then((s) => {
+      // While a pass is going out, the pass answers the request: its end marker makes the device
+      // ask again, for just what the pass did not bring. Served now, a request sent before the
+      // device got the pass's chunks would send them again (on a loaded fleet, to every device).
+      if (this.passInProgress(s)) {
+        this.stats.missingDeferred++;
+        return;
+      }
       if (!s.requested) {
         s.requested = new Map();
         // Requests for the same blob within the window become one repair pass, so a hundred
         // devices that lost the same chunk cost one resend, not a hundred.
         const flush = () => {
-          // While a pass is still going out, requests keep merging: what they ask for may be in
-          // flight already, and the devices will ask again after the pass's end marker if not.
+          // A pass started meanwhile (e.g. resends after a reconnect): wait for its end.
           if (this.passInProgress(s)) {
             s.coalesceTimer = setTimeout(flush, this.opts.coalesceMs ?? 250);
             return;
