@@ -35,8 +35,9 @@ import {
 import { Link, type BrokerOptions, type InboundHook } from '../transport/mqtt.js';
 import { packAdapterDir, readPackInfo, sha256Hex, type PackEntry } from '../transfer/pack.js';
 import { ResumableFile } from '../transfer/resumable-file.js';
+import { dispatch, Refusals, type Handlers } from '../protocol/inbound.js';
 import { checkSignature } from '../protocol/signing.js';
-import { checkName, parseTopic, targetKey, topics, type Target } from '../protocol/topics.js';
+import { checkName, targetKey, topics, type Target } from '../protocol/topics.js';
 import { uploadBlob } from '../transfer/uploader.js';
 
 export interface AgentOptions {
@@ -103,7 +104,19 @@ interface Transfer {
 
 const MAX_SMALL_JSON = 64 * 1024;
 
-export class Agent extends EventEmitter {
+/** What an Agent emits, with the listener arguments. */
+export interface AgentEvents {
+  /** The agent's status changed (what it publishes, retained). */
+  status: [status: Status];
+  /** An inbound message was refused (also counted in counters.rejected and kept in lastError). */
+  refused: [reason: string, topic: string];
+  /** An adapter was activated. */
+  activated: [installed: Installed];
+  /** Activating an adapter failed; the agent rolled back. */
+  'activation-failed': [installed: Installed, error: unknown];
+}
+
+export class Agent extends EventEmitter<AgentEvents> {
   private link: Link | null = null;
   private state: State;
   private transfer: Transfer | null = null;
@@ -113,6 +126,8 @@ export class Agent extends EventEmitter {
   private lastStatusAt = 0;
   private statusTimer: NodeJS.Timeout | null = null;
   private readonly recentCommands = new Map<string, Result>();
+  /** Commands still running, by id: a repeat of one waits for the same result. */
+  private readonly runningCommands = new Map<string, Promise<Result>>();
   private stopped = false;
   readonly activator: AdapterActivator;
   private readonly now: () => Date;
@@ -340,53 +355,68 @@ export class Agent extends EventEmitter {
     this.log(`${topic ? `${topic}: ` : ''}${reason}`);
   }
 
-  /** Records why an inbound message was refused: in lastError, the status, and a 'rejected' event. */
-  private reject(reason: string, topic: string): void {
-    this.counters.rejected++;
-    this.setError(reason, topic);
-    this.emit('rejected', reason, topic);
-    void this.publishStatus(true);
+  /** Why inbound messages were refused: counted, in lastError and the status, and a 'refused' event. */
+  readonly refusals = new Refusals(
+    () => this.now(),
+    (r) => {
+      this.counters.rejected++;
+      this.setError(r.reason, r.topic);
+      this.emit('refused', r.reason, r.topic);
+      void this.publishStatus(true);
+    },
+  );
+
+  private refuse(reason: string, topic: string): void {
+    this.refusals.refuse(reason, topic);
   }
 
   // ---- inbound ----
 
-  /** Handles one inbound message; the returned promise settles when its work is done (backpressure). */
-  private onMessage(topic: string, payload: Buffer): Promise<unknown> | void {
-    if (this.stopped) return;
-    const t = parseTopic(topic);
-    if (!t) return;
-    if (t.kind === 'manifest') {
+  /**
+   * The agent's handler table: one handler per inbound message kind. A returned promise settles
+   * when the message's work is done, and holds back the next message (backpressure).
+   */
+  private readonly handlers: Handlers<Promise<unknown> | void> = {
+    manifest: (t, payload, topic) => {
       // An empty retained message clears the manifest; it is not an instruction.
       if (payload.length === 0) return;
       const d = decodeJson(ManifestSchema, payload, MAX_JSON_BYTES);
-      if (!d.ok) return this.reject(`manifest refused: ${d.reason}`, topic);
+      if (!d.ok) return this.refuse(`manifest refused: ${d.reason}`, topic);
       return this.enqueue(() => this.onManifest(t.target, d.value, topic));
-    } else if (t.kind === 'chunk') {
-      if (payload.length > MAX_CHUNK_SIZE + CHUNK_HEADER_BYTES) return this.reject(`chunk refused: oversize message: ${payload.length} bytes`, topic);
+    },
+    chunk: (_t, payload, topic) => {
+      if (payload.length > MAX_CHUNK_SIZE + CHUNK_HEADER_BYTES) return this.refuse(`chunk refused: oversize message: ${payload.length} bytes`, topic);
       const d = decodeChunk(payload);
-      if (!d.ok) return this.reject(`chunk refused: ${d.reason}`, topic);
+      if (!d.ok) return this.refuse(`chunk refused: ${d.reason}`, topic);
       const frame = d.value;
       return this.enqueue(() => this.onChunk(frame.sha256, frame.index, frame.count, frame.data, topic));
-    } else if (t.kind === 'command') {
+    },
+    command: (_t, payload, topic) => {
       const d = decodeJson(CommandSchema, payload, MAX_SMALL_JSON);
-      if (!d.ok) return this.reject(`command refused: ${d.reason}`, topic);
+      if (!d.ok) return this.refuse(`command refused: ${d.reason}`, topic);
       const sig = checkSignature(d.value, this.opts.trustedKey);
-      if (sig) return this.reject(`command refused: ${sig}`, topic);
-      if (d.value.deviceId !== this.deviceId) return this.reject(`command refused: addressed to ${d.value.deviceId}`, topic);
-      const cmd = d.value;
+      if (sig) return this.refuse(`command refused: ${sig}`, topic);
+      if (d.value.deviceId !== this.deviceId) return this.refuse(`command refused: addressed to ${d.value.deviceId}`, topic);
       // Not awaited: an upload command waits for acks that arrive through this same client.
-      void this.enqueue(() => this.onCommand(cmd));
-    } else if (t.kind === 'uploadAck') {
+      void this.onCommand(d.value);
+    },
+    uploadAck: (_t, payload, topic) => {
       // Valid acks are the uploader's business (it has its own handler); invalid ones are reported.
       const d = decodeJson(UploadAckSchema, payload, MAX_SMALL_JSON);
-      if (!d.ok) return this.reject(`upload ack refused: ${d.reason}`, topic);
-    }
+      if (!d.ok) return this.refuse(`upload ack refused: ${d.reason}`, topic);
+    },
+  };
+
+  private onMessage(topic: string, payload: Buffer): Promise<unknown> | void {
+    if (this.stopped) return;
+    return dispatch(this.handlers, topic, payload);
   }
+
 
   private async onManifest(topicTarget: Target, m: Manifest, topic: string): Promise<void> {
     const sig = checkSignature(m, this.opts.trustedKey);
-    if (sig) return this.reject(`manifest refused: ${sig}`, topic);
-    if (targetKey(m.target) !== targetKey(topicTarget)) return this.reject(`manifest refused: it is for ${targetKey(m.target)}, not ${targetKey(topicTarget)}`, topic);
+    if (sig) return this.refuse(`manifest refused: ${sig}`, topic);
+    if (targetKey(m.target) !== targetKey(topicTarget)) return this.refuse(`manifest refused: it is for ${targetKey(m.target)}, not ${targetKey(topicTarget)}`, topic);
     if (m.seq <= this.state.appliedSeq) return; // already acted on (normal after every reconnect)
     const cur = this.transfer;
     if (cur && m.seq <= cur.manifest.seq) {
@@ -399,7 +429,7 @@ export class Agent extends EventEmitter {
     }
     const mine = this.opts.modelFingerprint;
     if (mine && m.baseFingerprint !== mine) {
-      return this.reject(`manifest refused: adapter ${m.adapter.id} v${m.adapter.version} is for base model ${m.baseFingerprint ?? '(unspecified)'}, this device runs ${mine}`, topic);
+      return this.refuse(`manifest refused: adapter ${m.adapter.id} v${m.adapter.version} is for base model ${m.baseFingerprint ?? '(unspecified)'}, this device runs ${mine}`, topic);
     }
     if (cur) await this.dropTransfer();
     const already = this.installed(m.blob.sha256);
@@ -529,7 +559,7 @@ export class Agent extends EventEmitter {
       }, Math.random() * Math.min(100, this.quietMs));
       return;
     }
-    if (count !== m.blob.chunks || index >= m.blob.chunks) return this.reject(`chunk refused: index ${index}/${count} does not fit the manifest's ${m.blob.chunks} chunks`, topic);
+    if (count !== m.blob.chunks || index >= m.blob.chunks) return this.refuse(`chunk refused: index ${index}/${count} does not fit the manifest's ${m.blob.chunks} chunks`, topic);
     if (t.file.have.get(index)) {
       this.counters.chunksDuplicate++;
       return;
@@ -573,7 +603,7 @@ export class Agent extends EventEmitter {
       this.state.appliedSeq = Math.max(this.state.appliedSeq, m.seq);
       await this.saveState();
       await this.dropTransfer();
-      if (reason) this.reject(reason, topics.manifest(m.target));
+      if (reason) this.refuse(reason, topics.manifest(m.target));
     };
     let entries: PackEntry[];
     try {
@@ -674,8 +704,16 @@ export class Agent extends EventEmitter {
 
   private async onCommand(cmd: Command): Promise<void> {
     const seen = this.recentCommands.get(cmd.id);
-    const result = seen ?? (await this.runCommand(cmd));
+    let running = this.runningCommands.get(cmd.id);
+    if (!seen && !running) {
+      // An upload runs beside the serial queue: it waits for the hub's acks (up to the uploader's
+      // deadline), and downloads, activations and other commands must not wait behind it.
+      running = cmd.action === 'upload' ? this.runCommand(cmd) : this.enqueue(() => this.runCommand(cmd));
+      this.runningCommands.set(cmd.id, running);
+    }
+    const result = seen ?? (await (running as Promise<Result>));
     if (!seen) {
+      this.runningCommands.delete(cmd.id);
       this.recentCommands.set(cmd.id, result);
       if (this.recentCommands.size > 100) this.recentCommands.delete(this.recentCommands.keys().next().value as string);
     }
@@ -745,12 +783,13 @@ export class Agent extends EventEmitter {
     const link = this.link;
     if (!link) throw new EdgeloraError('agent not started');
     const blob = await packAdapterDir(dir);
-    const prev = this.agentState;
-    this.setState('uploading');
+    // Uploads run beside downloads and activations: the state says "uploading" only when nothing
+    // else is going on, and is not restored over what happened meanwhile.
+    if (this.agentState === 'idle') this.setState('uploading');
     try {
       return await uploadBlob(link, blob, checkName('adapter name', name), { segmentSize: this.opts.uploadSegmentSize ?? 256 * 1024 });
     } finally {
-      this.setState(prev === 'uploading' ? 'idle' : prev);
+      if (this.agentState === 'uploading') this.setState('idle');
     }
   }
 }

@@ -39,9 +39,10 @@ import {
 import { Link, type BrokerOptions } from '../transport/mqtt.js';
 import { packAdapterDir } from '../transfer/pack.js';
 import { signMessage, type SigningKey } from '../protocol/signing.js';
+import { dispatch, Refusals, type Handlers } from '../protocol/inbound.js';
 import { HubStore, type BlobEntry } from './store.js';
 import { Uploads } from './uploads.js';
-import { checkName, parseTopic, targetKey, topics, type Target } from '../protocol/topics.js';
+import { checkName, targetKey, topics, type Target } from '../protocol/topics.js';
 
 export interface HubOptions {
   broker: BrokerOptions;
@@ -160,7 +161,21 @@ class Sender {
   }
 }
 
-export class Hub extends EventEmitter {
+/** What a Hub emits, with the listener arguments. */
+export interface HubEvents {
+  /** A device's retained status arrived (also its last will). */
+  status: [status: Status];
+  /** A device answered a command. */
+  result: [result: Result];
+  /** An upload was verified and stored; `clientId` sent it. */
+  upload: [entry: BlobEntry, clientId: string];
+  /** A pass (first broadcast or repair) of a blob has gone out. */
+  sent: [manifest: Manifest];
+  /** An inbound message was refused. */
+  refused: [reason: string, topic: string];
+}
+
+export class Hub extends EventEmitter<HubEvents> {
   readonly stats: HubStats = { bytesOut: 0, chunkBytesOut: 0, chunksSent: 0, chunksResent: 0, chunksUnicast: 0, refused: 0, missingRequests: 0, missingDeferred: 0 };
   /** The last status each device reported (retained on the broker). */
   readonly devices = new Map<string, Status>();
@@ -189,11 +204,28 @@ export class Hub extends EventEmitter {
     this.opts.log?.(line);
   }
 
-  /** Records why an inbound message was refused: counted, logged, and a 'refused' event. */
+  /** Why inbound messages were refused: counted, logged, reported in hub/status, and a 'refused' event. */
+  readonly refusals = new Refusals(
+    () => this.now(),
+    (r) => {
+      this.stats.refused++;
+      this.log(`hub: ${r.topic}: ${r.reason}`);
+      this.emit('refused', r.reason, r.topic);
+      this.statusSoon();
+    },
+  );
+  private statusTimer: NodeJS.Timeout | null = null;
+
   private refuse(reason: string, topic: string): void {
-    this.stats.refused++;
-    this.log(`hub: ${topic}: ${reason}`);
-    this.emit('refused', reason, topic);
+    this.refusals.refuse(reason, topic);
+  }
+
+  /** Republishes hub/status (with the refusal count) at most every 5 s. */
+  private statusSoon(): void {
+    this.statusTimer ??= setTimeout(() => {
+      this.statusTimer = null;
+      this.link?.publish(topics.hubStatus, this.hubStatus(true), { retain: true, contentType: 'application/json' }).catch(() => undefined);
+    }, 5000);
   }
 
   get keyId(): string {
@@ -211,7 +243,8 @@ export class Hub extends EventEmitter {
   readonly instance = randomBytes(6).toString('hex');
 
   private hubStatus(online: boolean): Buffer {
-    return encodeJson({ type: 'hub-status', v: PROTOCOL_VERSION, online, keyId: this.keyId, instance: this.instance, updatedAt: this.now().toISOString() });
+    const r = this.refusals;
+    return encodeJson({ type: 'hub-status', v: PROTOCOL_VERSION, online, keyId: this.keyId, instance: this.instance, refused: r.count, lastRefusal: r.last, updatedAt: this.now().toISOString() });
   }
 
   async start(): Promise<void> {
@@ -288,6 +321,7 @@ export class Hub extends EventEmitter {
    */
   async stop(graceMs = 2000): Promise<void> {
     if (this.rateTimer) clearTimeout(this.rateTimer);
+    if (this.statusTimer) clearTimeout(this.statusTimer);
     for (const s of this.senders.values()) if (s.coalesceTimer) clearTimeout(s.coalesceTimer);
     await this.uploads?.close();
     this.uploads = null;
@@ -604,46 +638,38 @@ export class Hub extends EventEmitter {
 
   // ---- inbound ----
 
+  /** The hub's handler table: one handler per inbound message kind. */
+  private readonly handlers: Handlers<void> = {
+    missing: (t, p) => this.onMissing(t.deviceId, p),
+    status: (t, p, topic) => {
+      if (p.length === 0) return; // a cleared retained status
+      const d = decodeJson(StatusSchema, p);
+      if (!d.ok) return this.refuse(`status refused: ${d.reason}`, topic);
+      if (d.value.deviceId !== t.deviceId) return this.refuse(`status refused: it names device ${d.value.deviceId}, the topic ${t.deviceId}`, topic);
+      this.devices.set(t.deviceId, d.value);
+      this.emit('status', d.value);
+    },
+    result: (t, p, topic) => {
+      const d = decodeJson(ResultSchema, p);
+      if (!d.ok) return this.refuse(`result refused: ${d.reason}`, topic);
+      if (d.value.deviceId !== t.deviceId) return this.refuse(`result refused: it names device ${d.value.deviceId}, the topic ${t.deviceId}`, topic);
+      this.pendingCommands.get(d.value.commandId)?.(d.value);
+      this.pendingCommands.delete(d.value.commandId);
+      this.emit('result', d.value);
+    },
+    upload: (t, p) => {
+      void this.uploads?.onMessage(t.clientId, t.stage, p).catch((err: unknown) => this.log(`hub: upload from ${t.clientId}: ${(err as Error).message}`));
+    },
+    publishRequest: (_t, p) => void this.onPublishRequest(p),
+    commandRequest: (_t, p) => void this.onCommandRequest(p),
+    manifest: (t, p) => this.onRetainedManifest(t.target, p),
+    hubStatus: (_t, p) => this.onHubStatus(p),
+  };
+
   private onMessage(topic: string, payload: Buffer): void {
-    const t = parseTopic(topic);
-    if (!t) return;
-    switch (t.kind) {
-      case 'missing':
-        return this.onMissing(t.deviceId, payload);
-      case 'status': {
-        if (payload.length === 0) return;
-        const d = decodeJson(StatusSchema, payload);
-        if (d.ok && d.value.deviceId === t.deviceId) {
-          this.devices.set(t.deviceId, d.value);
-          this.emit('status', d.value);
-        }
-        return;
-      }
-      case 'result': {
-        const d = decodeJson(ResultSchema, payload);
-        if (!d.ok || d.value.deviceId !== t.deviceId) return this.log(`hub: bad result from ${t.deviceId}: ${d.ok ? 'device id mismatch' : d.reason}`);
-        this.pendingCommands.get(d.value.commandId)?.(d.value);
-        this.pendingCommands.delete(d.value.commandId);
-        this.emit('result', d.value);
-        return;
-      }
-      case 'upload':
-        void this.uploads?.onMessage(t.clientId, t.stage, payload).catch((err: unknown) => this.log(`hub: upload from ${t.clientId}: ${(err as Error).message}`));
-        return;
-      case 'publishRequest':
-        void this.onPublishRequest(payload);
-        return;
-      case 'commandRequest':
-        void this.onCommandRequest(payload);
-        return;
-      case 'manifest':
-        return this.onRetainedManifest(t.target, payload);
-      case 'hubStatus':
-        return this.onHubStatus(payload);
-      default:
-        return;
-    }
+    dispatch(this.handlers, topic, payload);
   }
+
 
   /** Restores this hub's manifest when something else replaced the retained one on the broker. */
   private onRetainedManifest(target: Target, payload: Buffer): void {

@@ -216,6 +216,9 @@ export const HubStatusSchema = z.strictObject({
   keyId: z.string().regex(/^[0-9a-f]{16}$/).optional(),
   /** Random id of one hub run: tells a running hub's status from a stopped one's will. */
   instance: z.string().regex(/^[0-9a-f]{1,32}$/).optional(),
+  /** Inbound messages this hub run refused, and the last one (what, when, on which topic). */
+  refused: count.optional(),
+  lastRefusal: z.strictObject({ at: isoTime, reason: z.string().max(2000), topic: z.string().max(512) }).nullable().optional(),
   updatedAt: isoTime.optional(),
 });
 export type HubStatus = z.infer<typeof HubStatusSchema>;
