@@ -434,8 +434,15 @@ export class Agent extends EventEmitter<AgentEvents> {
     if (cur) await this.dropTransfer();
     const already = this.installed(m.blob.sha256);
     if (already) {
-      // Same bytes as an adapter we hold: no download needed.
+      // Same bytes as an adapter we hold: no download needed. The newest manifest names it: a blob
+      // re-published under another id (or version) is reported, and found by commands, under that.
       this.state.appliedSeq = m.seq;
+      if (already.id !== m.adapter.id || already.version !== m.adapter.version) {
+        this.log(`${already.id} v${already.version} is now named ${m.adapter.id} v${m.adapter.version} (manifest seq ${m.seq}, same sha256)`);
+        already.id = m.adapter.id;
+        already.version = m.adapter.version;
+      }
+      already.seq = m.seq;
       if (this.state.active !== already.sha256) await this.activateInstalled(already, `manifest seq ${m.seq}`);
       else await this.saveState();
       this.setState('idle');

@@ -125,8 +125,9 @@ export const StatusSchema = z.strictObject({
   deviceId: name,
   online: z.boolean(),
   state: AgentState,
-  fleet: name.optional(),
-  group: name.optional(),
+  /** Optional; null and absent both mean "none" (a device with no group). */
+  fleet: name.nullable().optional(),
+  group: name.nullable().optional(),
   baseFingerprint: z.string().max(128).nullable().optional(),
   active: AdapterRefSchema.nullable().optional(),
   previous: AdapterRefSchema.nullable().optional(),
