@@ -13,16 +13,21 @@ export const hubCommand: Command = {
   help: `Usage: edgelora hub --broker <url> --store <dir> --key <signing-key-file> [flags]
        edgelora hub --embedded-broker [port] --store <dir> --key <signing-key-file>
 
-Runs until SIGINT/SIGTERM. Operators publish with \`edgelora publish\`; devices run \`edgelora agent\`.
+Runs until SIGINT/SIGTERM (and then exits within a few seconds, even with its broker gone). One hub
+per --store: a second one is refused. Operators publish with \`edgelora publish\`; devices run \`edgelora agent\`.
 
   --store <dir>              adapter store (content-addressed blobs + index.json); created when missing
   --key <file>               Ed25519 private key from \`edgelora keygen\`
   --embedded-broker [port]   start an MQTT 3.1.1 broker (aedes) in process on 127.0.0.1:port (default 1883)
                              and connect to it; --broker is then optional
   --host <addr>              address the embedded broker listens on (default 127.0.0.1)
-  --client-id <id>           MQTT client id (default edgelora-hub)
+  --client-id <id>           MQTT client id (default edgelora-hub); one per hub on a broker
   --chunk-size <bytes>       chunk payload size for new publications (default 262144)
-  --coalesce-ms <ms>         gather missing-chunk requests this long before one resend (default 250)
+  --coalesce-ms <ms>         gather missing-chunk requests this long before one repair pass (default 250)
+  --repair-broadcast-share <0..1>
+                             broadcast a repaired chunk when more than this share of the target's
+                             online devices asked for it, else send it to each asker alone (default 0.5;
+                             0 broadcasts every repair)
   --rate <bytes/s>           cap on broadcast chunk bytes per second (default unlimited)
   --quiet                    no log lines on stderr
 
@@ -40,6 +45,7 @@ ${brokerHelp}`,
       'client-id': { type: 'string' },
       'chunk-size': { type: 'string' },
       'coalesce-ms': { type: 'string' },
+      'repair-broadcast-share': { type: 'string' },
       rate: { type: 'string' },
       quiet: { type: 'boolean' },
     });
@@ -64,6 +70,7 @@ ${brokerHelp}`,
       ...(v['client-id'] ? { clientId: v['client-id'] } : {}),
       chunkSize: numberFlag('chunk-size', v['chunk-size'], 256 * 1024, { integer: true, min: 1024, max: 16 * 1024 * 1024 }),
       coalesceMs: numberFlag('coalesce-ms', v['coalesce-ms'], 250, { min: 0 }),
+      repairBroadcastShare: numberFlag('repair-broadcast-share', v['repair-broadcast-share'], 0.5, { min: 0, max: 1 }),
       ...(rate !== undefined ? { rateBytesPerSec: rate } : {}),
       ...(log ? { log } : {}),
     });

@@ -5,6 +5,7 @@ import { EventEmitter } from 'node:events';
 import { promises as fs } from 'node:fs';
 import mqtt, { type IClientOptions, type IClientPublishOptions, type MqttClient } from 'mqtt';
 import { EdgeloraError } from '../../util/errors.js';
+import { withTimeout } from '../../util/timeout.js';
 
 /** How to reach the broker; every field but `url` is optional and passed through to mqtt.js. */
 export interface BrokerOptions {
@@ -320,8 +321,19 @@ export class Link {
     await this.client.publishAsync(topic, payload, po);
   }
 
+  /**
+   * Disconnects: cleanly (an MQTT DISCONNECT, so the broker drops the last will: a clean stop's
+   * own goodbye is the only one sent) when the broker answers within 1 s, else by closing the socket.
+   */
   async close(): Promise<void> {
     clearTimeout(this.resubTimer);
+    if (this.client.connected) {
+      const ok = await withTimeout(this.client.endAsync(false), 1000, 'disconnect').then(
+        () => true,
+        () => false,
+      );
+      if (ok) return;
+    }
     await this.client.endAsync(true).catch(() => undefined);
   }
 }
