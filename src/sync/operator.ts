@@ -167,7 +167,8 @@ export class Operator {
         else snap.invalid[t.deviceId] = d.ok ? 'device id does not match the topic' : d.reason;
       }
     });
-    await this.link.subscribe([topics.allStatus, topics.hubStatus]);
+    // QoS 0: one retained status per device arrives at once, more than a broker queues per client at QoS 1 (see Hub.start).
+    await this.link.subscribe([topics.allStatus, topics.hubStatus], 0);
     await new Promise((r) => setTimeout(r, waitMs));
     off();
     snap.devices = [...byId.values()].sort((a, b) => (a.deviceId < b.deviceId ? -1 : 1));

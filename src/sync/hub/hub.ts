@@ -277,7 +277,12 @@ export class Hub extends EventEmitter<HubEvents> {
         if (packet.reasonCode === 0x8e) this.log(`hub: the broker closed this connection because another client connected with client id "${this.clientId}": is a second hub running? Give each hub its own --client-id (and --store)`);
       });
       await link.waitConnected();
-      await link.subscribe([topics.allMissing, topics.allResults, topics.allUploads, topics.allStatus, topics.publishRequest, topics.commandRequest, topics.allManifests, topics.hubStatus]);
+      await link.subscribe([topics.allMissing, topics.allResults, topics.allUploads, topics.publishRequest, topics.commandRequest, topics.allManifests, topics.hubStatus]);
+      // Statuses are state, not events, and arrive as one retained message per device at every
+      // subscribe: at QoS 1 a broker's per-client queue (Mosquitto's max_queued_messages, 1000 by
+      // default) would drop all past the first thousand devices. QoS 0 goes straight to the socket;
+      // what a lost connection drops comes back as retained copies on the resubscribe.
+      await link.subscribe([topics.allStatus], 0);
     } catch (err) {
       await this.link?.close();
       this.link = null;
