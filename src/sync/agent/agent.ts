@@ -1,4 +1,5 @@
-// The device agent: follows the signed manifests of its fleet, group and device topics (newest seq
+// The device agent's wiring (state.json in state.ts, the part file in transfer/resumable-file.ts):
+// follows the signed manifests of its fleet, group and device topics (newest seq
 // wins), receives the blob's chunks into a persistent partial file (so a killed agent resumes),
 // asks the hub for exactly the chunks it lacks, verifies every chunk, the whole blob, the signature
 // and the base model, installs the adapter atomically as a PEFT directory, activates it through the
@@ -8,9 +9,8 @@ import { EventEmitter } from 'node:events';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { KeyObject } from 'node:crypto';
-import { z } from 'zod';
 import { EdgeloraError } from '../../util/errors.js';
-import { writeDirAtomic, writeFileAtomic } from '../../util/atomic.js';
+import { writeDirAtomic } from '../../util/atomic.js';
 import { withTimeout } from '../../util/timeout.js';
 import { ValidatingActivator, type AdapterActivator } from './activator.js';
 import {
@@ -35,6 +35,9 @@ import {
 import { Link, type BrokerOptions, type InboundHook } from '../transport/mqtt.js';
 import { packAdapterDir, readPackInfo, sha256Hex, type PackEntry } from '../transfer/pack.js';
 import { ResumableFile } from '../transfer/resumable-file.js';
+import { AgentStore, type Installed, type State } from './state.js';
+
+export type { Installed } from './state.js';
 import { dispatch, Refusals, type Handlers } from '../protocol/inbound.js';
 import { checkSignature } from '../protocol/signing.js';
 import { checkName, targetKey, topics, type Target } from '../protocol/topics.js';
@@ -69,28 +72,6 @@ export interface AgentOptions {
   log?: (line: string) => void;
 }
 
-const hex64 = z.string().regex(/^[0-9a-f]{64}$/);
-const InstalledSchema = z.strictObject({
-  id: z.string(),
-  version: z.number().int().positive(),
-  sha256: hex64,
-  seq: z.number().int().nonnegative(),
-  /** Directory name under <state>/adapters/. */
-  dir: z.string().regex(/^[A-Za-z0-9._@-]+$/),
-  installedAt: z.iso.datetime(),
-});
-export type Installed = z.infer<typeof InstalledSchema>;
-const StateSchema = z.strictObject({
-  format: z.literal('edgelora-agent-state/1'),
-  deviceId: z.string(),
-  /** Highest manifest seq already acted on (installed, or refused after download): older ones are ignored. */
-  appliedSeq: z.number().int().nonnegative(),
-  active: hex64.nullable(),
-  previous: hex64.nullable(),
-  installed: z.array(InstalledSchema),
-});
-type State = z.infer<typeof StateSchema>;
-
 interface Transfer {
   manifest: Manifest;
   /** The part file and the chunks it holds (state in transfer/current.json, key "manifest"). */
@@ -118,7 +99,7 @@ export interface AgentEvents {
 
 export class Agent extends EventEmitter<AgentEvents> {
   private link: Link | null = null;
-  private state: State;
+  private readonly store: AgentStore;
   private transfer: Transfer | null = null;
   private agentState: AgentState = 'idle';
   private lastError: { at: string; reason: string; topic?: string } | null = null;
@@ -142,7 +123,7 @@ export class Agent extends EventEmitter<AgentEvents> {
     if (opts.group !== undefined) checkName('group name', opts.group);
     this.activator = opts.activator ?? new ValidatingActivator();
     this.now = opts.now ?? (() => new Date());
-    this.state = { format: 'edgelora-agent-state/1', deviceId: this.deviceId, appliedSeq: 0, active: null, previous: null, installed: [] };
+    this.store = new AgentStore(opts.stateDir, this.deviceId, (line) => this.log(line));
   }
 
   private log(line: string): void {
@@ -165,7 +146,7 @@ export class Agent extends EventEmitter<AgentEvents> {
   async start(): Promise<void> {
     await fs.mkdir(this.p('adapters'), { recursive: true });
     await fs.mkdir(this.p('transfer'), { recursive: true });
-    await this.loadState();
+    await this.store.load();
     await this.activateAtBoot();
     await this.loadTransfer();
     const will = encodeJson({ type: 'status', v: PROTOCOL_VERSION, deviceId: this.deviceId, online: false, state: 'offline' });
@@ -237,44 +218,33 @@ export class Agent extends EventEmitter<AgentEvents> {
     return p;
   }
 
-  // ---- persistent state ----
+  // ---- persistent state (state.ts) ----
 
-  private async loadState(): Promise<void> {
-    const raw = await fs.readFile(this.p('state.json'), 'utf8').catch(() => null);
-    if (raw === null) return;
-    try {
-      const r = StateSchema.safeParse(JSON.parse(raw));
-      if (r.success) this.state = r.data;
-      else this.log(`state.json invalid (${r.error.issues[0]?.message ?? ''}); starting empty`);
-    } catch (err) {
-      this.log(`state.json unreadable (${(err as Error).message}); starting empty`);
-    }
+  private get state(): State {
+    return this.store.state;
   }
-
-  private async saveState(): Promise<void> {
-    await writeFileAtomic(this.p('state.json'), JSON.stringify(this.state, null, 1));
+  private saveState(): Promise<void> {
+    return this.store.save();
   }
-
   private installed(sha: string | null): Installed | undefined {
-    return sha === null ? undefined : this.state.installed.find((i) => i.sha256 === sha);
+    return this.store.installed(sha);
   }
-
   /** The active adapter's directory, or null. */
   get activeDir(): string | null {
-    const a = this.installed(this.state.active);
-    return a ? this.p('adapters', a.dir) : null;
+    const a = this.active;
+    return a ? this.store.adapterDir(a) : null;
   }
   get active(): Installed | null {
-    return this.installed(this.state.active) ?? null;
+    return this.store.installed(this.state.active) ?? null;
   }
   get previous(): Installed | null {
-    return this.installed(this.state.previous) ?? null;
+    return this.store.installed(this.state.previous) ?? null;
   }
   get installedAdapters(): Installed[] {
     return [...this.state.installed];
   }
   adapterDir(i: Installed): string {
-    return this.p('adapters', i.dir);
+    return this.store.adapterDir(i);
   }
 
   private async activateAtBoot(): Promise<void> {
@@ -688,23 +658,12 @@ export class Agent extends EventEmitter<AgentEvents> {
       if (this.state.active !== null) this.state.previous = this.state.active;
       this.state.active = inst.sha256;
     }
-    await this.prune();
+    await this.store.prune(this.opts.keepInstalled ?? 3);
     await this.saveState();
     this.log(`activated ${inst.id} v${inst.version} (${why})`);
     this.emit('activated', inst);
     this.setState('idle');
     return true;
-  }
-
-  private async prune(): Promise<void> {
-    const keep = this.opts.keepInstalled ?? 3;
-    const pinned = new Set([this.state.active, this.state.previous]);
-    const others = this.state.installed.filter((i) => !pinned.has(i.sha256));
-    const drop = others.slice(0, Math.max(0, others.length - keep));
-    for (const d of drop) {
-      this.state.installed = this.state.installed.filter((i) => i !== d);
-      await fs.rm(this.adapterDir(d), { recursive: true, force: true });
-    }
   }
 
   // ---- commands ----
@@ -727,12 +686,6 @@ export class Agent extends EventEmitter<AgentEvents> {
     await this.link?.publish(topics.result(this.deviceId), encodeJson(result), { contentType: 'application/json' }).catch(() => undefined);
   }
 
-  private find(spec: { id: string; version?: number } | undefined): Installed | undefined {
-    if (!spec) return this.installed(this.state.active);
-    const hits = this.state.installed.filter((i) => i.id === spec.id && (spec.version === undefined || i.version === spec.version));
-    return hits.sort((a, b) => b.version - a.version)[0];
-  }
-
   private async runCommand(cmd: Command): Promise<Result> {
     const ref = (): AdapterRefMsg | null => {
       const a = this.installed(this.state.active);
@@ -751,7 +704,7 @@ export class Agent extends EventEmitter<AgentEvents> {
     const spec = cmd.adapter ? `${cmd.adapter.id}${cmd.adapter.version ? ` v${cmd.adapter.version}` : ''}` : 'the active adapter';
     switch (cmd.action) {
       case 'activate': {
-        const inst = this.find(cmd.adapter);
+        const inst = this.store.find(cmd.adapter);
         if (!inst || !cmd.adapter) return res(false, `no installed adapter ${spec}`);
         const ok = await this.activateInstalled(inst, `command ${cmd.id}`);
         return res(ok, ok ? undefined : this.lastError?.reason);
@@ -771,7 +724,7 @@ export class Agent extends EventEmitter<AgentEvents> {
         return res(true);
       }
       case 'upload': {
-        const inst = this.find(cmd.adapter);
+        const inst = this.store.find(cmd.adapter);
         if (!inst) return res(false, `no installed adapter ${spec}`);
         try {
           const sha = await this.uploadDir(this.adapterDir(inst), inst.id);
