@@ -6,20 +6,46 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
+import type { KeyObject } from 'node:crypto';
 import mqtt, { type MqttClient } from 'mqtt';
+import type { AgentOptions } from '../../src/sync/agent/agent.ts';
 import { Rng } from '../../src/util/rng.ts';
 import type { AdapterActivator } from '../../src/sync/agent/activator.ts';
 import { validateAdapterDir } from '../../src/sync/agent/activator.ts';
 
 export const REPO = path.resolve(import.meta.dirname, '../..');
 
-export function findMosquitto(): string {
+/** A broker binary on PATH or in /usr/sbin (where Debian puts daemons); throws naming its package. */
+function findBinary(name: string): string {
   for (const dir of (process.env.PATH ?? '').split(':')) {
-    const p = path.join(dir, 'mosquitto');
+    const p = path.join(dir, name);
     if (dir && existsSync(p)) return p;
   }
-  if (existsSync('/usr/sbin/mosquitto')) return '/usr/sbin/mosquitto';
-  throw new Error('mosquitto not found on PATH or at /usr/sbin/mosquitto: install the Debian package `mosquitto` (.ci/run does)');
+  if (existsSync(`/usr/sbin/${name}`)) return `/usr/sbin/${name}`;
+  throw new Error(`${name} not found on PATH or at /usr/sbin/${name}: install the Debian package \`${name}\` (.ci/run does)`);
+}
+
+export const findMosquitto = (): string => findBinary('mosquitto');
+export const findNatsServer = (): string => findBinary('nats-server');
+
+/**
+ * Agent options for tests: fast timers, a RecordingActivator, state under `stateRoot/<id>`, and
+ * the log on stderr when EDGELORA_TEST_LOG is set.
+ */
+export function testAgentOptions(o: { url: string | string[]; stateRoot: string; trustedKey: KeyObject }, deviceId: string, fleet: string, extra: Partial<AgentOptions> = {}): AgentOptions {
+  return {
+    broker: { url: o.url, reconnectMs: 200 },
+    deviceId,
+    fleet,
+    stateDir: path.join(o.stateRoot, deviceId),
+    trustedKey: o.trustedKey,
+    modelFingerprint: BASE_FP,
+    quietMs: 300,
+    statusIntervalMs: 200,
+    activator: new RecordingActivator(),
+    ...(process.env.EDGELORA_TEST_LOG ? { log: (l: string) => process.stderr.write(`${new Date().toISOString()} ${l}\n`) } : {}),
+    ...extra,
+  };
 }
 
 export function tmpDir(prefix: string): string {
@@ -240,15 +266,6 @@ export class BrokerBytes {
   async close(): Promise<void> {
     await this.client.endAsync(true);
   }
-}
-
-export function findNatsServer(): string {
-  for (const dir of (process.env.PATH ?? '').split(':')) {
-    const p = path.join(dir, 'nats-server');
-    if (dir && existsSync(p)) return p;
-  }
-  if (existsSync('/usr/sbin/nats-server')) return '/usr/sbin/nats-server';
-  throw new Error('nats-server not found on PATH or at /usr/sbin/nats-server: install the Debian package `nats-server` (.ci/run does)');
 }
 
 /** One node of a NatsCluster: its MQTT listener, and a handle to kill it. */

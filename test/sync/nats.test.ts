@@ -9,7 +9,7 @@ import path from 'node:path';
 import { Agent, type AgentOptions } from '../../src/sync/agent/agent.ts';
 import { Hub, type HubOptions } from '../../src/sync/hub/hub.ts';
 import { generateSigningKey } from '../../src/sync/protocol/signing.ts';
-import { BASE_FP, NatsCluster, RecordingActivator, dirDigest, makeAdapter, tmpDir, waitFor, type NatsNode } from './helpers.ts';
+import { NatsCluster, dirDigest, makeAdapter, testAgentOptions, tmpDir, waitFor, type NatsNode } from './helpers.ts';
 
 const key = generateSigningKey();
 let nats: NatsCluster;
@@ -25,22 +25,8 @@ after(async () => {
   await fs.rm(work, { recursive: true, force: true });
 });
 
-function agentOpts(deviceId: string, fleet: string, urls: string[], extra: Partial<AgentOptions> = {}): AgentOptions {
-  return {
-    broker: { url: urls, reconnectMs: 200 },
-    deviceId,
-    fleet,
-    stateDir: path.join(work, 'agents', deviceId),
-    trustedKey: key.publicKey,
-    modelFingerprint: BASE_FP,
-    quietMs: 400,
-    maxRetryMs: 2000,
-    statusIntervalMs: 200,
-    activator: new RecordingActivator(),
-    ...(process.env.EDGELORA_TEST_LOG ? { log: (l: string) => process.stderr.write(`${new Date().toISOString()} ${l}\n`) } : {}),
-    ...extra,
-  };
-}
+const agentOpts = (deviceId: string, fleet: string, urls: string[], extra: Partial<AgentOptions> = {}): AgentOptions =>
+  testAgentOptions({ url: urls, stateRoot: path.join(work, 'agents'), trustedKey: key.publicKey }, deviceId, fleet, { quietMs: 400, maxRetryMs: 2000, ...extra });
 
 async function startHub(store: string, extra: Partial<HubOptions> = {}): Promise<Hub> {
   const hub = new Hub({ broker: { url: [n1.url, n2.url, n3.url], reconnectMs: 200 }, storeDir: path.join(work, store), key, chunkSize: 4096, coalesceMs: 100, ...(process.env.EDGELORA_TEST_LOG ? { log: (l: string) => process.stderr.write(`${new Date().toISOString()} ${l}\n`) } : {}), ...extra });

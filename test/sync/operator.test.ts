@@ -13,7 +13,7 @@ import { writeKeyPair, loadSigningKey } from '../../src/sync/protocol/signing.ts
 import { encodeJson, encodeSegment, PROTOCOL_VERSION } from '../../src/sync/protocol/messages.ts';
 import { topics } from '../../src/sync/protocol/topics.ts';
 import { Bitmap } from '../../src/sync/protocol/bitmap.ts';
-import { BASE_FP, Mosquitto, REPO, RecordingActivator, freePort, makeAdapter, tmpDir, waitFor } from './helpers.ts';
+import { Mosquitto, REPO, freePort, makeAdapter, testAgentOptions, tmpDir, waitFor } from './helpers.ts';
 
 let mosq: Mosquitto;
 const work = tmpDir('operator');
@@ -46,17 +46,7 @@ function cli(args: string[], timeoutMs = 60_000): Promise<{ code: number | null;
 }
 
 async function agentOpts(deviceId: string, fleet: string): Promise<AgentOptions> {
-  return {
-    broker: { url: mosq.url, reconnectMs: 200 },
-    deviceId,
-    fleet,
-    stateDir: path.join(work, 'agents', deviceId),
-    trustedKey: (await loadSigningKey(keyFile)).publicKey,
-    modelFingerprint: BASE_FP,
-    quietMs: 300,
-    statusIntervalMs: 100,
-    activator: new RecordingActivator(),
-  };
+  return testAgentOptions({ url: mosq.url, stateRoot: path.join(work, 'agents'), trustedKey: (await loadSigningKey(keyFile)).publicKey }, deviceId, fleet, { statusIntervalMs: 100 });
 }
 
 /** An operator command's timeout in these tests; a fast failure must come well inside it. */

@@ -13,7 +13,7 @@ import { generateSigningKey, writeKeyPair } from '../../src/sync/protocol/signin
 import { decodeJson, HubStatusSchema, type HubStatus } from '../../src/sync/protocol/messages.ts';
 import type { InboundHook } from '../../src/sync/transport/mqtt.ts';
 import { topics } from '../../src/sync/protocol/topics.ts';
-import { BASE_FP, BrokerBytes, Mosquitto, REPO, RecordingActivator, dirDigest, makeAdapter, sleep, tmpDir, waitFor } from './helpers.ts';
+import { BrokerBytes, Mosquitto, REPO, dirDigest, makeAdapter, sleep, testAgentOptions, tmpDir, waitFor } from './helpers.ts';
 
 const key = generateSigningKey();
 let mosq: Mosquitto;
@@ -27,20 +27,8 @@ after(async () => {
   await fs.rm(work, { recursive: true, force: true });
 });
 
-function agentOpts(deviceId: string, fleet: string, extra: Partial<AgentOptions> = {}): AgentOptions {
-  return {
-    broker: { url: mosq.url, reconnectMs: 200 },
-    deviceId,
-    fleet,
-    stateDir: path.join(work, 'agents', deviceId),
-    trustedKey: key.publicKey,
-    modelFingerprint: BASE_FP,
-    quietMs: 300,
-    statusIntervalMs: 500,
-    activator: new RecordingActivator(),
-    ...extra,
-  };
-}
+const agentOpts = (deviceId: string, fleet: string, extra: Partial<AgentOptions> = {}): AgentOptions =>
+  testAgentOptions({ url: mosq.url, stateRoot: path.join(work, 'agents'), trustedKey: key.publicKey }, deviceId, fleet, { statusIntervalMs: 500, ...extra });
 
 /** Late-joiner cost: the bytes the broker sends while one device catches up, ÷ the blob. */
 const LATE_JOINER_MAX = 1.5;
