@@ -11,7 +11,7 @@ import type { HubOptions, HubStats } from './hub.js';
 export interface BroadcastContext {
   link(): Link | null;
   stats: HubStats;
-  opts: Pick<HubOptions, 'window' | 'rateBytesPerSec' | 'chunkExpirySec' | 'coalesceMs' | 'repairBroadcastShare'>;
+  opts: Pick<HubOptions, 'window' | 'rateBytesPerSec' | 'chunkExpirySec' | 'coalesceMs' | 'repairBroadcastShare' | 'passGraceMs'>;
   /** The last status of every device (for the repair rule's online count). */
   devices: ReadonlyMap<string, Status>;
   /** A target's current manifest. */
@@ -44,6 +44,8 @@ class Sender {
   readonly sentInPass: Uint32Array;
   /** The last pass in which chunks went to a device's own topic, and which. */
   readonly sentTo = new Map<string, { pass: number; chunks: Bitmap }>();
+  /** When the last pass ended (ms since the epoch; 0: none yet). */
+  passEndedAt = 0;
   /** Devices sent to on their own topic in the current pass: they get the pass's end marker there. */
   readonly passDevices = new Set<string>();
   constructor(
@@ -195,6 +197,7 @@ export class Broadcaster {
    * chunk of the pass that will reach it has, and asks for the rest at once.
    */
   private endPass(s: Sender): void {
+    s.passEndedAt = Date.now();
     this.ctx.sent(s.manifest);
     const passNo = Buffer.alloc(4);
     passNo.writeUInt32BE(s.pass);
@@ -273,6 +276,12 @@ export class Broadcaster {
       // ask again, for just what the pass did not bring. Served now, a request sent before the
       // device got the pass's chunks would send them again (on a loaded fleet, to every device).
       if (this.passInProgress(s)) {
+        this.ctx.stats.missingDeferred++;
+        return;
+      }
+      // The same for a request after a silence (no `pass`) just after a pass ended: the broker may
+      // still be delivering that pass to a slow device, whose own end marker will follow.
+      if (m.pass === undefined && Date.now() - s.passEndedAt < (this.ctx.opts.passGraceMs ?? 2000)) {
         this.ctx.stats.missingDeferred++;
         return;
       }

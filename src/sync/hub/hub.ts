@@ -58,6 +58,11 @@ export interface HubOptions {
    * of broker traffic, see planRepair). 0 broadcasts every repair (protocol 1's first hubs did).
    */
   repairBroadcastShare?: number;
+  /**
+   * Milliseconds after a pass ended during which a request without `pass` (sent after a silence)
+   * is left to the pass's end marker, which a slow device has not seen yet; default 2000.
+   */
+  passGraceMs?: number;
   /** Chunk publishes awaiting the broker's PUBACK at once; default 16. */
   window?: number;
   /** Largest upload accepted, bytes; default 1 GiB. */
