@@ -2,7 +2,7 @@
 // AdapterManager of a loaded base (full validation: config, shapes, NaN/Inf, base fingerprint) and
 // becomes the one active adapter. A throw tells the agent to roll back; on failure the previously
 // active adapter stays active, untouched.
-import type { AdapterActivator, ActivationInfo } from '../sync/activator.js';
+import type { AdapterActivator, ActivationInfo } from '../sync/agent/activator.js';
 import type { AdapterManager } from './manager.js';
 
 export class RuntimeActivator implements AdapterActivator {

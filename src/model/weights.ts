@@ -10,6 +10,7 @@ import { Graph, type DType, type Value, type TypedData, type ExternalDataSink, O
 import { rawToF32, type SafetensorsReader } from '../formats/safetensors.js';
 import type { ModelConfig } from '../formats/hf-config.js';
 import { EdgeloraError } from '../util/errors.js';
+import { canonicalJson } from '../util/canonical-json.js';
 import { quantizeBnb4, dequantizeBnb4, nestAbsmax, denestAbsmax } from '../quant/bnb4.js';
 import { quantizeInt4, dequantizeInt4 } from '../quant/int4.js';
 import { readBnbWeight } from '../quant/bnb-checkpoint.js';
@@ -158,16 +159,6 @@ export function startFingerprint(rawConfig: Record<string, unknown>, quant: Quan
   const h = createHash('sha256');
   h.update(canonicalJson({ config: rawConfig, quant }));
   return h;
-}
-
-/** JSON with object keys sorted recursively: the same object always gives the same bytes. */
-export function canonicalJson(v: unknown): string {
-  if (Array.isArray(v)) return `[${v.map(canonicalJson).join(',')}]`;
-  if (v && typeof v === 'object') {
-    const o = v as Record<string, unknown>;
-    return `{${Object.keys(o).sort().filter((k) => o[k] !== undefined).map((k) => `${JSON.stringify(k)}:${canonicalJson(o[k])}`).join(',')}}`;
-  }
-  return JSON.stringify(v);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import type { StDType } from '../formats/safetensors.js';
 import { loadJsonl, type Example } from '../data/jsonl.js';
 import { LINEAR_PROJS, linearShape, type Proj } from '../model/llama.js';
 import { loadAdapter, makePeftConfig, saveAdapter, loraScale, type LoraModule, type PeftConfig } from '../adapters/peft.js';
-import { canonicalJson } from '../model/weights.js';
+import { canonicalJson } from '../util/canonical-json.js';
 import { checkMemoryPlan, formatBytes } from '../profiles/memory.js';
 import { EdgeloraError } from '../util/errors.js';
 import { Rng } from '../util/rng.js';

@@ -9,7 +9,8 @@ function tmpSibling(target: string): string {
   return path.join(path.dirname(target), `.${path.basename(target)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
 }
 
-async function fsyncDir(dir: string): Promise<void> {
+/** fsyncs a directory, so a rename into it survives a crash. */
+export async function fsyncDir(dir: string): Promise<void> {
   const fh = await fs.open(dir, 'r');
   try {
     await fh.sync();

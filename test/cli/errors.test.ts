@@ -11,7 +11,7 @@ import { randomAdapter } from '../helpers/adapters.js';
 import { runCli } from '../../src/cli/run.ts';
 import { parseFlags, describeRange } from '../../src/cli/command.ts';
 import { finetuneSettings } from '../../src/cli/commands/finetune.ts';
-import { writeKeyPair } from '../../src/sync/signing.ts';
+import { writeKeyPair } from '../../src/sync/protocol/signing.ts';
 import { readManifest } from '../../src/model/manifest.ts';
 import { parseHfConfig } from '../../src/formats/hf-config.ts';
 import { finetuneDefaultsSchema } from '../../src/profiles/schema.ts';

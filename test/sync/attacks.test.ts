@@ -6,12 +6,12 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { Agent } from '../../src/sync/agent.ts';
-import { Hub } from '../../src/sync/hub.ts';
-import { Link } from '../../src/sync/mqtt.ts';
-import { generateSigningKey, signMessage } from '../../src/sync/signing.ts';
-import { encodeChunk, stripSignature, type Manifest } from '../../src/sync/messages.ts';
-import { topics, type Target } from '../../src/sync/topics.ts';
+import { Agent } from '../../src/sync/agent/agent.ts';
+import { Hub } from '../../src/sync/hub/hub.ts';
+import { Link } from '../../src/sync/transport/mqtt.ts';
+import { generateSigningKey, signMessage } from '../../src/sync/protocol/signing.ts';
+import { encodeChunk, stripSignature, type Manifest } from '../../src/sync/protocol/messages.ts';
+import { topics, type Target } from '../../src/sync/protocol/topics.ts';
 import { BASE_FP, Mosquitto, RecordingActivator, makeAdapter, tmpDir, waitFor } from './helpers.ts';
 
 const key = generateSigningKey();
@@ -140,7 +140,7 @@ test('activation failure rolls back to the last adapter that worked', async () =
     const a = await hub.publishDir(await makeAdapter(path.join(work, 'src', 'rb-a'), { seed: 5 }), { kind: 'fleet', name: 'frb' }, 'rb');
     await waitFor('rb1 active a', () => agent.active?.sha256 === a.blob.sha256);
     const srcB = await makeAdapter(path.join(work, 'src', 'rb-b'), { seed: 6 });
-    const { packAdapterDir, sha256Hex } = await import('../../src/sync/pack.ts');
+    const { packAdapterDir, sha256Hex } = await import('../../src/sync/transfer/pack.ts');
     activator.failFor.add(sha256Hex(await packAdapterDir(srcB)));
     const b = await hub.publishDir(srcB, { kind: 'fleet', name: 'frb' }, 'rb');
     await waitFor('activation failure reported', () => /activation of rb v2 .* failed/.test(agent.status().lastError?.reason ?? ''));

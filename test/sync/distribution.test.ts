@@ -4,11 +4,11 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { Agent, type AgentOptions } from '../../src/sync/agent.ts';
-import { Hub } from '../../src/sync/hub.ts';
+import { Agent, type AgentOptions } from '../../src/sync/agent/agent.ts';
+import { Hub } from '../../src/sync/hub/hub.ts';
 import { Operator } from '../../src/sync/operator.ts';
-import { generateSigningKey } from '../../src/sync/signing.ts';
-import { startEmbeddedBroker } from '../../src/sync/embedded-broker.ts';
+import { generateSigningKey } from '../../src/sync/protocol/signing.ts';
+import { startEmbeddedBroker } from '../../src/sync/transport/embedded-broker.ts';
 import { BASE_FP, Mosquitto, RecordingActivator, dirDigest, digestKey, makeAdapter, tmpDir, waitFor } from './helpers.ts';
 
 const key = generateSigningKey();

@@ -6,19 +6,46 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
+import type { KeyObject } from 'node:crypto';
+import mqtt, { type MqttClient } from 'mqtt';
+import type { AgentOptions } from '../../src/sync/agent/agent.ts';
 import { Rng } from '../../src/util/rng.ts';
-import type { AdapterActivator } from '../../src/sync/activator.ts';
-import { validateAdapterDir } from '../../src/sync/activator.ts';
+import type { AdapterActivator } from '../../src/sync/agent/activator.ts';
+import { validateAdapterDir } from '../../src/sync/agent/activator.ts';
 
 export const REPO = path.resolve(import.meta.dirname, '../..');
 
-export function findMosquitto(): string {
+/** A broker binary on PATH or in /usr/sbin (where Debian puts daemons); throws naming its package. */
+function findBinary(name: string): string {
   for (const dir of (process.env.PATH ?? '').split(':')) {
-    const p = path.join(dir, 'mosquitto');
+    const p = path.join(dir, name);
     if (dir && existsSync(p)) return p;
   }
-  if (existsSync('/usr/sbin/mosquitto')) return '/usr/sbin/mosquitto';
-  throw new Error('mosquitto not found on PATH or at /usr/sbin/mosquitto: install the Debian package `mosquitto` (.ci/run does)');
+  if (existsSync(`/usr/sbin/${name}`)) return `/usr/sbin/${name}`;
+  throw new Error(`${name} not found on PATH or at /usr/sbin/${name}: install the Debian package \`${name}\` (.ci/run does)`);
+}
+
+export const findMosquitto = (): string => findBinary('mosquitto');
+export const findNatsServer = (): string => findBinary('nats-server');
+
+/**
+ * Agent options for tests: fast timers, a RecordingActivator, state under `stateRoot/<id>`, and
+ * the log on stderr when EDGELORA_TEST_LOG is set.
+ */
+export function testAgentOptions(o: { url: string | string[]; stateRoot: string; trustedKey: KeyObject }, deviceId: string, fleet: string, extra: Partial<AgentOptions> = {}): AgentOptions {
+  return {
+    broker: { url: o.url, reconnectMs: 200 },
+    deviceId,
+    fleet,
+    stateDir: path.join(o.stateRoot, deviceId),
+    trustedKey: o.trustedKey,
+    modelFingerprint: BASE_FP,
+    quietMs: 300,
+    statusIntervalMs: 200,
+    activator: new RecordingActivator(),
+    ...(process.env.EDGELORA_TEST_LOG ? { log: (l: string) => process.stderr.write(`${new Date().toISOString()} ${l}\n`) } : {}),
+    ...extra,
+  };
 }
 
 export function tmpDir(prefix: string): string {
@@ -53,6 +80,8 @@ export interface MosquittoOptions {
   aclFile?: string;
   /** user → password; when given, anonymous clients are refused. */
   users?: Record<string, string>;
+  /** Seconds between $SYS updates (e.g. 1 to read $SYS/broker/bytes/sent); default: Mosquitto's 10. */
+  sysInterval?: number;
 }
 
 export class Mosquitto {
@@ -86,6 +115,7 @@ export class Mosquitto {
       lines.push('allow_anonymous true');
     }
     if (o.aclFile) lines.push(`acl_file ${o.aclFile}`);
+    if (o.sysInterval !== undefined) lines.push(`sys_interval ${o.sysInterval}`);
     await fs.writeFile(m.confFile, lines.join('\n') + '\n');
     await m.launch();
     return m;
@@ -205,4 +235,128 @@ export class RecordingActivator implements AdapterActivator {
 
 export function digestKey(d: Record<string, string>): string {
   return JSON.stringify(d);
+}
+
+/**
+ * Reads Mosquitto's own count of bytes it sent to clients ($SYS/broker/bytes/sent, updated every
+ * sys_interval): the broker egress an operator would see, independent of edgelora's accounting.
+ */
+export class BrokerBytes {
+  private latest = -1;
+  private updates = 0;
+  private constructor(private readonly client: MqttClient) {
+    client.on('message', (_t, p) => {
+      this.latest = Number(p.toString());
+      this.updates++;
+    });
+  }
+  static async open(url: string): Promise<BrokerBytes> {
+    const client = await mqtt.connectAsync(url, { clientId: `sysbytes-${process.pid}-${Math.random().toString(36).slice(2, 8)}`, reconnectPeriod: 0 });
+    const b = new BrokerBytes(client);
+    await client.subscribeAsync('$SYS/broker/bytes/sent', { qos: 0 });
+    return b;
+  }
+  /** The value after the next update at least `settleMs` from now (so earlier traffic is counted). */
+  async read(settleMs = 1200): Promise<number> {
+    await sleep(settleMs);
+    const n = this.updates;
+    await waitFor('a $SYS/broker/bytes/sent update', () => this.updates > n, 5000);
+    return this.latest;
+  }
+  async close(): Promise<void> {
+    await this.client.endAsync(true);
+  }
+}
+
+/** One node of a NatsCluster: its MQTT listener, and a handle to kill it. */
+export interface NatsNode {
+  name: string;
+  mqttPort: number;
+  url: string;
+  proc: ChildProcess | null;
+  kill(): Promise<void>;
+}
+
+/**
+ * A NATS cluster on loopback, each node in its own temp directory with `cluster { routes }`,
+ * `jetstream { store_dir }` (MQTT QoS 1 and retained messages live in JetStream, replicated) and an
+ * `mqtt { listen }` block. NATS speaks MQTT 3.1.1 only and takes payloads up to 1 MB by default.
+ */
+export class NatsCluster {
+  private constructor(
+    readonly nodes: NatsNode[],
+    readonly dir: string,
+  ) {}
+
+  static async start(size = 3): Promise<NatsCluster> {
+    const bin = findNatsServer();
+    const dir = tmpDir('nats');
+    const ports = await Promise.all(Array.from({ length: size }, async () => ({ client: await freePort(), cluster: await freePort(), mqtt: await freePort() })));
+    const nodes: NatsNode[] = [];
+    for (let i = 0; i < size; i++) {
+      const p = ports[i] as { client: number; cluster: number; mqtt: number };
+      const name = `n${i + 1}`;
+      const nd = path.join(dir, name);
+      await fs.mkdir(nd, { recursive: true });
+      const routes = ports.filter((_, j) => j !== i).map((q) => `nats-route://127.0.0.1:${q.cluster}`);
+      const conf = [
+        `server_name: ${name}`,
+        `listen: 127.0.0.1:${p.client}`,
+        `jetstream { store_dir: "${path.join(nd, 'js')}" }`,
+        `cluster { name: edgelora, listen: 127.0.0.1:${p.cluster}, routes: [${routes.join(', ')}] }`,
+        // Replicate the MQTT streams (sessions, retained messages, QoS 1) on all three nodes, so the
+        // cluster keeps a quorum when one node dies.
+        `mqtt { listen: 127.0.0.1:${p.mqtt}, stream_replicas: ${size}, consumer_replicas: ${size} }`,
+      ].join('\n');
+      const confFile = path.join(nd, 'nats.conf');
+      await fs.writeFile(confFile, `${conf}\n`);
+      const proc = spawn(bin, ['-c', confFile, '-l', path.join(nd, 'nats.log')], { stdio: ['ignore', 'ignore', 'ignore'] });
+      const node: NatsNode = {
+        name,
+        mqttPort: p.mqtt,
+        url: `mqtt://127.0.0.1:${p.mqtt}`,
+        proc,
+        async kill() {
+          const pr = node.proc;
+          node.proc = null;
+          if (!pr || pr.exitCode !== null) return;
+          const gone = new Promise((r) => pr.once('exit', r));
+          pr.kill('SIGKILL');
+          await gone;
+        },
+      };
+      nodes.push(node);
+    }
+    const c = new NatsCluster(nodes, dir);
+    const deadline = Date.now() + 30_000;
+    for (const n of nodes) {
+      while (!(await portOpen(n.mqttPort))) {
+        if (n.proc?.exitCode !== null) throw new Error(`nats-server ${n.name} exited (${n.proc?.exitCode}); see ${path.join(dir, n.name, 'nats.log')}`);
+        if (Date.now() > deadline) throw new Error(`nats-server ${n.name} did not open its MQTT port`);
+        await sleep(100);
+      }
+    }
+    await c.waitJetStream(deadline);
+    return c;
+  }
+
+  /** Waits until the cluster serves MQTT sessions (JetStream has a meta leader): a retained round trip works. */
+  private async waitJetStream(deadline: number): Promise<void> {
+    for (;;) {
+      try {
+        const client = await mqtt.connectAsync((this.nodes[0] as NatsNode).url, { clientId: `probe${Date.now()}`, protocolVersion: 4, reconnectPeriod: 0, connectTimeout: 3000 });
+        await client.publishAsync('probe/ready', 'x', { qos: 1, retain: true });
+        await client.endAsync(true);
+        return;
+      } catch (err) {
+        if (Date.now() > deadline) throw new Error(`NATS JetStream not ready: ${(err as Error).message}; see ${this.dir}`);
+        await sleep(300);
+      }
+    }
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all(this.nodes.map((n) => n.kill()));
+    await fs.rm(this.dir, { recursive: true, force: true });
+  }
 }

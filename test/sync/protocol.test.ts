@@ -5,13 +5,14 @@ import assert from 'node:assert/strict';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
-import { packAdapterDir, packFiles, unpack, adapterInfo, sha256Hex } from '../../src/sync/pack.ts';
-import { canonicalJson, checkSignature, generateSigningKey, signMessage, writeKeyPair, loadSigningKey, loadPublicKey } from '../../src/sync/signing.ts';
-import { Bitmap } from '../../src/sync/bitmap.ts';
-import { parseTarget, parseTopic, topics } from '../../src/sync/topics.ts';
-import { decodeChunk, decodeJson, encodeChunk, ManifestSchema, MissingSchema, StatusSchema } from '../../src/sync/messages.ts';
-import { HubStore } from '../../src/sync/store.ts';
-import { validateAdapterDir } from '../../src/sync/activator.ts';
+import { packAdapterDir, packFiles, unpack, adapterInfo, sha256Hex } from '../../src/sync/transfer/pack.ts';
+import { canonicalJson } from '../../src/util/canonical-json.ts';
+import { checkSignature, generateSigningKey, signMessage, writeKeyPair, loadSigningKey, loadPublicKey } from '../../src/sync/protocol/signing.ts';
+import { Bitmap } from '../../src/sync/protocol/bitmap.ts';
+import { parseTarget, parseTopic, topics } from '../../src/sync/protocol/topics.ts';
+import { decodeChunk, decodeJson, encodeChunk, ManifestSchema, MissingSchema, StatusSchema } from '../../src/sync/protocol/messages.ts';
+import { HubStore } from '../../src/sync/hub/store.ts';
+import { validateAdapterDir } from '../../src/sync/agent/activator.ts';
 import { makeAdapter, tmpDir } from './helpers.ts';
 
 const work = tmpDir('proto');
@@ -39,6 +40,11 @@ test('pack: deterministic, round-trips byte for byte, refuses traversal and trun
 
 test('canonical JSON is JCS (sorted keys, no spaces) and signatures cover every field', () => {
   assert.equal(canonicalJson({ b: 1, a: [true, null, 'x', 1.5], c: { z: 0, y: 'é' } }), '{"a":[true,null,"x",1.5],"b":1,"c":{"y":"é","z":0}}');
+  // RFC 8785 sorts by UTF-16 code units: "\u20ac" (€) before "\ud83d\ude00" (😀), unlike code points.
+  assert.equal(canonicalJson({ '😀': 1, '€': 2, '\r': 3 }), '{"\\r":3,"€":2,"😀":1}');
+  // One canonical JSON serves signatures and fingerprints: a value JSON cannot carry throws, never becomes "null".
+  assert.throws(() => canonicalJson({ lr: Number.NaN }), /non-finite/);
+  assert.throws(() => canonicalJson([Number.POSITIVE_INFINITY]), /non-finite/);
   const key = generateSigningKey();
   const other = generateSigningKey();
   const msg = signMessage({ keyId: key.keyId, seq: 3, target: { kind: 'fleet', name: 'f' } }, key);

@@ -2,10 +2,10 @@
 import path from 'node:path';
 import type { Command } from '../command.js';
 import { numberFlag, parseFlags, requireFlag } from '../command.js';
-import { Agent } from '../../sync/agent.js';
-import { sanitizeName } from '../../sync/hub.js';
-import { loadPublicKey } from '../../sync/signing.js';
-import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../../sync/cli-flags.js';
+import { Agent } from '../../sync/agent/agent.js';
+import { sanitizeName } from '../../sync/hub/hub.js';
+import { loadPublicKey } from '../../sync/protocol/signing.js';
+import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../broker-flags.js';
 import { ModelRuntime } from '../../runtime/model.js';
 import { AdapterManager } from '../../adapters/manager.js';
 import { RuntimeActivator } from '../../adapters/activator.js';
@@ -79,7 +79,6 @@ ${brokerHelp}`,
       ...(log ? { log } : {}),
     });
     await agent.start();
-    log?.(`[${deviceId}] connected; active: ${agent.active ? `${agent.active.id} v${agent.active.version}` : 'none'}`);
     if (v.upload) {
       const name = v['upload-name'] ?? sanitizeName(path.basename(path.resolve(v.upload)));
       const sha = await agent.uploadDir(v.upload, name);

@@ -2,7 +2,7 @@
 import type { Command } from '../command.js';
 import { numberFlag, parseFlags } from '../command.js';
 import { Operator } from '../../sync/operator.js';
-import { brokerFlags, brokerHelp, brokerOptions } from '../../sync/cli-flags.js';
+import { brokerFlags, brokerHelp, brokerOptions } from '../broker-flags.js';
 
 export const fleetStatusCommand: Command = {
   name: 'fleet status',
@@ -13,6 +13,7 @@ Reads the retained status each agent publishes (and the hub's). A device whose a
 shows "offline" (its last will).
 
   --wait-ms <ms>     how long to collect retained statuses (default 1000)
+  --timeout-ms <ms>  how long to wait for the broker (default 30000; a refused connection fails at once)
   --client-id <id>   MQTT client id (default: --username, else op-<random>)
   --json             print {"hub", "devices", "invalid"} as JSON
   -h, --help         this text
@@ -22,6 +23,7 @@ ${brokerHelp}`,
     const { values: v, help } = parseFlags('fleet status', argv, {
       ...brokerFlags,
       'wait-ms': { type: 'string' },
+      'timeout-ms': { type: 'string' },
       'client-id': { type: 'string' },
       json: { type: 'boolean' },
     }, { positionals: [] });
@@ -29,7 +31,11 @@ ${brokerHelp}`,
       process.stdout.write(`${this.help}\n`);
       return 0;
     }
-    const op = await Operator.open({ broker: brokerOptions('fleet status', v), ...(v['client-id'] ? { clientId: v['client-id'] } : {}) });
+    const op = await Operator.open({
+      broker: brokerOptions('fleet status', v),
+      ...(v['client-id'] ? { clientId: v['client-id'] } : {}),
+      timeoutMs: numberFlag('timeout-ms', v['timeout-ms'], 30_000, { positive: true }),
+    });
     try {
       const snap = await op.fleetStatus(numberFlag('wait-ms', v['wait-ms'], 1000, { min: 0 }));
       if (v.json) {

@@ -2,10 +2,10 @@
 // optionally with an embedded MQTT 3.1.1 broker (aedes) in the same process.
 import type { Command } from '../command.js';
 import { numberFlag, parseFlags, requireFlag } from '../command.js';
-import { Hub } from '../../sync/hub.js';
-import { loadSigningKey } from '../../sync/signing.js';
-import { startEmbeddedBroker, type EmbeddedBroker } from '../../sync/embedded-broker.js';
-import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../../sync/cli-flags.js';
+import { Hub } from '../../sync/hub/hub.js';
+import { loadSigningKey } from '../../sync/protocol/signing.js';
+import { startEmbeddedBroker, type EmbeddedBroker } from '../../sync/transport/embedded-broker.js';
+import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../broker-flags.js';
 
 export const hubCommand: Command = {
   name: 'hub',
@@ -13,16 +13,21 @@ export const hubCommand: Command = {
   help: `Usage: edgelora hub --broker <url> --store <dir> --key <signing-key-file> [flags]
        edgelora hub --embedded-broker [port] --store <dir> --key <signing-key-file>
 
-Runs until SIGINT/SIGTERM. Operators publish with \`edgelora publish\`; devices run \`edgelora agent\`.
+Runs until SIGINT/SIGTERM (and then exits within a few seconds, even with its broker gone). One hub
+per --store: a second one is refused. Operators publish with \`edgelora publish\`; devices run \`edgelora agent\`.
 
   --store <dir>              adapter store (content-addressed blobs + index.json); created when missing
   --key <file>               Ed25519 private key from \`edgelora keygen\`
   --embedded-broker [port]   start an MQTT 3.1.1 broker (aedes) in process on 127.0.0.1:port (default 1883)
                              and connect to it; --broker is then optional
   --host <addr>              address the embedded broker listens on (default 127.0.0.1)
-  --client-id <id>           MQTT client id (default edgelora-hub)
+  --client-id <id>           MQTT client id (default edgelora-hub); one per hub on a broker
   --chunk-size <bytes>       chunk payload size for new publications (default 262144)
-  --coalesce-ms <ms>         gather missing-chunk requests this long before one resend (default 250)
+  --coalesce-ms <ms>         gather missing-chunk requests this long before one repair pass (default 250)
+  --repair-broadcast-share <0..1>
+                             broadcast a repaired chunk when more than this share of the target's
+                             online devices asked for it, else send it to each asker alone (default 0.5;
+                             0 broadcasts every repair)
   --rate <bytes/s>           cap on broadcast chunk bytes per second (default unlimited)
   --quiet                    no log lines on stderr
   -h, --help                 this text
@@ -41,6 +46,7 @@ ${brokerHelp}`,
       'client-id': { type: 'string' },
       'chunk-size': { type: 'string' },
       'coalesce-ms': { type: 'string' },
+      'repair-broadcast-share': { type: 'string' },
       rate: { type: 'string' },
       quiet: { type: 'boolean' },
     }, { positionals: [] });
@@ -55,6 +61,7 @@ ${brokerHelp}`,
     const rate = v.rate === undefined ? undefined : numberFlag('rate', v.rate, 0, { positive: true });
     const chunkSize = numberFlag('chunk-size', v['chunk-size'], 256 * 1024, { integer: true, min: 1024, max: 16 * 1024 * 1024 });
     const coalesceMs = numberFlag('coalesce-ms', v['coalesce-ms'], 250, { min: 0 });
+    const repairBroadcastShare = numberFlag('repair-broadcast-share', v['repair-broadcast-share'], 0.5, { min: 0, max: 1 });
     const port = v['embedded-broker'] === undefined ? undefined : numberFlag('embedded-broker', v['embedded-broker'], 1883, { integer: true, min: 0, max: 65535 });
     if (port === undefined) brokerOptions('hub', v); // throws on a missing or bad --broker now; with the embedded broker its URL is known only once it listens
     let embedded: EmbeddedBroker | null = null;
@@ -69,6 +76,7 @@ ${brokerHelp}`,
       ...(v['client-id'] ? { clientId: v['client-id'] } : {}),
       chunkSize,
       coalesceMs,
+      repairBroadcastShare,
       ...(rate !== undefined ? { rateBytesPerSec: rate } : {}),
       ...(log ? { log } : {}),
     });

@@ -12,6 +12,7 @@ import { hubCommand } from './hub.js';
 import { agentCommand } from './agent.js';
 import { publishCommand } from './publish.js';
 import { fleetStatusCommand } from './fleet-status.js';
+import { fleetCommandCommand } from './fleet-command.js';
 import { keygenCommand } from './keygen.js';
 import { serveCommand } from './serve.js';
 
@@ -29,6 +30,7 @@ export const commands: Command[] = [
   agentCommand,
   publishCommand,
   fleetStatusCommand,
+  fleetCommandCommand,
   keygenCommand,
   serveCommand,
 ];

@@ -6,7 +6,7 @@ import path from 'node:path';
 import type { Command } from '../command.js';
 import { parseFlags, requirePositional } from '../command.js';
 import { EdgeloraError } from '../../util/errors.js';
-import { writeKeyPair } from '../../sync/signing.js';
+import { writeKeyPair } from '../../sync/protocol/signing.js';
 
 /** The git work tree `dir` lies in (the nearest ancestor holding .git), or null. */
 function gitWorkTree(dir: string): string | null {

@@ -5,9 +5,9 @@ import type { Command } from '../command.js';
 import { numberFlag, parseFlags, requireFlag, requirePositional } from '../command.js';
 import { EdgeloraError } from '../../util/errors.js';
 import { Operator } from '../../sync/operator.js';
-import { sanitizeName } from '../../sync/hub.js';
-import { parseTarget } from '../../sync/topics.js';
-import { brokerFlags, brokerHelp, brokerOptions } from '../../sync/cli-flags.js';
+import { sanitizeName } from '../../sync/hub/hub.js';
+import { parseTarget } from '../../sync/protocol/topics.js';
+import { brokerFlags, brokerHelp, brokerOptions } from '../broker-flags.js';
 
 export const publishCommand: Command = {
   name: 'publish',
@@ -20,10 +20,13 @@ a unique prefix of at least 8 hex digits, e.g. from a device upload) names a blo
 stores. The hub signs the manifest with its key and broadcasts the adapter; this command returns
 once the hub has published it (devices then download in the background: see \`edgelora fleet status\`).
 
-  --to <target>          fleet:<name>, group:<name> or device:<id>
+  --to <target>          fleet:<name>, group:<name> or device:<id>; a device the broker holds no
+                         status of (it never connected) is refused unless --force
   --name <adapter-name>  adapter id (default: the directory name, or the name the blob was stored with)
   --client-id <id>       MQTT client id (default: --username, else op-<random>)
-  --timeout-ms <ms>      how long to wait for the hub (default 30000)
+  --timeout-ms <ms>      how long to wait for the broker and each reply of the hub (default 30000);
+                         fails at once when the broker refuses the connection or the hub's status says offline
+  --force                publish to a device target even if no such device has reported
   --json                 print the hub's reply as JSON
   -h, --help             this text
 
@@ -36,6 +39,7 @@ ${brokerHelp}`,
       'client-id': { type: 'string' },
       'timeout-ms': { type: 'string' },
       json: { type: 'boolean' },
+      force: { type: 'boolean' },
     }, { positionals: ['adapter-dir | stored-sha256'] });
     if (help) {
       process.stdout.write(`${this.help}\n`);
@@ -54,6 +58,12 @@ ${brokerHelp}`,
       timeoutMs: numberFlag('timeout-ms', v['timeout-ms'], 30_000, { positive: true }),
     });
     try {
+      if (target.kind === 'device' && !v.force && (await op.deviceStatus(target.name, 1000)) === null) {
+        throw new EdgeloraError(`no device "${target.name}" has ever reported to this broker`, {
+          where: '--to',
+          hint: 'check the device id (see `edgelora fleet status`), or pass --force to publish for a device that has not connected yet',
+        });
+      }
       let sha = id;
       if (isDir) {
         const name = v.name ?? sanitizeName(path.basename(path.resolve(source)));

@@ -26,6 +26,18 @@ export class Bitmap {
     const cur = this.bytes[j] ?? 0;
     this.bytes[j] = on ? cur | (1 << (i & 7)) : cur & ~(1 << (i & 7));
   }
+  /** The first set bit at or after `from`, or -1. */
+  next(from = 0): number {
+    for (let i = from; i < this.size; i++) {
+      // Skip whole empty bytes: repair bitmaps are mostly zero.
+      if ((i & 7) === 0 && (this.bytes[i >> 3] ?? 0) === 0) {
+        i += 7;
+        continue;
+      }
+      if (this.get(i)) return i;
+    }
+    return -1;
+  }
   count(): number {
     let c = 0;
     for (let i = 0; i < this.size; i++) if (this.get(i)) c++;

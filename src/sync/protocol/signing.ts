@@ -3,25 +3,9 @@
 // string serialization) of the message without its `signature` field.
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, sign, verify, type KeyObject } from 'node:crypto';
 import { promises as fs } from 'node:fs';
-import { EdgeloraError } from '../util/errors.js';
-import { writeFileAtomic } from '../util/atomic.js';
-
-/** Canonical JSON (JCS) of a JSON value; throws on values JSON cannot carry. */
-export function canonicalJson(v: unknown): string {
-  if (v === null || typeof v === 'boolean' || typeof v === 'string') return JSON.stringify(v);
-  if (typeof v === 'number') {
-    if (!Number.isFinite(v)) throw new Error('canonicalJson: non-finite number');
-    return JSON.stringify(v);
-  }
-  if (Array.isArray(v)) return `[${v.map(canonicalJson).join(',')}]`;
-  if (typeof v === 'object') {
-    const entries = Object.entries(v as Record<string, unknown>)
-      .filter(([, x]) => x !== undefined)
-      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
-    return `{${entries.map(([k, x]) => `${JSON.stringify(k)}:${canonicalJson(x)}`).join(',')}}`;
-  }
-  throw new Error(`canonicalJson: cannot encode ${typeof v}`);
-}
+import { EdgeloraError } from '../../util/errors.js';
+import { writeFileAtomic } from '../../util/atomic.js';
+import { canonicalJson } from '../../util/canonical-json.js';
 
 /** Key id: the first 16 hex digits of sha256 over the raw 32-byte Ed25519 public key. */
 export function keyIdOf(pub: KeyObject): string {

@@ -6,7 +6,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { z } from 'zod';
-import { EdgeloraError } from '../util/errors.js';
+import { EdgeloraError } from '../../util/errors.js';
 
 export const PACK_MAGIC = Buffer.from('ELPK', 'ascii');
 /** File names a pack may hold: one path level, no dot files, no separators. */
@@ -115,6 +115,23 @@ export async function unpack(blob: Uint8Array): Promise<PackedFile[]> {
   const buf = Buffer.from(blob.buffer, blob.byteOffset, blob.length);
   const entries = await readPackIndex(async (o, l) => buf.subarray(o, o + l), buf.length);
   return entries.map((e) => ({ name: e.name, data: buf.subarray(e.offset, e.offset + e.size) }));
+}
+
+/** JSON files larger than this are not read for adapterInfo (bytes). */
+const MAX_INFO_JSON = 1024 * 1024;
+
+/**
+ * The index and AdapterInfo of a pack read through `read` (a file on disk): only the small JSON
+ * files are held in memory, one at a time, so this is bounded whatever the adapter's size.
+ */
+export async function readPackInfo(read: (offset: number, length: number) => Promise<Buffer>, total: number): Promise<{ entries: PackEntry[]; info: AdapterInfo }> {
+  const entries = await readPackIndex(read, total);
+  const small: PackedFile[] = [];
+  for (const e of entries) {
+    // Copied: `read` may reuse its buffer.
+    if (e.name.endsWith('.json') && e.size <= MAX_INFO_JSON) small.push({ name: e.name, data: Buffer.from(await read(e.offset, e.size)) });
+  }
+  return { entries, info: adapterInfo(small) };
 }
 
 /** What a hub puts in a manifest about an adapter, read from its PEFT config and edgelora_adapter.json. */

@@ -4,12 +4,13 @@
 // crash) loses nothing that was acknowledged.
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import lockfile from 'proper-lockfile';
 import { z } from 'zod';
-import { EdgeloraError } from '../util/errors.js';
-import { writeFileAtomic } from '../util/atomic.js';
-import { ManifestSchema, TargetSchema, type Manifest } from './messages.js';
-import { adapterInfo, sha256Hex, unpack, type AdapterInfo } from './pack.js';
-import { NAME_RE } from './topics.js';
+import { EdgeloraError } from '../../util/errors.js';
+import { fsyncDir, writeFileAtomic } from '../../util/atomic.js';
+import { ManifestSchema, TargetSchema, type Manifest } from '../protocol/messages.js';
+import { adapterInfo, readPackInfo, sha256Hex, unpack, type AdapterInfo } from '../transfer/pack.js';
+import { NAME_RE } from '../protocol/topics.js';
 
 const hex64 = z.string().regex(/^[0-9a-f]{64}$/);
 
@@ -44,11 +45,41 @@ export class HubStore {
   private constructor(
     readonly dir: string,
     private index: Index,
+    private readonly release: (() => Promise<void>) | null,
   ) {}
 
-  static async open(dir: string): Promise<HubStore> {
+  /**
+   * Opens (creating when missing) a store. With `lock` (what a hub does) the store is locked for
+   * this process until close(): two hubs on one store would hand out the same seq numbers and
+   * overwrite each other's index. The lock is a directory refreshed every few seconds, so a
+   * killed hub's lock goes stale and the next hub takes it over.
+   */
+  static async open(dir: string, o: { lock?: boolean } = {}): Promise<HubStore> {
     await fs.mkdir(path.join(dir, 'blobs'), { recursive: true });
     await fs.mkdir(path.join(dir, 'uploads'), { recursive: true });
+    let release: (() => Promise<void>) | null = null;
+    if (o.lock) {
+      try {
+        release = await lockfile.lock(dir, { lockfilePath: path.join(dir, 'hub.lock'), stale: 10_000, realpath: false });
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ELOCKED') {
+          throw new EdgeloraError('the store is in use by another running hub', {
+            where: dir,
+            hint: 'stop the other `edgelora hub` first, or give this one its own --store (a hub killed without stopping frees the store within 10 s)',
+          });
+        }
+        throw err;
+      }
+    }
+    try {
+      return await HubStore.load(dir, release);
+    } catch (err) {
+      await release?.().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  private static async load(dir: string, release: (() => Promise<void>) | null): Promise<HubStore> {
     const file = path.join(dir, 'index.json');
     let index: Index = { format: 'edgelora-hub-store/1', seq: 0, blobs: {}, versions: {}, targets: {}, targetDefs: {} };
     const raw = await fs.readFile(file, 'utf8').catch((err: NodeJS.ErrnoException) => {
@@ -70,7 +101,13 @@ export class HubStore {
       const ok = await fs.stat(path.join(dir, 'blobs', sha)).then(() => true, () => false);
       if (!ok) throw new EdgeloraError(`store index names blob ${sha} but its file is missing`, { where: path.join(dir, 'blobs') });
     }
-    return new HubStore(dir, index);
+    return new HubStore(dir, index, release);
+  }
+
+  /** Waits for pending index writes and releases the lock (if this store holds one). */
+  async close(): Promise<void> {
+    await this.writing;
+    await this.release?.().catch(() => undefined);
   }
 
   get uploadsDir(): string {
@@ -95,6 +132,38 @@ export class HubStore {
     const info: AdapterInfo = adapterInfo(await unpack(blob));
     await writeFileAtomic(this.blobPath(sha), blob);
     const entry: BlobEntry = { sha256: sha, size: blob.length, name: meta.name, source: meta.source, storedAt: (meta.now ?? new Date()).toISOString(), info };
+    this.index.blobs[sha] = entry;
+    await this.save();
+    return entry;
+  }
+
+  /**
+   * Stores a verified file (a finished upload whose sha256 is `sha`) by moving it into blobs/:
+   * validated as an adapter pack by streaming it, never read whole into memory.
+   */
+  async adoptFile(file: string, sha: string, meta: { name: string; source: string; now?: Date }): Promise<BlobEntry> {
+    const existing = this.index.blobs[sha];
+    if (existing) return existing;
+    const fh = await fs.open(file, 'r');
+    let info: AdapterInfo;
+    let size: number;
+    try {
+      size = (await fh.stat()).size;
+      const buf = Buffer.allocUnsafe(64 * 1024);
+      const read = async (offset: number, length: number): Promise<Buffer> => {
+        const out = length <= buf.length ? buf.subarray(0, length) : Buffer.allocUnsafe(length);
+        const { bytesRead } = await fh.read(out, 0, length, offset);
+        if (bytesRead !== length) throw new EdgeloraError(`short read at ${offset}`, { where: file });
+        return out;
+      };
+      info = (await readPackInfo(read, size)).info;
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await fs.rename(file, this.blobPath(sha));
+    await fsyncDir(path.dirname(this.blobPath(sha)));
+    const entry: BlobEntry = { sha256: sha, size, name: meta.name, source: meta.source, storedAt: (meta.now ?? new Date()).toISOString(), info };
     this.index.blobs[sha] = entry;
     await this.save();
     return entry;

@@ -2,12 +2,12 @@
 // size, sha256) answered with the segments the hub already holds, `seg` frames each acknowledged,
 // `fin` (size + sha256) answered once the hub verified and stored the blob. Unacknowledged steps are
 // resent after a timeout and after every reconnect, so an upload resumes where it stopped.
-import { EdgeloraError } from '../util/errors.js';
-import { Bitmap } from './bitmap.js';
-import { decodeJson, encodeJson, encodeSegment, PROTOCOL_VERSION, UploadAckSchema, type UploadAck } from './messages.js';
-import type { Link } from './mqtt.js';
+import { EdgeloraError } from '../../util/errors.js';
+import { Bitmap } from '../protocol/bitmap.js';
+import { decodeJson, encodeJson, encodeSegment, PROTOCOL_VERSION, UploadAckSchema, type UploadAck } from '../protocol/messages.js';
+import type { Link } from '../transport/mqtt.js';
 import { sha256Hex } from './pack.js';
-import { topics } from './topics.js';
+import { topics } from '../protocol/topics.js';
 
 export interface UploadOptions {
   /** Segment size in bytes; default 256 KiB. */
@@ -18,6 +18,8 @@ export interface UploadOptions {
   ackTimeoutMs?: number;
   /** Give up after this many milliseconds in all; default 10 minutes. */
   deadlineMs?: number;
+  /** Give up when one step (init, a segment, fin) goes unacknowledged this long; default: only the deadline. */
+  stepTimeoutMs?: number;
   onProgress?: (acked: number, total: number) => void;
 }
 
@@ -55,15 +57,17 @@ export async function uploadBlob(link: Link, blob: Buffer, name: string, o: Uplo
   const request = (key: string, send: () => Promise<void>): Promise<UploadAck> =>
     new Promise((resolve, reject) => {
       let timer: NodeJS.Timeout | undefined;
+      const started = Date.now();
       const resend = () => {
-        if (Date.now() > deadline) {
+        const now = Date.now();
+        if (now > deadline || (o.stepTimeoutMs !== undefined && now - started >= o.stepTimeoutMs)) {
           cleanup();
-          reject(new EdgeloraError(`upload of ${name} timed out waiting for the hub (${key})`, { where: topics.uploadInit(id), hint: 'is the hub running and allowed to read this topic?' }));
+          reject(new EdgeloraError(`upload of ${name}: the hub did not acknowledge ${key} within ${now - started} ms (on ${topics.uploadInit(id).replace(/init$/, '')}…)`, { where: link.url, hint: 'is `edgelora hub` running on this broker, and may it read this client\'s upload topics?' }));
           return;
         }
         if (link.connected) send().catch(() => undefined);
         clearTimeout(timer);
-        timer = setTimeout(resend, ackMs);
+        timer = setTimeout(resend, o.stepTimeoutMs === undefined ? ackMs : Math.min(ackMs, Math.max(1, started + o.stepTimeoutMs - Date.now())));
       };
       const onConnect = () => resend();
       const cleanup = () => {

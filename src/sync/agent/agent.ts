@@ -1,4 +1,5 @@
-// The device agent: follows the signed manifests of its fleet, group and device topics (newest seq
+// The device agent's wiring (state.json in state.ts, the part file in transfer/resumable-file.ts):
+// follows the signed manifests of its fleet, group and device topics (newest seq
 // wins), receives the blob's chunks into a persistent partial file (so a killed agent resumes),
 // asks the hub for exactly the chunks it lacks, verifies every chunk, the whole blob, the signature
 // and the base model, installs the adapter atomically as a PEFT directory, activates it through the
@@ -6,14 +7,12 @@
 // signed commands. State directory layout: see docs/protocol.md, "Agent state".
 import { EventEmitter } from 'node:events';
 import { promises as fs } from 'node:fs';
-import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { createHash, type KeyObject } from 'node:crypto';
-import { z } from 'zod';
-import { EdgeloraError } from '../util/errors.js';
-import { writeDirAtomic, writeFileAtomic } from '../util/atomic.js';
+import type { KeyObject } from 'node:crypto';
+import { EdgeloraError } from '../../util/errors.js';
+import { writeDirAtomic } from '../../util/atomic.js';
+import { withTimeout } from '../../util/timeout.js';
 import { ValidatingActivator, type AdapterActivator } from './activator.js';
-import { Bitmap } from './bitmap.js';
 import {
   CommandSchema,
   decodeChunk,
@@ -32,12 +31,17 @@ import {
   type Result,
   type Status,
   UploadAckSchema,
-} from './messages.js';
-import { Link, type BrokerOptions, type InboundHook } from './mqtt.js';
-import { adapterInfo, packAdapterDir, readPackIndex, type PackEntry, type PackedFile } from './pack.js';
-import { checkSignature } from './signing.js';
-import { checkName, parseTopic, targetKey, topics, type Target } from './topics.js';
-import { uploadBlob } from './uploader.js';
+} from '../protocol/messages.js';
+import { Link, type BrokerOptions, type InboundHook } from '../transport/mqtt.js';
+import { packAdapterDir, readPackInfo, sha256Hex, type PackEntry } from '../transfer/pack.js';
+import { ResumableFile } from '../transfer/resumable-file.js';
+import { AgentStore, type Installed, type State } from './state.js';
+
+export type { Installed } from './state.js';
+import { dispatch, Refusals, type Handlers } from '../protocol/inbound.js';
+import { checkSignature } from '../protocol/signing.js';
+import { checkName, targetKey, topics, type Target } from '../protocol/topics.js';
+import { uploadBlob } from '../transfer/uploader.js';
 
 export interface AgentOptions {
   broker: BrokerOptions;
@@ -68,35 +72,10 @@ export interface AgentOptions {
   log?: (line: string) => void;
 }
 
-const hex64 = z.string().regex(/^[0-9a-f]{64}$/);
-const InstalledSchema = z.strictObject({
-  id: z.string(),
-  version: z.number().int().positive(),
-  sha256: hex64,
-  seq: z.number().int().nonnegative(),
-  /** Directory name under <state>/adapters/. */
-  dir: z.string().regex(/^[A-Za-z0-9._@-]+$/),
-  installedAt: z.iso.datetime(),
-});
-export type Installed = z.infer<typeof InstalledSchema>;
-const StateSchema = z.strictObject({
-  format: z.literal('edgelora-agent-state/1'),
-  deviceId: z.string(),
-  /** Highest manifest seq already acted on (installed, or refused after download): older ones are ignored. */
-  appliedSeq: z.number().int().nonnegative(),
-  active: hex64.nullable(),
-  previous: hex64.nullable(),
-  installed: z.array(InstalledSchema),
-});
-type State = z.infer<typeof StateSchema>;
-const TransferFileSchema = z.strictObject({ manifest: ManifestSchema, have: z.string() });
-
 interface Transfer {
   manifest: Manifest;
-  have: Bitmap;
-  fh: FileHandle;
-  partFile: string;
-  persistTimer: NodeJS.Timeout | null;
+  /** The part file and the chunks it holds (state in transfer/current.json, key "manifest"). */
+  file: ResumableFile<Manifest>;
   quietTimer: NodeJS.Timeout | null;
   retries: number;
   finishing: boolean;
@@ -106,9 +85,21 @@ interface Transfer {
 
 const MAX_SMALL_JSON = 64 * 1024;
 
-export class Agent extends EventEmitter {
+/** What an Agent emits, with the listener arguments. */
+export interface AgentEvents {
+  /** The agent's status changed (what it publishes, retained). */
+  status: [status: Status];
+  /** An inbound message was refused (also counted in counters.rejected and kept in lastError). */
+  refused: [reason: string, topic: string];
+  /** An adapter was activated. */
+  activated: [installed: Installed];
+  /** Activating an adapter failed; the agent rolled back. */
+  'activation-failed': [installed: Installed, error: unknown];
+}
+
+export class Agent extends EventEmitter<AgentEvents> {
   private link: Link | null = null;
-  private state: State;
+  private readonly store: AgentStore;
   private transfer: Transfer | null = null;
   private agentState: AgentState = 'idle';
   private lastError: { at: string; reason: string; topic?: string } | null = null;
@@ -116,6 +107,8 @@ export class Agent extends EventEmitter {
   private lastStatusAt = 0;
   private statusTimer: NodeJS.Timeout | null = null;
   private readonly recentCommands = new Map<string, Result>();
+  /** Commands still running, by id: a repeat of one waits for the same result. */
+  private readonly runningCommands = new Map<string, Promise<Result>>();
   private stopped = false;
   readonly activator: AdapterActivator;
   private readonly now: () => Date;
@@ -130,7 +123,7 @@ export class Agent extends EventEmitter {
     if (opts.group !== undefined) checkName('group name', opts.group);
     this.activator = opts.activator ?? new ValidatingActivator();
     this.now = opts.now ?? (() => new Date());
-    this.state = { format: 'edgelora-agent-state/1', deviceId: this.deviceId, appliedSeq: 0, active: null, previous: null, installed: [] };
+    this.store = new AgentStore(opts.stateDir, this.deviceId, (line) => this.log(line));
   }
 
   private log(line: string): void {
@@ -153,7 +146,7 @@ export class Agent extends EventEmitter {
   async start(): Promise<void> {
     await fs.mkdir(this.p('adapters'), { recursive: true });
     await fs.mkdir(this.p('transfer'), { recursive: true });
-    await this.loadState();
+    await this.store.load();
     await this.activateAtBoot();
     await this.loadTransfer();
     const will = encodeJson({ type: 'status', v: PROTOCOL_VERSION, deviceId: this.deviceId, online: false, state: 'offline' });
@@ -164,10 +157,16 @@ export class Agent extends EventEmitter {
     });
     this.link.onMessage((t, p) => this.onMessage(t, p));
     let connects = 0;
-    this.link.client.on('connect', () => {
+    const link = this.link;
+    link.client.on('connect', () => {
+      // Logged here, before the subscriptions deliver a retained manifest ("downloading …").
+      this.log(`connected to ${link.currentUrl}; active: ${this.active ? `${this.active.id} v${this.active.version}` : 'none'}`);
       if (++connects > 1) this.counters.reconnects++;
       void this.publishStatus(true);
-      // After a reconnect the broker may have restarted and the hub may have missed our requests.
+    });
+    // After a reconnect (maybe to another node, or a restarted broker) the hub may have missed our
+    // requests: ask again once we can receive the answer.
+    link.onResubscribed(() => {
       if (this.transfer) this.armQuiet(this.transfer, this.quietMs);
     });
     const subs = this.targets.flatMap((t) => [topics.manifest(t), topics.chunk(t)]);
@@ -186,21 +185,23 @@ export class Agent extends EventEmitter {
     const t = this.transfer;
     if (t) {
       if (t.quietTimer) clearTimeout(t.quietTimer);
-      if (t.persistTimer) clearTimeout(t.persistTimer);
-      await this.persistTransfer(t).catch(() => undefined);
-      await t.fh.close().catch(() => undefined);
+      await t.file.close();
       this.transfer = null;
     }
     const link = this.link;
     this.link = null;
     if (link) {
       if (link.connected) {
-        await link
-          .publish(topics.status(this.deviceId), encodeJson({ type: 'status', v: PROTOCOL_VERSION, deviceId: this.deviceId, online: false, state: 'offline' }), { retain: true })
-          .catch(() => undefined);
+        const bye = link.publish(topics.status(this.deviceId), encodeJson({ type: 'status', v: PROTOCOL_VERSION, deviceId: this.deviceId, online: false, state: 'offline' }), { retain: true });
+        await withTimeout(bye, 2000, 'offline status').catch(() => undefined);
       }
       await link.close();
     }
+  }
+
+  /** The broker node this agent is connected (or connecting) to. */
+  get brokerUrl(): string | null {
+    return this.link?.currentUrl ?? null;
   }
 
   private get quietMs(): number {
@@ -217,44 +218,33 @@ export class Agent extends EventEmitter {
     return p;
   }
 
-  // ---- persistent state ----
+  // ---- persistent state (state.ts) ----
 
-  private async loadState(): Promise<void> {
-    const raw = await fs.readFile(this.p('state.json'), 'utf8').catch(() => null);
-    if (raw === null) return;
-    try {
-      const r = StateSchema.safeParse(JSON.parse(raw));
-      if (r.success) this.state = r.data;
-      else this.log(`state.json invalid (${r.error.issues[0]?.message ?? ''}); starting empty`);
-    } catch (err) {
-      this.log(`state.json unreadable (${(err as Error).message}); starting empty`);
-    }
+  private get state(): State {
+    return this.store.state;
   }
-
-  private async saveState(): Promise<void> {
-    await writeFileAtomic(this.p('state.json'), JSON.stringify(this.state, null, 1));
+  private saveState(): Promise<void> {
+    return this.store.save();
   }
-
   private installed(sha: string | null): Installed | undefined {
-    return sha === null ? undefined : this.state.installed.find((i) => i.sha256 === sha);
+    return this.store.installed(sha);
   }
-
   /** The active adapter's directory, or null. */
   get activeDir(): string | null {
-    const a = this.installed(this.state.active);
-    return a ? this.p('adapters', a.dir) : null;
+    const a = this.active;
+    return a ? this.store.adapterDir(a) : null;
   }
   get active(): Installed | null {
-    return this.installed(this.state.active) ?? null;
+    return this.store.installed(this.state.active) ?? null;
   }
   get previous(): Installed | null {
-    return this.installed(this.state.previous) ?? null;
+    return this.store.installed(this.state.previous) ?? null;
   }
   get installedAdapters(): Installed[] {
     return [...this.state.installed];
   }
   adapterDir(i: Installed): string {
-    return this.p('adapters', i.dir);
+    return this.store.adapterDir(i);
   }
 
   private async activateAtBoot(): Promise<void> {
@@ -297,7 +287,7 @@ export class Agent extends EventEmitter {
       baseFingerprint: this.opts.modelFingerprint ?? null,
       active: ref(this.installed(this.state.active)),
       previous: ref(this.installed(this.state.previous)),
-      transfer: t ? { adapter: t.manifest.adapter, sha256: t.manifest.blob.sha256, seq: t.manifest.seq, received: t.have.count(), total: t.manifest.blob.chunks } : null,
+      transfer: t ? { adapter: t.manifest.adapter, sha256: t.manifest.blob.sha256, seq: t.manifest.seq, received: t.file.have.count(), total: t.manifest.blob.chunks } : null,
       lastError: this.lastError,
       updatedAt: this.now().toISOString(),
     };
@@ -335,53 +325,68 @@ export class Agent extends EventEmitter {
     this.log(`${topic ? `${topic}: ` : ''}${reason}`);
   }
 
-  /** Records why an inbound message was refused: in lastError, the status, and a 'rejected' event. */
-  private reject(reason: string, topic: string): void {
-    this.counters.rejected++;
-    this.setError(reason, topic);
-    this.emit('rejected', reason, topic);
-    void this.publishStatus(true);
+  /** Why inbound messages were refused: counted, in lastError and the status, and a 'refused' event. */
+  readonly refusals = new Refusals(
+    () => this.now(),
+    (r) => {
+      this.counters.rejected++;
+      this.setError(r.reason, r.topic);
+      this.emit('refused', r.reason, r.topic);
+      void this.publishStatus(true);
+    },
+  );
+
+  private refuse(reason: string, topic: string): void {
+    this.refusals.refuse(reason, topic);
   }
 
   // ---- inbound ----
 
-  /** Handles one inbound message; the returned promise settles when its work is done (backpressure). */
-  private onMessage(topic: string, payload: Buffer): Promise<unknown> | void {
-    if (this.stopped) return;
-    const t = parseTopic(topic);
-    if (!t) return;
-    if (t.kind === 'manifest') {
+  /**
+   * The agent's handler table: one handler per inbound message kind. A returned promise settles
+   * when the message's work is done, and holds back the next message (backpressure).
+   */
+  private readonly handlers: Handlers<Promise<unknown> | void> = {
+    manifest: (t, payload, topic) => {
       // An empty retained message clears the manifest; it is not an instruction.
       if (payload.length === 0) return;
       const d = decodeJson(ManifestSchema, payload, MAX_JSON_BYTES);
-      if (!d.ok) return this.reject(`manifest refused: ${d.reason}`, topic);
+      if (!d.ok) return this.refuse(`manifest refused: ${d.reason}`, topic);
       return this.enqueue(() => this.onManifest(t.target, d.value, topic));
-    } else if (t.kind === 'chunk') {
-      if (payload.length > MAX_CHUNK_SIZE + CHUNK_HEADER_BYTES) return this.reject(`chunk refused: oversize message: ${payload.length} bytes`, topic);
+    },
+    chunk: (_t, payload, topic) => {
+      if (payload.length > MAX_CHUNK_SIZE + CHUNK_HEADER_BYTES) return this.refuse(`chunk refused: oversize message: ${payload.length} bytes`, topic);
       const d = decodeChunk(payload);
-      if (!d.ok) return this.reject(`chunk refused: ${d.reason}`, topic);
+      if (!d.ok) return this.refuse(`chunk refused: ${d.reason}`, topic);
       const frame = d.value;
       return this.enqueue(() => this.onChunk(frame.sha256, frame.index, frame.count, frame.data, topic));
-    } else if (t.kind === 'command') {
+    },
+    command: (_t, payload, topic) => {
       const d = decodeJson(CommandSchema, payload, MAX_SMALL_JSON);
-      if (!d.ok) return this.reject(`command refused: ${d.reason}`, topic);
+      if (!d.ok) return this.refuse(`command refused: ${d.reason}`, topic);
       const sig = checkSignature(d.value, this.opts.trustedKey);
-      if (sig) return this.reject(`command refused: ${sig}`, topic);
-      if (d.value.deviceId !== this.deviceId) return this.reject(`command refused: addressed to ${d.value.deviceId}`, topic);
-      const cmd = d.value;
+      if (sig) return this.refuse(`command refused: ${sig}`, topic);
+      if (d.value.deviceId !== this.deviceId) return this.refuse(`command refused: addressed to ${d.value.deviceId}`, topic);
       // Not awaited: an upload command waits for acks that arrive through this same client.
-      void this.enqueue(() => this.onCommand(cmd));
-    } else if (t.kind === 'uploadAck') {
+      void this.onCommand(d.value);
+    },
+    uploadAck: (_t, payload, topic) => {
       // Valid acks are the uploader's business (it has its own handler); invalid ones are reported.
       const d = decodeJson(UploadAckSchema, payload, MAX_SMALL_JSON);
-      if (!d.ok) return this.reject(`upload ack refused: ${d.reason}`, topic);
-    }
+      if (!d.ok) return this.refuse(`upload ack refused: ${d.reason}`, topic);
+    },
+  };
+
+  private onMessage(topic: string, payload: Buffer): Promise<unknown> | void {
+    if (this.stopped) return;
+    return dispatch(this.handlers, topic, payload);
   }
+
 
   private async onManifest(topicTarget: Target, m: Manifest, topic: string): Promise<void> {
     const sig = checkSignature(m, this.opts.trustedKey);
-    if (sig) return this.reject(`manifest refused: ${sig}`, topic);
-    if (targetKey(m.target) !== targetKey(topicTarget)) return this.reject(`manifest refused: it is for ${targetKey(m.target)}, not ${targetKey(topicTarget)}`, topic);
+    if (sig) return this.refuse(`manifest refused: ${sig}`, topic);
+    if (targetKey(m.target) !== targetKey(topicTarget)) return this.refuse(`manifest refused: it is for ${targetKey(m.target)}, not ${targetKey(topicTarget)}`, topic);
     if (m.seq <= this.state.appliedSeq) return; // already acted on (normal after every reconnect)
     const cur = this.transfer;
     if (cur && m.seq <= cur.manifest.seq) {
@@ -394,13 +399,20 @@ export class Agent extends EventEmitter {
     }
     const mine = this.opts.modelFingerprint;
     if (mine && m.baseFingerprint !== mine) {
-      return this.reject(`manifest refused: adapter ${m.adapter.id} v${m.adapter.version} is for base model ${m.baseFingerprint ?? '(unspecified)'}, this device runs ${mine}`, topic);
+      return this.refuse(`manifest refused: adapter ${m.adapter.id} v${m.adapter.version} is for base model ${m.baseFingerprint ?? '(unspecified)'}, this device runs ${mine}`, topic);
     }
     if (cur) await this.dropTransfer();
     const already = this.installed(m.blob.sha256);
     if (already) {
-      // Same bytes as an adapter we hold: no download needed.
+      // Same bytes as an adapter we hold: no download needed. The newest manifest names it: a blob
+      // re-published under another id (or version) is reported, and found by commands, under that.
       this.state.appliedSeq = m.seq;
+      if (already.id !== m.adapter.id || already.version !== m.adapter.version) {
+        this.log(`${already.id} v${already.version} is now named ${m.adapter.id} v${m.adapter.version} (manifest seq ${m.seq}, same sha256)`);
+        already.id = m.adapter.id;
+        already.version = m.adapter.version;
+      }
+      already.seq = m.seq;
       if (this.state.active !== already.sha256) await this.activateInstalled(already, `manifest seq ${m.seq}`);
       else await this.saveState();
       this.setState('idle');
@@ -409,13 +421,20 @@ export class Agent extends EventEmitter {
     await this.beginTransfer(m);
   }
 
+  private transferFiles(m: Manifest) {
+    return {
+      partFile: this.p('transfer', `${m.blob.sha256}.part`),
+      stateFile: this.p('transfer', 'current.json'),
+      metaKey: 'manifest',
+      onPersistError: (err: unknown) => this.log(`saving transfer state: ${(err as Error).message}`),
+    };
+  }
+
   private async beginTransfer(m: Manifest): Promise<void> {
-    const partFile = this.p('transfer', `${m.blob.sha256}.part`);
-    const fh = await fs.open(partFile, 'w+');
-    await fh.truncate(m.blob.size);
-    const t: Transfer = { manifest: m, have: new Bitmap(m.blob.chunks), fh, partFile, persistTimer: null, quietTimer: null, retries: 0, finishing: false, passSeen: 0 };
+    await this.cleanTransferDir();
+    const file = await ResumableFile.create<Manifest>({ ...this.transferFiles(m), meta: m, geometry: { size: m.blob.size, pieceSize: m.blob.chunkSize } });
+    const t: Transfer = { manifest: m, file, quietTimer: null, retries: 0, finishing: false, passSeen: 0 };
     this.transfer = t;
-    await this.persistTransfer(t);
     this.log(`downloading ${m.adapter.id} v${m.adapter.version} (${m.blob.size} bytes, ${m.blob.chunks} chunks) for ${targetKey(m.target)}`);
     this.setState('downloading');
     this.armQuiet(t, this.quietMs);
@@ -423,58 +442,42 @@ export class Agent extends EventEmitter {
 
   /** Resumes a transfer saved by an earlier run, re-checking every chunk it claims to hold. */
   private async loadTransfer(): Promise<void> {
-    const raw = await fs.readFile(this.p('transfer', 'current.json'), 'utf8').catch(() => null);
+    const stateFile = this.p('transfer', 'current.json');
+    const raw = await fs.readFile(stateFile, 'utf8').catch(() => null);
     if (raw === null) return;
-    let parsed: z.infer<typeof TransferFileSchema>;
+    // The part file is named by the blob, so peek at the saved manifest to find it.
+    let partFile: string | null = null;
     try {
-      const r = TransferFileSchema.safeParse(JSON.parse(raw));
-      if (!r.success) throw new Error(r.error.issues[0]?.message ?? 'invalid');
-      parsed = r.data;
-    } catch (err) {
-      this.log(`transfer state unreadable (${(err as Error).message}); discarded`);
+      const sha = (JSON.parse(raw) as { manifest?: { blob?: { sha256?: unknown } } }).manifest?.blob?.sha256;
+      if (typeof sha === 'string' && /^[0-9a-f]{64}$/.test(sha)) partFile = this.p('transfer', `${sha}.part`);
+    } catch {
+      partFile = null;
+    }
+    const r = partFile
+      ? await ResumableFile.resume<Manifest>({
+          partFile,
+          stateFile,
+          metaKey: 'manifest',
+          onPersistError: (err: unknown) => this.log(`saving transfer state: ${(err as Error).message}`),
+          parseMeta: (v) => {
+            const p = ManifestSchema.safeParse(v);
+            return p.success && !checkSignature(p.data, this.opts.trustedKey) && p.data.seq > this.state.appliedSeq ? p.data : null;
+          },
+          geometryOf: (m) => ({ size: m.blob.size, pieceSize: m.blob.chunkSize }),
+          verifyPiece: (m, i, data) => sha256Hex(data) === m.blob.chunkSha256[i],
+        })
+      : null;
+    if (!r) {
+      this.log('saved transfer state unusable or outdated; discarded');
       await this.cleanTransferDir();
       return;
     }
-    const m = parsed.manifest;
-    if (checkSignature(m, this.opts.trustedKey) || m.seq <= this.state.appliedSeq) {
-      await this.cleanTransferDir();
-      return;
-    }
-    const partFile = this.p('transfer', `${m.blob.sha256}.part`);
-    const fh = await fs.open(partFile, 'r+').catch(() => null);
-    const have = Bitmap.fromBase64(m.blob.chunks, parsed.have);
-    if (!fh || !have) {
-      await fh?.close();
-      await this.cleanTransferDir();
-      return;
-    }
-    const st = await fh.stat();
-    if (st.size !== m.blob.size) await fh.truncate(m.blob.size);
-    const t: Transfer = { manifest: m, have, fh, partFile, persistTimer: null, quietTimer: null, retries: 0, finishing: false, passSeen: 0 };
-    const buf = Buffer.alloc(m.blob.chunkSize);
-    let dropped = 0;
-    for (const i of have.indices()) {
-      const len = this.chunkLength(m, i);
-      const { bytesRead } = await fh.read(buf, 0, len, i * m.blob.chunkSize);
-      if (bytesRead !== len || createHash('sha256').update(buf.subarray(0, len)).digest('hex') !== m.blob.chunkSha256[i]) {
-        have.set(i, false);
-        dropped++;
-      }
-    }
+    const m = r.file.meta;
+    const t: Transfer = { manifest: m, file: r.file, quietTimer: null, retries: 0, finishing: false, passSeen: 0 };
     this.transfer = t;
     this.agentState = 'downloading';
-    this.log(`resuming ${m.adapter.id} v${m.adapter.version}: ${have.count()}/${m.blob.chunks} chunks held${dropped ? `, ${dropped} failed re-verification` : ''}`);
-    if (have.count() === m.blob.chunks) void this.enqueue(() => this.finishTransfer(t));
-  }
-
-  private chunkLength(m: Manifest, i: number): number {
-    return i === m.blob.chunks - 1 ? m.blob.size - i * m.blob.chunkSize : m.blob.chunkSize;
-  }
-
-  private async persistTransfer(t: Transfer): Promise<void> {
-    // Data first, then the bitmap that claims it: a crash never marks a chunk held that is not on disk.
-    await t.fh.sync();
-    await writeFileAtomic(this.p('transfer', 'current.json'), JSON.stringify({ manifest: t.manifest, have: t.have.toBase64() }));
+    this.log(`resuming ${m.adapter.id} v${m.adapter.version}: ${r.file.have.count()}/${m.blob.chunks} chunks held${r.dropped ? `, ${r.dropped} failed re-verification` : ''}`);
+    if (r.file.complete) void this.enqueue(() => this.finishTransfer(t));
   }
 
   private async cleanTransferDir(): Promise<void> {
@@ -487,8 +490,7 @@ export class Agent extends EventEmitter {
     if (!t) return;
     this.transfer = null;
     if (t.quietTimer) clearTimeout(t.quietTimer);
-    if (t.persistTimer) clearTimeout(t.persistTimer);
-    await t.fh.close().catch(() => undefined);
+    await t.file.discard();
     await this.cleanTransferDir();
   }
 
@@ -506,7 +508,7 @@ export class Agent extends EventEmitter {
   /** `pass`: the pass whose end marker prompted this request (0 after a silence: serve everything). */
   private requestMissing(t: Transfer, pass = 0): void {
     if (this.transfer !== t || t.finishing || this.stopped) return;
-    const missing = t.have.complement();
+    const missing = t.file.have.complement();
     if (missing.count() === 0) return;
     const link = this.link;
     if (link?.connected) {
@@ -534,31 +536,25 @@ export class Agent extends EventEmitter {
       }, Math.random() * Math.min(100, this.quietMs));
       return;
     }
-    if (count !== m.blob.chunks || index >= m.blob.chunks) return this.reject(`chunk refused: index ${index}/${count} does not fit the manifest's ${m.blob.chunks} chunks`, topic);
-    if (t.have.get(index)) {
+    if (count !== m.blob.chunks || index >= m.blob.chunks) return this.refuse(`chunk refused: index ${index}/${count} does not fit the manifest's ${m.blob.chunks} chunks`, topic);
+    if (t.file.have.get(index)) {
       this.counters.chunksDuplicate++;
       return;
     }
-    const want = this.chunkLength(m, index);
-    if (data.length !== want || createHash('sha256').update(data).digest('hex') !== m.blob.chunkSha256[index]) {
+    if (data.length !== t.file.pieceLength(index) || sha256Hex(data) !== m.blob.chunkSha256[index]) {
       this.counters.chunksCorrupt++;
       this.setError(`chunk ${index} of ${m.adapter.id} v${m.adapter.version} failed its sha256 check; dropped and asked for again`, topic);
       this.armQuiet(t, this.quietMs);
       return;
     }
-    await t.fh.write(data, 0, data.length, index * m.blob.chunkSize);
-    t.have.set(index);
+    await t.file.writePiece(index, data);
     this.counters.chunksReceived++;
     t.retries = 0;
-    if (t.have.count() === m.blob.chunks) {
+    if (t.file.complete) {
       await this.finishTransfer(t);
       return;
     }
     this.armQuiet(t, this.quietMs);
-    t.persistTimer ??= setTimeout(() => {
-      t.persistTimer = null;
-      if (this.transfer === t) void this.enqueue(() => this.persistTransfer(t)).catch(() => undefined);
-    }, 250);
     void this.publishStatus();
   }
 
@@ -567,25 +563,14 @@ export class Agent extends EventEmitter {
     if (this.transfer !== t || t.finishing) return;
     t.finishing = true;
     if (t.quietTimer) clearTimeout(t.quietTimer);
-    if (t.persistTimer) clearTimeout(t.persistTimer);
     const m = t.manifest;
     this.setState('verifying');
-    await this.persistTransfer(t);
-    // Stream the part file: the agent needs bounded memory whatever the adapter's size.
-    const piece = Buffer.allocUnsafe(Math.min(m.blob.size, 1 << 20));
-    const read = async (offset: number, length: number): Promise<Buffer> => {
-      const out = length <= piece.length ? piece.subarray(0, length) : Buffer.allocUnsafe(length);
-      const { bytesRead } = await t.fh.read(out, 0, length, offset);
-      if (bytesRead !== length) throw new EdgeloraError(`short read of the partial blob at ${offset}`);
-      return out;
-    };
-    const hash = createHash('sha256');
-    for (let off = 0; off < m.blob.size; off += piece.length) hash.update(await read(off, Math.min(piece.length, m.blob.size - off)));
-    const sha = hash.digest('hex');
+    await t.file.persist();
+    const sha = await t.file.sha256();
     if (sha !== m.blob.sha256) {
       // Cannot happen with every chunk hash verified, unless the disk changed under us: start over.
       this.setError(`blob of ${m.adapter.id} v${m.adapter.version} hashes to ${sha}, manifest says ${m.blob.sha256}; downloading again`);
-      t.have = new Bitmap(m.blob.chunks);
+      t.file.forget();
       t.finishing = false;
       this.setState('downloading');
       this.armQuiet(t, this.quietMs);
@@ -595,17 +580,13 @@ export class Agent extends EventEmitter {
       this.state.appliedSeq = Math.max(this.state.appliedSeq, m.seq);
       await this.saveState();
       await this.dropTransfer();
-      if (reason) this.reject(reason, topics.manifest(m.target));
+      if (reason) this.refuse(reason, topics.manifest(m.target));
     };
     let entries: PackEntry[];
     try {
-      entries = await readPackIndex(read, m.blob.size);
-      const small: PackedFile[] = [];
-      for (const e of entries) {
-        // One at a time: `read` reuses one buffer.
-        if (e.name.endsWith('.json') && e.size <= MAX_JSON_BYTES) small.push({ name: e.name, data: Buffer.from(await read(e.offset, e.size)) });
-      }
-      const info = adapterInfo(small);
+      const packed = await readPackInfo((o, l) => t.file.read(o, l), m.blob.size);
+      entries = packed.entries;
+      const info = packed.info;
       const mine = this.opts.modelFingerprint;
       if (mine && info.baseFingerprint !== null && info.baseFingerprint !== mine) {
         throw new EdgeloraError(`edgelora_adapter.json names base model ${info.baseFingerprint}, this device runs ${mine}`);
@@ -622,9 +603,10 @@ export class Agent extends EventEmitter {
         for (const e of entries) {
           const out = await fs.open(path.join(tmp, e.name), 'w');
           try {
-            for (let o = 0; o < e.size; o += piece.length) {
-              const len = Math.min(piece.length, e.size - o);
-              await out.write(await read(e.offset + o, len), 0, len, o);
+            let o = 0;
+            for await (const piece of t.file.stream(e.offset, e.size)) {
+              await out.write(piece, 0, piece.length, o);
+              o += piece.length;
             }
           } finally {
             await out.close();
@@ -676,7 +658,7 @@ export class Agent extends EventEmitter {
       if (this.state.active !== null) this.state.previous = this.state.active;
       this.state.active = inst.sha256;
     }
-    await this.prune();
+    await this.store.prune(this.opts.keepInstalled ?? 3);
     await this.saveState();
     this.log(`activated ${inst.id} v${inst.version} (${why})`);
     this.emit('activated', inst);
@@ -684,33 +666,24 @@ export class Agent extends EventEmitter {
     return true;
   }
 
-  private async prune(): Promise<void> {
-    const keep = this.opts.keepInstalled ?? 3;
-    const pinned = new Set([this.state.active, this.state.previous]);
-    const others = this.state.installed.filter((i) => !pinned.has(i.sha256));
-    const drop = others.slice(0, Math.max(0, others.length - keep));
-    for (const d of drop) {
-      this.state.installed = this.state.installed.filter((i) => i !== d);
-      await fs.rm(this.adapterDir(d), { recursive: true, force: true });
-    }
-  }
-
   // ---- commands ----
 
   private async onCommand(cmd: Command): Promise<void> {
     const seen = this.recentCommands.get(cmd.id);
-    const result = seen ?? (await this.runCommand(cmd));
+    let running = this.runningCommands.get(cmd.id);
+    if (!seen && !running) {
+      // An upload runs beside the serial queue: it waits for the hub's acks (up to the uploader's
+      // deadline), and downloads, activations and other commands must not wait behind it.
+      running = cmd.action === 'upload' ? this.runCommand(cmd) : this.enqueue(() => this.runCommand(cmd));
+      this.runningCommands.set(cmd.id, running);
+    }
+    const result = seen ?? (await (running as Promise<Result>));
     if (!seen) {
+      this.runningCommands.delete(cmd.id);
       this.recentCommands.set(cmd.id, result);
       if (this.recentCommands.size > 100) this.recentCommands.delete(this.recentCommands.keys().next().value as string);
     }
     await this.link?.publish(topics.result(this.deviceId), encodeJson(result), { contentType: 'application/json' }).catch(() => undefined);
-  }
-
-  private find(spec: { id: string; version?: number } | undefined): Installed | undefined {
-    if (!spec) return this.installed(this.state.active);
-    const hits = this.state.installed.filter((i) => i.id === spec.id && (spec.version === undefined || i.version === spec.version));
-    return hits.sort((a, b) => b.version - a.version)[0];
   }
 
   private async runCommand(cmd: Command): Promise<Result> {
@@ -731,7 +704,7 @@ export class Agent extends EventEmitter {
     const spec = cmd.adapter ? `${cmd.adapter.id}${cmd.adapter.version ? ` v${cmd.adapter.version}` : ''}` : 'the active adapter';
     switch (cmd.action) {
       case 'activate': {
-        const inst = this.find(cmd.adapter);
+        const inst = this.store.find(cmd.adapter);
         if (!inst || !cmd.adapter) return res(false, `no installed adapter ${spec}`);
         const ok = await this.activateInstalled(inst, `command ${cmd.id}`);
         return res(ok, ok ? undefined : this.lastError?.reason);
@@ -751,7 +724,7 @@ export class Agent extends EventEmitter {
         return res(true);
       }
       case 'upload': {
-        const inst = this.find(cmd.adapter);
+        const inst = this.store.find(cmd.adapter);
         if (!inst) return res(false, `no installed adapter ${spec}`);
         try {
           const sha = await this.uploadDir(this.adapterDir(inst), inst.id);
@@ -770,12 +743,13 @@ export class Agent extends EventEmitter {
     const link = this.link;
     if (!link) throw new EdgeloraError('agent not started');
     const blob = await packAdapterDir(dir);
-    const prev = this.agentState;
-    this.setState('uploading');
+    // Uploads run beside downloads and activations: the state says "uploading" only when nothing
+    // else is going on, and is not restored over what happened meanwhile.
+    if (this.agentState === 'idle') this.setState('uploading');
     try {
       return await uploadBlob(link, blob, checkName('adapter name', name), { segmentSize: this.opts.uploadSegmentSize ?? 256 * 1024 });
     } finally {
-      this.setState(prev === 'uploading' ? 'idle' : prev);
+      if (this.agentState === 'uploading') this.setState('idle');
     }
   }
 }

@@ -5,7 +5,7 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
-import { EdgeloraError } from '../util/errors.js';
+import { EdgeloraError } from '../../util/errors.js';
 
 export interface ActivationInfo {
   adapterId: string;

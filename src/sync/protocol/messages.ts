@@ -125,8 +125,9 @@ export const StatusSchema = z.strictObject({
   deviceId: name,
   online: z.boolean(),
   state: AgentState,
-  fleet: name.optional(),
-  group: name.optional(),
+  /** Optional; null and absent both mean "none" (a device with no group). */
+  fleet: name.nullable().optional(),
+  group: name.nullable().optional(),
   baseFingerprint: z.string().max(128).nullable().optional(),
   active: AdapterRefSchema.nullable().optional(),
   previous: AdapterRefSchema.nullable().optional(),
@@ -214,6 +215,11 @@ export const HubStatusSchema = z.strictObject({
   v: z.literal(PROTOCOL_VERSION),
   online: z.boolean(),
   keyId: z.string().regex(/^[0-9a-f]{16}$/).optional(),
+  /** Random id of one hub run: tells a running hub's status from a stopped one's will. */
+  instance: z.string().regex(/^[0-9a-f]{1,32}$/).optional(),
+  /** Inbound messages this hub run refused, and the last one (what, when, on which topic). */
+  refused: count.optional(),
+  lastRefusal: z.strictObject({ at: isoTime, reason: z.string().max(2000), topic: z.string().max(512) }).nullable().optional(),
   updatedAt: isoTime.optional(),
 });
 export type HubStatus = z.infer<typeof HubStatusSchema>;

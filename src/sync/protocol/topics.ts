@@ -1,7 +1,7 @@
 // The MQTT topic table of the edgelora sync protocol, version 1: every topic the hub, the agents
 // and operator tools use is built here and nowhere else. See docs/protocol.md for who publishes
 // and who subscribes to each, with QoS and retain flags.
-import { EdgeloraError } from '../util/errors.js';
+import { EdgeloraError } from '../../util/errors.js';
 
 export const ROOT = 'edgelora/v1';
 
