@@ -41,7 +41,8 @@ export async function llamaLogProbs(file: string, ids: number[], vocab: number, 
         const probs = out[i]?.next.probabilities;
         if (!probs) throw new Error(`llama.cpp gave no probabilities at position ${i}`);
         const lp = new Float64Array(vocab).fill(Number.NaN);
-        for (const [tok, p] of probs) lp[tok] = p > 0 ? Math.log(p) : Number.NaN;
+        // float32 probabilities lose precision as subnormals (< 1.2e-38): compare only well above that.
+        for (const [tok, p] of probs) lp[tok] = p >= 1e-30 ? Math.log(p) : Number.NaN;
         return lp;
       });
     } finally {
@@ -73,7 +74,7 @@ export async function llamaTokenize(file: string, text: string): Promise<number[
 
 /**
  * Our logits [T, V] against llama.cpp's log-probabilities: both as log-softmax, compared where
- * llama.cpp's probability is nonzero. rel = max |Δ| / the largest |centered log-prob| of ours.
+ * llama.cpp's probability is ≥ 1e-30 (a normal float32). rel = max |Δ| / the largest |centered log-prob| of ours.
  */
 export function compareLogProbs(ours: Float32Array, V: number, ref: Float64Array[]): { maxAbs: number; scale: number; rel: number; compared: number } {
   let maxAbs = 0;
