@@ -13,6 +13,7 @@ import { agentCommand } from './agent.js';
 import { publishCommand } from './publish.js';
 import { fleetStatusCommand } from './fleet-status.js';
 import { keygenCommand } from './keygen.js';
+import { importGgufCommand, exportGgufCommand, adapterExportGgufCommand } from './gguf.js';
 
 export const commands: Command[] = [
   demoCommand,
@@ -29,4 +30,7 @@ export const commands: Command[] = [
   publishCommand,
   fleetStatusCommand,
   keygenCommand,
+  importGgufCommand,
+  exportGgufCommand,
+  adapterExportGgufCommand,
 ];
