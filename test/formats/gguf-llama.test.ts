@@ -53,7 +53,7 @@ async function ourLogits(dir: string, lora?: string): Promise<{ logits: Float32A
   return { logits: r.logits, V: r.dims[2] };
 }
 
-const HANDMADE: [string, number, number][] = [
+const HANDMADE: [string, number, number, number?][] = [
   ['F32', T.F32, TOL_FLOAT],
   ['F16', T.F16, TOL_FLOAT],
   ['BF16', T.BF16, TOL_BF16],
@@ -61,12 +61,14 @@ const HANDMADE: [string, number, number][] = [
   ['Q6_K', T.Q6_K, TOL_ACT8],
   ['Q4_0', T.Q4_0, TOL_ACT8],
   ['Q4_K', T.Q4_K, TOL_ACT8],
+  // Like llama.cpp's Q4_K_M: attn_v and ffn_down in Q6_K, so a q/k/v group mixes 4- and 8-bit weights.
+  ['Q4_K+Q6_K', T.Q4_K, TOL_ACT8, T.Q6_K],
 ];
 
-for (const [name, type, tol] of HANDMADE) {
+for (const [name, type, tol, mixed] of HANDMADE) {
   test(`hand-made ${name} GGUF: imported logits = llama.cpp's on the same file (rel ≤ ${tol}); on its f32 export (rel ≤ ${TOL_FLOAT})`, async () => {
     const f = path.join(tmp.dir, `hm-${name}.gguf`);
-    const m = handmadeLlama(f, type, vocab, 11);
+    const m = handmadeLlama(f, type, vocab, 11, mixed === undefined ? {} : { mixed });
     const dir = path.join(tmp.dir, `hm-${name}`);
     await importGguf(f, dir, { accuracyLevel: 0 });
     const ours = await ourLogits(dir);

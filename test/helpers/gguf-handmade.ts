@@ -247,7 +247,7 @@ export function handmadeLlama(
   linearType: number,
   tokenizer: { vocab: Record<string, number>; merges: string[]; special: Map<number, string>; bos: number; eos: number },
   seed = 7,
-  opts: { arch?: string; /** one tensor of another type (bytes of zeros), e.g. Q5_0 */ odd?: { name: string; type: number; blockBytes: number }; lieOffset?: { name: string; offset: number } } = {},
+  opts: { /** Q4_K_M-like: attn_v and ffn_down in this type instead */ mixed?: number; arch?: string; /** one tensor of another type (bytes of zeros), e.g. Q5_0 */ odd?: { name: string; type: number; blockBytes: number }; lieOffset?: { name: string; offset: number } } = {},
 ): HandmadeModel {
   const rng = new Rng(seed);
   const C = 256, F = 512, H = 4, G = 2, D = 64, L = 2;
@@ -291,7 +291,10 @@ export function handmadeLlama(
     const lin = (name: string, N: number, K: number) => {
       const full = `blk.${l}.${name}.weight`;
       if (opts.odd?.name === full) tensors.push({ name: full, dims: [K, N], type: opts.odd.type, bytes: new Uint8Array((N * K / 32) * opts.odd.blockBytes) });
-      else tensors.push({ name: full, dims: [K, N], type: linearType, bytes: randomTensor(linearType, N, K, rng, 0.06).bytes });
+      else {
+        const type = opts.mixed !== undefined && (name === 'attn_v' || name === 'ffn_down') ? opts.mixed : linearType;
+        tensors.push({ name: full, dims: [K, N], type, bytes: randomTensor(type, N, K, rng, 0.06).bytes });
+      }
     };
     lin('attn_q', H * D, C);
     lin('attn_k', G * D, C);
