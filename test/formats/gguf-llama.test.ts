@@ -86,6 +86,21 @@ for (const [name, type, tol, mixed] of HANDMADE) {
   });
 }
 
+test(`hand-made qwen2 Q8_0 GGUF (q/k/v biases, no q/k permutation): imported logits = llama.cpp's (rel ≤ ${TOL_ACT8}; f32 export ≤ ${TOL_FLOAT})`, async () => {
+  const f = path.join(tmp.dir, 'hm-qwen2.gguf');
+  const m = handmadeLlama(f, T.Q8_0, vocab, 13, { arch: 'qwen2' });
+  const dir = path.join(tmp.dir, 'hm-qwen2');
+  await importGguf(f, dir, { accuracyLevel: 0 });
+  const ours = await ourLogits(dir);
+  const same = compareLogProbs(ours.logits, ours.V, await llamaLogProbs(f, ids, m.vocab));
+  const f32 = path.join(tmp.dir, 'hm-qwen2-f32.gguf');
+  await exportGgufBase(dir, f32, { type: 'f32', tableType: 'f32' });
+  const strict = compareLogProbs(ours.logits, ours.V, await llamaLogProbs(f32, ids, m.vocab));
+  console.log(`qwen2 Q8_0: on the file rel ${same.rel.toExponential(3)} (tolerance ${TOL_ACT8}); f32 export rel ${strict.rel.toExponential(3)} (tolerance ${TOL_FLOAT})`);
+  assert.ok(same.rel <= TOL_ACT8, `qwen2: rel ${same.rel} (max |Δ| ${same.maxAbs})`);
+  assert.ok(strict.rel <= TOL_FLOAT, `qwen2 as f32: rel ${strict.rel} (max |Δ| ${strict.maxAbs})`);
+});
+
 test('negative check: the same Q4_0 file read as another seed is far outside TOL_ACT8', async () => {
   // Guards the tolerance's power: a model whose weights are all different must not pass.
   const f = path.join(tmp.dir, 'neg-a.gguf');

@@ -295,6 +295,10 @@ export function handmadeLlama(
         const type = opts.mixed !== undefined && (name === 'attn_v' || name === 'ffn_down') ? opts.mixed : linearType;
         tensors.push({ name: full, dims: [K, N], type, bytes: randomTensor(type, N, K, rng, 0.06).bytes });
       }
+      // qwen2 carries q/k/v biases (and uses NEOX rope: its q/k rows are not permuted).
+      if (arch === 'qwen2' && ['attn_q', 'attn_k', 'attn_v'].includes(name)) {
+        tensors.push({ name: `blk.${l}.${name}.bias`, dims: [N], type: T.F32, bytes: randomTensor(T.F32, 1, N, rng, 0.3).bytes });
+      }
     };
     lin('attn_q', H * D, C);
     lin('attn_k', G * D, C);
