@@ -4,9 +4,11 @@
 // float weights. Decode tokens/s (NEW tokens after a PROMPT-token prompt), prefill tokens/s and peak
 // RSS, each measured in its own child process; ROUNDS rounds visit the configurations in turn
 // (A B C … A B C …) and each figure is the median over rounds, with per-round ratios beside it.
-// Threads: each system at its best setting on this machine (llama.cpp 1 thread, measured in
-// /work/shared/FACTS.md: 187 tok/s at 1 vs 55 at 2 on 2 shared cores; edgelora ORT's default, all
-// cores), overridable with LLAMA_THREADS / EDGELORA_THREADS and reported in the table.
+// Threads: each system at its best setting, found in the same run: a probe round decodes with edgelora
+// int4 and llama.cpp Q4_0 (Q8_0 table) at 1 thread and at all cores and keeps each system's faster
+// setting (on 2 shared cores llama.cpp is far faster at 1 thread, FACTS.md; a loaded machine can
+// change edgelora's best too). LLAMA_THREADS / EDGELORA_THREADS skip the probe; the table reports
+// the setting used.
 // Writes bench-results/peers.json.
 import os from 'node:os';
 import path from 'node:path';
@@ -25,8 +27,8 @@ interface Sample {
 const PROMPT_TOKENS = 128;
 const NEW_TOKENS = 128;
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
-const LLAMA_THREADS = Number(process.env.LLAMA_THREADS ?? 1);
-const EDGELORA_THREADS = Number(process.env.EDGELORA_THREADS ?? 0); // 0: ORT's default (all cores)
+const THREAD_CHOICES = [...new Set([1, os.cpus().length])];
+const threadsEnv = (k: string): number | null => (process.env[k] ? Number(process.env[k]) : null);
 const LLAMA_CHILD = path.resolve('scripts/peers-llama-child.mjs');
 
 async function child(dir: string, threads: number): Promise<void> {
@@ -64,10 +66,9 @@ interface Config {
   name: string;
   system: 'edgelora' | 'llama.cpp';
   weights: string;
-  threads: string;
   path: string;
   diskBytes: number;
-  run: () => Promise<Sample>;
+  run: (threads: number) => Promise<Sample>;
 }
 
 const median = (xs: number[]) => [...xs].sort((p, q) => p - q)[Math.floor(xs.length / 2)]!;
@@ -82,10 +83,9 @@ async function configsFor(preset: 'small', bundle: string): Promise<Config[]> {
       name: `edgelora ${format}`,
       system: 'edgelora',
       weights: format,
-      threads: EDGELORA_THREADS > 0 ? String(EDGELORA_THREADS) : `ort default (${os.cpus().length})`,
       path: dir,
       diskBytes: await dirBytes(dir),
-      run: () => runChild<Sample>(bundle, ['--child', dir, String(EDGELORA_THREADS)]),
+      run: (threads) => runChild<Sample>(bundle, ['--child', dir, String(threads)]),
     });
   }
   // Every GGUF from the same float weights (the fp32 model holds them exactly), through our exporter.
@@ -105,10 +105,9 @@ async function configsFor(preset: 'small', bundle: string): Promise<Config[]> {
       name: `llama.cpp ${g.weights}`,
       system: 'llama.cpp',
       weights: g.weights,
-      threads: String(LLAMA_THREADS),
       path: file,
       diskBytes: statSync(file).size,
-      run: () => runChild<Sample>(LLAMA_CHILD, [file, String(LLAMA_THREADS), String(PROMPT_TOKENS), String(NEW_TOKENS)]),
+      run: (threads) => runChild<Sample>(LLAMA_CHILD, [file, String(threads), String(PROMPT_TOKENS), String(NEW_TOKENS)]),
     });
   }
   return out;
@@ -122,10 +121,25 @@ async function main(): Promise<void> {
   const results: Record<string, unknown>[] = [];
   for (const preset of presets) {
     const configs = await configsFor(preset, bundle);
+    // Each system's best thread count, by decode speed, unless given.
+    const threads: Record<Config['system'], number> = { edgelora: threadsEnv('EDGELORA_THREADS') ?? 0, 'llama.cpp': threadsEnv('LLAMA_THREADS') ?? 0 };
+    const probe: Record<string, number> = {};
+    for (const [system, name] of [['edgelora', 'edgelora int4'], ['llama.cpp', 'llama.cpp Q4_0 + Q8_0 table']] as const) {
+      if (threads[system] > 0) continue;
+      const c = configs.find((x) => x.name === name)!;
+      let best = { t: 1, decode: -1 };
+      for (const t of THREAD_CHOICES) {
+        const s = await c.run(t);
+        probe[`${name} @ ${t} threads`] = s.decode_tok_s;
+        process.stderr.write(`${preset} thread probe ${name} @ ${t}: decode ${s.decode_tok_s.toFixed(1)} tok/s\n`);
+        if (s.decode_tok_s > best.decode) best = { t, decode: s.decode_tok_s };
+      }
+      threads[system] = best.t;
+    }
     const samples = new Map<string, Sample[]>(configs.map((c) => [c.name, []]));
     for (let round = 0; round < ROUNDS; round++) {
       for (const c of configs) {
-        const s = await c.run();
+        const s = await c.run(threads[c.system]);
         samples.get(c.name)!.push(s);
         process.stderr.write(`${preset} round ${round + 1}/${ROUNDS} ${c.name}: decode ${s.decode_tok_s.toFixed(1)} tok/s, prefill ${s.prefill_tok_s.toFixed(0)} tok/s, peak ${s.peak_rss_mib.toFixed(0)} MiB\n`);
       }
@@ -135,7 +149,7 @@ async function main(): Promise<void> {
       return {
         system: c.system,
         weights: c.weights,
-        threads: c.threads,
+        threads: threads[c.system],
         decode_tok_s: median(ss.map((s) => s.decode_tok_s)),
         prefill_tok_s: median(ss.map((s) => s.prefill_tok_s)),
         peak_rss_mib: median(ss.map((s) => s.peak_rss_mib)),
@@ -158,7 +172,7 @@ async function main(): Promise<void> {
     ];
     process.stdout.write(`\nedgelora int4 / llama.cpp ${best.weights} (its best Q4_0 configuration here):\n`);
     printTable(targets.map((t) => ({ metric: t.metric, target: t.target, ratio: t.ratio, per_round: t.per_round.map((x) => x.toFixed(2)).join(' '), met: t.met ? 'yes' : 'no' })));
-    results.push({ preset, rows, targets, best_llama_q4_0: best.weights, samples: Object.fromEntries(samples) });
+    results.push({ preset, threads, thread_probe: probe, rows, targets, best_llama_q4_0: best.weights, samples: Object.fromEntries(samples) });
   }
   const file = await writeJson('peers.json', {
     prompt_tokens: PROMPT_TOKENS,
