@@ -20,8 +20,8 @@ import { LINEAR_PROJS } from '../../src/model/llama.js';
 /** Float weights, float activations on both sides: float32 rounding only. */
 const TOL_FLOAT = 1e-3;
 /**
- * llama.cpp's CPU kernels round the activations before each quantized matmul: to 8 bits (Q8_0 blocks
- * of 32 for Q4_0/Q8_0 weights, Q8_K blocks of 256 for Q4_K/Q6_K), to bf16 for BF16 weights. edgelora
+ * llama.cpp's CPU kernels round the activations before each quantized matmul: to 8 bits (Q8_0 / Q8_1
+ * blocks of 32 for Q4_0/Q4_1/Q5_0/Q8_0 weights, Q8_K blocks of 256 for Q4_K/Q6_K), to bf16 for BF16 weights. edgelora
  * keeps them float32 (accuracy level 0), so the two differ by llama.cpp's rounding, not ours:
  *   8 bits: step amax/127 per block, rms error (amax/rms)/(127·√12) ≈ 3.9/440 ≈ 8.9e-3 of an activation
  *   (amax ≈ 3.9 rms for 256 Gaussian values); 14 linears (2 layers × 7) add independent errors,
@@ -59,7 +59,9 @@ const HANDMADE: [string, number, number, number?][] = [
   ['BF16', T.BF16, TOL_BF16],
   ['Q8_0', T.Q8_0, TOL_ACT8],
   ['Q6_K', T.Q6_K, TOL_ACT8],
+  ['Q5_0', T.Q5_0, TOL_ACT8],
   ['Q4_0', T.Q4_0, TOL_ACT8],
+  ['Q4_1', T.Q4_1, TOL_ACT8],
   ['Q4_K', T.Q4_K, TOL_ACT8],
   // Like llama.cpp's Q4_K_M: attn_v and ffn_down in Q6_K, so a q/k/v group mixes 4- and 8-bit weights.
   ['Q4_K+Q6_K', T.Q4_K, TOL_ACT8, T.Q6_K],

@@ -34,7 +34,7 @@ function maxDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return m;
 }
 
-const TYPES: [SupportedType, number][] = [['Q4_0', T.Q4_0], ['Q8_0', T.Q8_0], ['Q4_K', T.Q4_K], ['Q6_K', T.Q6_K], ['F16', T.F16], ['BF16', T.BF16], ['F32', T.F32]];
+const TYPES: [SupportedType, number][] = [['Q4_0', T.Q4_0], ['Q4_1', T.Q4_1], ['Q5_0', T.Q5_0], ['Q8_0', T.Q8_0], ['Q4_K', T.Q4_K], ['Q6_K', T.Q6_K], ['F16', T.F16], ['BF16', T.BF16], ['F32', T.F32]];
 
 test('block decoders give the exact value of every element (ggml reference and MatMulNBits layout)', () => {
   const rng = new Rng(3);
@@ -48,8 +48,8 @@ test('block decoders give the exact value of every element (ggml reference and M
     if (!nb) continue;
     const back = dequantizeInt4({ ...nb, zeroPoints: nb.zeroPoints });
     const d2 = maxDiff(back, values);
-    // Q4_K's float zero point (min/scale) re-associates d·sc·q − dmin·m: a few float32 ulps of the range.
-    const tol = name === 'Q4_K' ? 1e-6 : 0;
+    // Q4_K's and Q4_1's float zero points (min/scale) re-associate d·sc·q − dmin·m: a few float32 ulps of the range.
+    const tol = name === 'Q4_K' || name === 'Q4_1' ? 1e-6 : 0;
     assert.ok(d2 <= tol, `${name}: MatMulNBits layout dequantizes ${d2} away from the file's values (tolerance ${tol})`);
   }
 });
@@ -185,9 +185,9 @@ test('bad input: truncated file, lying offset, unsupported type, unsupported arc
   handmadeLlama(overlap, T.Q8_0, vocab, 9, { lieOffset: { name: 'blk.1.ffn_up.weight', offset: 0 } });
   await refuses(overlap, path.join(tmp.dir, 'o2b'), /overlaps/, [overlap, 'blk.1.ffn_up.weight']);
 
-  const odd = path.join(tmp.dir, 'q5.gguf');
-  handmadeLlama(odd, T.Q8_0, vocab, 9, { odd: { name: 'blk.0.attn_v.weight', type: T.Q5_0, blockBytes: 22 } });
-  await refuses(odd, path.join(tmp.dir, 'o3'), /type Q5_0/, [odd, 'blk.0.attn_v.weight']);
+  const odd = path.join(tmp.dir, 'q5_1.gguf');
+  handmadeLlama(odd, T.Q8_0, vocab, 9, { odd: { name: 'blk.0.attn_v.weight', type: T.Q5_1, blockBytes: 24 } });
+  await refuses(odd, path.join(tmp.dir, 'o3'), /type Q5_1/, [odd, 'blk.0.attn_v.weight']);
 
   const arch = path.join(tmp.dir, 'gemma.gguf');
   handmadeLlama(arch, T.Q8_0, vocab, 9, { arch: 'gemma' });

@@ -21,7 +21,7 @@ export interface HmTensor {
 }
 
 /** ggml_type ids from ggml.h, typed again here on purpose. */
-export const T = { F32: 0, F16: 1, Q4_0: 2, Q8_0: 8, Q4_K: 12, Q6_K: 14, BF16: 30, Q5_0: 6 } as const;
+export const T = { F32: 0, F16: 1, Q4_0: 2, Q4_1: 3, Q5_0: 6, Q5_1: 7, Q8_0: 8, Q4_K: 12, Q6_K: 14, BF16: 30 } as const;
 
 function le(n: number, bytes: number): number[] {
   const out: number[] = [];
@@ -160,6 +160,39 @@ export function randomTensor(type: number, rows: number, cols: number, rng: Rng,
       }
       return { bytes: b, values };
     }
+    case T.Q4_1: {
+      const b = new Uint8Array((n / 32) * 20);
+      for (let blk = 0; blk < n / 32; blk++) {
+        const d = halfOf(std / 3 * (0.5 + rng.next()));
+        const m = halfOf(-std * 2.5 * (0.5 + rng.next()));
+        const dh = halfBits(d), mh = halfBits(m);
+        b[blk * 20] = dh & 0xff; b[blk * 20 + 1] = dh >> 8; b[blk * 20 + 2] = mh & 0xff; b[blk * 20 + 3] = mh >> 8;
+        const q = Array.from({ length: 32 }, () => rng.int(16));
+        for (let j = 0; j < 16; j++) b[blk * 20 + 4 + j] = q[j]! | (q[j + 16]! << 4); // quantize_row_q4_1_ref
+        for (let j = 0; j < 32; j++) values[blk * 32 + j] = Math.fround(Math.fround(q[j]! * d) + m);
+      }
+      return { bytes: b, values };
+    }
+    case T.Q5_0: {
+      const b = new Uint8Array((n / 32) * 22);
+      for (let blk = 0; blk < n / 32; blk++) {
+        const o = blk * 22;
+        const d = halfOf(std / 6 * (0.5 + rng.next()));
+        const dh = halfBits(d);
+        b[o] = dh & 0xff; b[o + 1] = dh >> 8;
+        const q = Array.from({ length: 32 }, () => rng.int(32));
+        // quantize_row_q5_0_ref: low nibbles as Q4_0, fifth bits of elements j and j+16 at qh bits j and j+16
+        let qh = 0;
+        for (let j = 0; j < 16; j++) {
+          b[o + 6 + j] = (q[j]! & 0xf) | ((q[j + 16]! & 0xf) << 4);
+          qh |= ((q[j]! & 0x10) >> 4) << j;
+          qh |= ((q[j + 16]! & 0x10) >> 4) << (j + 16);
+        }
+        for (let k = 0; k < 4; k++) b[o + 2 + k] = (qh >>> (8 * k)) & 0xff;
+        for (let j = 0; j < 32; j++) values[blk * 32 + j] = (q[j]! - 16) * d;
+      }
+      return { bytes: b, values };
+    }
     case T.Q4_K: {
       const b = new Uint8Array((n / 256) * 144);
       for (let s = 0; s < n / 256; s++) {
@@ -230,6 +263,14 @@ export function demoVocab(tj: { added_tokens: { id: number; content: string }[];
   };
 }
 
+/**
+ * Linear weights' scale: small enough that the random network does not amplify a perturbation from
+ * layer to layer (the tolerances against llama.cpp assume rounding errors add up, not grow).
+ */
+const LINEAR_STD = 0.03;
+/** Embedding (tied output) scale: logits of a few units, so the softmax keeps most of the vocabulary above float32's normal range. */
+const EMBED_STD = 0.1;
+
 export interface HandmadeModel {
   file: string;
   /** HF-shaped facts the test needs. */
@@ -285,7 +326,7 @@ export function handmadeLlama(
     for (let i = 0; i < C; i++) dv.setFloat32(i * 4, 1 + 0.1 * rng.normal(), true);
     tensors.push({ name, dims: [C], type: T.F32, bytes: b });
   };
-  tensors.push({ name: 'token_embd.weight', dims: [C, V], type: T.F32, bytes: randomTensor(T.F32, V, C, rng, 0.5).bytes });
+  tensors.push({ name: 'token_embd.weight', dims: [C, V], type: T.F32, bytes: randomTensor(T.F32, V, C, rng, EMBED_STD).bytes });
   for (let l = 0; l < L; l++) {
     norm(`blk.${l}.attn_norm.weight`);
     const lin = (name: string, N: number, K: number) => {
@@ -293,7 +334,7 @@ export function handmadeLlama(
       if (opts.odd?.name === full) tensors.push({ name: full, dims: [K, N], type: opts.odd.type, bytes: new Uint8Array((N * K / 32) * opts.odd.blockBytes) });
       else {
         const type = opts.mixed !== undefined && (name === 'attn_v' || name === 'ffn_down') ? opts.mixed : linearType;
-        tensors.push({ name: full, dims: [K, N], type, bytes: randomTensor(type, N, K, rng, 0.06).bytes });
+        tensors.push({ name: full, dims: [K, N], type, bytes: randomTensor(type, N, K, rng, LINEAR_STD).bytes });
       }
       // qwen2 carries q/k/v biases (and uses NEOX rope: its q/k rows are not permuted).
       if (arch === 'qwen2' && ['attn_q', 'attn_k', 'attn_v'].includes(name)) {

@@ -23,8 +23,9 @@ function refuseExisting(out: string, force: boolean): void {
 const importHelp = `Usage: edgelora import-gguf <model.gguf> <out-dir> [flags]
 
 Converts a llama.cpp GGUF model (architecture llama or qwen2, GGUF v3) into an edgelora model
-directory without re-quantizing: Q4_0 and Q4_K linears become 4-bit MatMulNBits (block 32; Q4_K's
-mins become float zero points), Q8_0 and Q6_K 8-bit MatMulNBits (block 32 / 16), F16/BF16/F32 float32.
+directory without re-quantizing: Q4_0, Q4_1 and Q4_K linears become 4-bit MatMulNBits (block 32;
+Q4_1's and Q4_K's mins become float zero points), Q8_0, Q5_0 and Q6_K 8-bit MatMulNBits (block 32, 32,
+16), F16/BF16/F32 float32.
 Embedding and output tables are dequantized to float32. llama.cpp's q/k row permutation is undone;
 tokenizer.json and tokenizer_config.json (chat template included) are rebuilt from tokenizer.ggml.*
 (byte-level BPE vocabularies). manifest.json records the file's name, sha256 and tensor types.
@@ -38,7 +39,7 @@ Flags:
 
 export const importGgufCommand: Command = {
   name: 'import-gguf',
-  summary: 'convert a llama.cpp GGUF model (llama/qwen2; Q4_0, Q4_K, Q6_K, Q8_0, F16, BF16, F32)',
+  summary: 'convert a llama.cpp GGUF model (llama/qwen2; Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, F16, BF16, F32)',
   help: importHelp,
   async run(argv) {
     const { values, positionals, help } = parseFlags('import-gguf', argv, {

@@ -77,6 +77,25 @@ export function dequantizeGguf(type: SupportedType, raw: Uint8Array, numel: numb
         }
       }
       return y;
+    case 'Q4_1':
+      for (let b = 0; b < numel / 32; b++) {
+        const o = b * 20;
+        const d = f16(raw, o);
+        const m = f16(raw, o + 2);
+        for (let j = 0; j < 16; j++) {
+          const q = raw[o + 4 + j]!;
+          y[b * 32 + j] = f32(f32((q & 0xf) * d) + m);
+          y[b * 32 + j + 16] = f32(f32((q >> 4) * d) + m);
+        }
+      }
+      return y;
+    case 'Q5_0':
+      for (let b = 0; b < numel / 32; b++) {
+        const o = b * 22;
+        const d = f16(raw, o);
+        for (let j = 0; j < 32; j++) y[b * 32 + j] = f32((q5Code(raw, o, j) - 16) * d);
+      }
+      return y;
     case 'Q4_K':
       for (let b = 0; b < numel / 256; b++) {
         const o = b * 144;
@@ -105,6 +124,13 @@ export function dequantizeGguf(type: SupportedType, raw: Uint8Array, numel: numb
   }
 }
 
+/** Q5_0's unsigned 5-bit code (0..31) of element j of the block at byte o: nibble as Q4_0, fifth bit in qh. */
+function q5Code(raw: Uint8Array, o: number, j: number): number {
+  const qh = (raw[o + 2]! | (raw[o + 3]! << 8) | (raw[o + 4]! << 16) | (raw[o + 5]! << 24)) >>> 0;
+  const nib = j < 16 ? raw[o + 6 + j]! & 0xf : raw[o + 6 + j - 16]! >> 4;
+  return nib | (((qh >>> j) & 1) << 4);
+}
+
 /** Index (0..15) of the 16-element sub-block of Q6_K element e, which is also its scale's index. */
 function q6Sub(e: number): number {
   return e >> 4;
@@ -128,6 +154,8 @@ function q6Code(raw: Uint8Array, o: number, e: number): number {
  *   Q8_0 → 8 bits, block 32, zero point 128 (absent), codes q + 128, scale d
  *   Q4_K → 4 bits, block 32, scale d·sc, float zero point dmin·m / (d·sc): (q − zp)·scale = d·sc·q − dmin·m
  *   Q6_K → 8 bits, block 16, zero point 128 (absent), codes q + 96 (q − 32 + 128), scale d·sc (exact)
+ *   Q5_0 → 8 bits, block 32, zero point 128 (absent), codes q + 112 (q − 16 + 128), scale d (exact)
+ *   Q4_1 → 4 bits, block 32, scale d, float zero point −m/d: (q − zp)·d = q·d + m
  * Float types have no NBits form (null): the caller keeps them float32.
  */
 export function toNBits(type: SupportedType, raw: Uint8Array, N: number, K: number, what = 'tensor'): NBitsWeight | null {
@@ -153,6 +181,40 @@ export function toNBits(type: SupportedType, raw: Uint8Array, N: number, K: numb
         }
       }
       return { N, K, bits: 4, blockSize: 32, kBlocks: kb, packed, scales };
+    }
+    case 'Q5_0': {
+      const kb = K / 32;
+      const packed = new Uint8Array(N * K);
+      const scales = new Float32Array(N * kb);
+      for (let b = 0; b < N * kb; b++) {
+        scales[b] = f16(raw, b * 22);
+        for (let j = 0; j < 32; j++) packed[b * 32 + j] = q5Code(raw, b * 22, j) + 112;
+      }
+      return { N, K, bits: 8, blockSize: 32, kBlocks: kb, packed, scales };
+    }
+    case 'Q4_1': {
+      const kb = K / 32;
+      const packed = new Uint8Array(N * kb * 16);
+      const scales = new Float32Array(N * kb);
+      const zeroPoints = new Float32Array(N * kb);
+      for (let b = 0; b < N * kb; b++) {
+        const o = b * 20;
+        const d = f16(raw, o);
+        const m = f16(raw, o + 2);
+        if (d === 0) {
+          // Every element is m: codes 0 with zero point −1 and scale m give (0 + 1)·m.
+          scales[b] = m;
+          zeroPoints[b] = m === 0 ? 0 : -1;
+          continue;
+        }
+        scales[b] = d;
+        zeroPoints[b] = f32(-m / d);
+        for (let i = 0; i < 16; i++) {
+          const c = (e: number) => (e < 16 ? raw[o + 4 + e]! & 0xf : raw[o + 4 + e - 16]! >> 4);
+          packed[b * 16 + i] = c(2 * i) | (c(2 * i + 1) << 4);
+        }
+      }
+      return { N, K, bits: 4, blockSize: 32, kBlocks: kb, packed, scales, zeroPoints };
     }
     case 'Q8_0': {
       const kb = K / 32;

@@ -219,7 +219,7 @@ export class GgufReader {
     if (!isSupportedType(t.typeName)) {
       throw new EdgeloraError(`tensor ${name} has type ${t.typeName}, which edgelora does not convert`, {
         where: this.file,
-        hint: 'supported: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K (re-quantize with llama-quantize, e.g. to Q4_K_M or Q8_0)',
+        hint: 'supported: F32, F16, BF16, Q8_0, Q6_K, Q5_0, Q4_0, Q4_1, Q4_K (re-quantize with llama-quantize, e.g. to Q4_K_M or Q8_0)',
       });
     }
     return t.typeName;

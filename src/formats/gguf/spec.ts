@@ -64,7 +64,7 @@ export function ggmlTypeName(id: number): string {
 }
 
 /** The types edgelora converts, with their block geometry (ggml-common.h). */
-export const SUPPORTED_TYPES = ['F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_K', 'Q6_K'] as const;
+export const SUPPORTED_TYPES = ['F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q5_0', 'Q4_K', 'Q6_K'] as const;
 export type SupportedType = (typeof SUPPORTED_TYPES)[number];
 
 export const BLOCK: Readonly<Record<SupportedType, { elements: number; bytes: number }>> = Object.freeze({
@@ -73,6 +73,8 @@ export const BLOCK: Readonly<Record<SupportedType, { elements: number; bytes: nu
   BF16: { elements: 1, bytes: 2 },
   Q8_0: { elements: 32, bytes: 34 }, // d f16, qs int8[32]
   Q4_0: { elements: 32, bytes: 18 }, // d f16, qs uint8[16]: element j low nibble of qs[j], j+16 high
+  Q4_1: { elements: 32, bytes: 20 }, // d f16, m f16, qs uint8[16] as Q4_0: value q·d + m
+  Q5_0: { elements: 32, bytes: 22 }, // d f16, qh uint32 (bit j: element j's fifth bit), qs uint8[16] as Q4_0
   Q4_K: { elements: 256, bytes: 144 }, // d f16, dmin f16, scales uint8[12] (6-bit sc/m × 8), qs uint8[128]
   Q6_K: { elements: 256, bytes: 210 }, // ql uint8[128], qh uint8[64], scales int8[16], d f16
 });
