@@ -42,6 +42,9 @@ export const quantizeCommand: Command = {
       return 0;
     }
     const hfDir = requirePositional('quantize', 'hf-dir', positionals[0]);
+    if (hfDir.toLowerCase().endsWith('.gguf')) {
+      throw new EdgeloraError('a GGUF file is imported, not quantized', { where: hfDir, hint: `run \`edgelora import-gguf ${hfDir} <out-dir>\`` });
+    }
     const outDir = requirePositional('quantize', 'out-dir', positionals[1]);
     const format = (values.format ?? 'nf4') as QuantFormat;
     if (!QUANT_FORMATS.includes(format)) {
