@@ -120,34 +120,37 @@ test('a hand-made GGUF: reader sees its metadata and tensors; import records sou
   for (const f2 of ['model.onnx', 'tokenizer.json', 'tokenizer_config.json', 'config.json']) assert.ok(existsSync(path.join(out, f2)), `${f2} written`);
 });
 
-test('Q4_0 round trip: GGUF → edgelora int4 (zero point 8, block 32) → export q4_0 → import is bit-identical', async () => {
-  const f = path.join(tmp.dir, 'rt.gguf');
-  handmadeLlama(f, T.Q4_0, vocab, 4);
-  const a = path.join(tmp.dir, 'rt-a');
-  await importGguf(f, a);
-  const g2 = path.join(tmp.dir, 'rt-2.gguf');
-  const rep = await exportGgufBase(a, g2, { type: 'q4_0', tableType: 'f32' });
-  assert.equal(rep.requantized, 0, 'nothing re-quantized');
-  assert.equal(rep.scalesRounded, 0, 'f16 scales came back as themselves');
-  // The linears' GGUF bytes are the original file's, byte for byte.
-  const r1 = GgufReader.open(f), r2 = GgufReader.open(g2);
-  try {
-    for (const t of r1.tensors.values()) {
-      assert.ok(Buffer.from(r1.readRaw(t.name)).equals(Buffer.from(r2.readRaw(t.name))), `tensor ${t.name} differs after the round trip`);
+for (const [name, type, exportAs] of [['Q4_0', T.Q4_0, 'q4_0'], ['Q8_0', T.Q8_0, 'q8_0']] as const) {
+  test(`${name} round trip: GGUF → edgelora (${name === 'Q4_0' ? '4-bit, zero point 8' : '8-bit, zero point 128'}, block 32) → export ${exportAs} → import is bit-identical`, async () => {
+    const f = path.join(tmp.dir, `rt-${name}.gguf`);
+    handmadeLlama(f, type, vocab, 4);
+    const a = path.join(tmp.dir, `rt-${name}-a`);
+    await importGguf(f, a);
+    const g2 = path.join(tmp.dir, `rt-${name}-2.gguf`);
+    const rep = await exportGgufBase(a, g2, { type: exportAs, tableType: 'f32' });
+    assert.equal(rep.requantized, 0, 'nothing re-quantized');
+    assert.equal(rep.scalesRounded, 0, 'f16 scales came back as themselves');
+    // Every tensor's GGUF bytes are the original file's, byte for byte.
+    const r1 = GgufReader.open(f), r2 = GgufReader.open(g2);
+    try {
+      for (const t of r1.tensors.values()) {
+        assert.ok(Buffer.from(r1.readRaw(t.name)).equals(Buffer.from(r2.readRaw(t.name))), `tensor ${t.name} differs after the round trip`);
+      }
+    } finally {
+      r1.close();
+      r2.close();
     }
-  } finally {
-    r1.close();
-    r2.close();
-  }
-  const b = path.join(tmp.dir, 'rt-b');
-  await importGguf(g2, b);
-  const qa = await QuantizedWeights.open(a, await readManifest(a));
-  const qb = await QuantizedWeights.open(b, await readManifest(b));
-  for (const [name, t] of qa.tensors) {
-    if (name.startsWith('const_') || t.dtype === 'int64') continue;
-    assert.ok(Buffer.from(await qa.readRaw(name)).equals(Buffer.from(await qb.readRaw(name))), `imported tensor ${name} differs`);
-  }
-});
+    const b = path.join(tmp.dir, `rt-${name}-b`);
+    await importGguf(g2, b);
+    const qa = await QuantizedWeights.open(a, await readManifest(a));
+    const qb = await QuantizedWeights.open(b, await readManifest(b));
+    assert.deepEqual([...qa.tensors.keys()].sort(), [...qb.tensors.keys()].sort());
+    for (const [tname, t] of qa.tensors) {
+      if (tname.startsWith('const_') || t.dtype === 'int64') continue;
+      assert.ok(Buffer.from(await qa.readRaw(tname)).equals(Buffer.from(await qb.readRaw(tname))), `imported tensor ${tname} differs`);
+    }
+  });
+}
 
 test('export of an asymmetric int4 model as q4_0 says what it re-quantized', async () => {
   const hf = await tinyCheckpoint(tmp.dir, 2);

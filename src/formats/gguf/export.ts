@@ -9,12 +9,11 @@ import { QuantizedWeights, WEIGHT_SUFFIX } from '../../model/weights.js';
 import { parseHfConfig, type ModelConfig } from '../hf-config.js';
 import { LINEAR_PROJS, linearShape, linearWeightName, type Proj } from '../../model/llama.js';
 import { loadAdapter } from '../../adapters/peft.js';
-import { rawToF32 } from '../safetensors.js';
+import { rawToF32, f32ToF16Bits, f16BitsToF32 } from '../safetensors.js';
 import { EdgeloraError } from '../../util/errors.js';
 import { BLOCK, type SupportedType } from './spec.js';
 import { writeGguf, type GgufTensorOut, type GgufMeta } from './writer.js';
 import { f32Bytes, nbits4ToQ4_0, quantizeQ4_0, quantizeQ8_0 } from './blocks.js';
-import { f32ToF16Bits, f16BitsToF32 } from '../safetensors.js';
 import { ggufLinearName, permuteRows, permutedHeads } from './names.js';
 import { ggufMetaFromConfig } from './config.js';
 import { ggufTokenizerMeta } from './tokenizer.js';
@@ -58,7 +57,7 @@ function encode(type: ExportType, x: Float32Array): Uint8Array {
 }
 
 /** MatMulNBits 8-bit codes (zero point 128, block 32) → Q8_0 blocks; exact when the scales are f16. */
-function nbits8ToQ8_0(packed: Uint8Array, scales: Float32Array): { raw: Uint8Array; rounded: number } {
+function nbits8ToQ8_0(packed: Uint8Array, scales: Float32Array): { raw: Uint8Array; roundedScales: number } {
   const out = new Uint8Array(scales.length * 34);
   let rounded = 0;
   for (let b = 0; b < scales.length; b++) {
@@ -68,7 +67,7 @@ function nbits8ToQ8_0(packed: Uint8Array, scales: Float32Array): { raw: Uint8Arr
     out[b * 34 + 1] = h >> 8;
     for (let j = 0; j < 32; j++) out[b * 34 + 2 + j] = packed[b * 32 + j]! ^ 0x80;
   }
-  return { raw: out, rounded };
+  return { raw: out, roundedScales: rounded };
 }
 
 /** One linear weight [N, K] as GGUF bytes of `type` (HF row order), and whether its codes were kept. */
@@ -83,7 +82,7 @@ async function linearBytes(qw: QuantizedWeights, cfg: ModelConfig, layer: number
     if ((type === 'q4_0' && bits === 4) || (type === 'q8_0' && bits === 8)) {
       const packed = await qw.readRaw(name + WEIGHT_SUFFIX.int4);
       const scales = await qw.readF32(name + WEIGHT_SUFFIX.scales);
-      const r = bits === 4 ? nbits4ToQ4_0({ N, K, packed, scales }) : (({ raw, rounded }) => ({ raw, roundedScales: rounded }))(nbits8ToQ8_0(packed, scales));
+      const r = bits === 4 ? nbits4ToQ4_0({ N, K, packed, scales }) : nbits8ToQ8_0(packed, scales);
       return { raw: r.raw, how: r.roundedScales === 0 ? 'exact' : 'scales' };
     }
   }
