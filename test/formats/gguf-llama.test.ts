@@ -157,6 +157,47 @@ test('our LoRA adapter GGUF on our f32 base in llama.cpp = edgelora with the ada
   }
 });
 
+test('llama3 rope scaling travels as rope_freqs: llama.cpp on our export = edgelora over 160 positions; import recovers rope_scaling', async () => {
+  const { promises: fs } = await import('node:fs');
+  const { readManifest } = await import('../../src/model/manifest.js');
+  const hf = await tinyCheckpoint(path.join(tmp.dir, 'rope'), 8);
+  const plain = await quantized(hf, tmp.dir, 'rope-plain', { format: 'fp32' });
+  // low 1 / high 8 / original 256 puts three of the 16 frequencies (head_dim 32) in the blend, so the
+  // parameters are fitted, not guessed.
+  const scaling = { rope_type: 'llama3', factor: 16, low_freq_factor: 1, high_freq_factor: 8, original_max_position_embeddings: 256 };
+  const cfgFile = path.join(hf, 'config.json');
+  const raw = JSON.parse(await fs.readFile(cfgFile, 'utf8')) as Record<string, unknown>;
+  await fs.writeFile(cfgFile, JSON.stringify({ ...raw, rope_theta: 500000, rope_scaling: scaling }));
+  const scaled = await quantized(hf, tmp.dir, 'rope-scaled', { format: 'fp32' });
+  const f = path.join(tmp.dir, 'rope-scaled.gguf');
+  await exportGgufBase(scaled, f, { type: 'f32', tableType: 'f32' });
+  const long = Array.from({ length: 160 }, (_, i) => (i * 37 + 11) % 600);
+  const logitsOf = async (dir: string) => {
+    const rt = await ModelRuntime.load(dir, { sessionOptions: { intraOpNumThreads: 1 } });
+    const r = await rt.forward({ ids: [long] });
+    return { logits: r.logits, V: r.dims[2] };
+  };
+  const ours = await logitsOf(scaled);
+  const ref = await llamaLogProbs(f, long, ours.V);
+  const c = compareLogProbs(ours.logits, ours.V, ref);
+  const plainOurs = await logitsOf(plain);
+  const off = compareLogProbs(plainOurs.logits, plainOurs.V, ref);
+  console.log(`llama3 rope: rel ${c.rel.toExponential(3)} (tolerance ${TOL_FLOAT}); the same weights without rope scaling: rel ${off.rel.toExponential(3)}`);
+  assert.ok(c.rel <= TOL_FLOAT, `llama3 rope: rel ${c.rel} (max |Δ| ${c.maxAbs})`);
+  assert.ok(off.rel > 5 * TOL_FLOAT, `rope scaling hardly matters here (${off.rel}): the check would not see it`);
+  const back = path.join(tmp.dir, 'rope-imported');
+  await importGguf(f, back, { accuracyLevel: 0 });
+  const rs = (await readManifest(back)).sourceConfig.rope_scaling as typeof scaling;
+  console.log(`recovered rope_scaling ${JSON.stringify(rs)}`);
+  assert.equal(rs.rope_type, 'llama3');
+  assert.equal(rs.factor, 16);
+  assert.equal(rs.original_max_position_embeddings, 256);
+  assert.ok(Math.abs(rs.low_freq_factor - 1) < 1e-4 && Math.abs(rs.high_freq_factor - 8) < 1e-4, 'low/high fitted back');
+  const again = await logitsOf(back);
+  const d = compareLogProbs(again.logits, again.V, ref);
+  assert.ok(d.rel <= TOL_FLOAT, `imported llama3 model: rel ${d.rel}`);
+});
+
 test('small preset in F32: greedy tokens equal llama.cpp for 32 tokens; tokenizer ids equal', async () => {
   const hf = path.join(tmp.dir, 'small-hf');
   await makeDemoModel(hf, { preset: 'small', seed: 1 });

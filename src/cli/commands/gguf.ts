@@ -26,7 +26,8 @@ Converts a llama.cpp GGUF model (architecture llama or qwen2, GGUF v3) into an e
 directory without re-quantizing: Q4_0, Q4_1 and Q4_K linears become 4-bit MatMulNBits (block 32;
 Q4_1's and Q4_K's mins become float zero points), Q8_0, Q5_0 and Q6_K 8-bit MatMulNBits (block 32, 32,
 16), F16/BF16/F32 float32.
-Embedding and output tables are dequantized to float32. llama.cpp's q/k row permutation is undone;
+Embedding and output tables are dequantized to float32. llama.cpp's q/k row permutation is undone,
+Llama 3 rope scaling is fitted back from the rope_freqs tensor;
 tokenizer.json and tokenizer_config.json (chat template included) are rebuilt from tokenizer.ggml.*
 (byte-level BPE vocabularies). manifest.json records the file's name, sha256 and tensor types.
 

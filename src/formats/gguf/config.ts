@@ -5,6 +5,7 @@ import { EdgeloraError } from '../../util/errors.js';
 import type { ModelConfig } from '../hf-config.js';
 import type { GgufValue } from './reader.js';
 import type { GgufMeta } from './writer.js';
+import { llama3FromRopeFactors } from './rope.js';
 
 export const GGUF_ARCHITECTURES = { llama: 'LlamaForCausalLM', qwen2: 'Qwen2ForCausalLM' } as const;
 export type GgufArch = keyof typeof GGUF_ARCHITECTURES;
@@ -25,6 +26,7 @@ function archSchema(a: string) {
       [`${a}.attention.layer_norm_rms_epsilon`]: z.number().positive(),
       [`${a}.rope.freq_base`]: z.number().positive().optional(),
       [`${a}.rope.scaling.type`]: z.string().optional(),
+      [`${a}.rope.scaling.original_context_length`]: pos.optional(),
       [`${a}.vocab_size`]: pos.optional(),
       'tokenizer.ggml.bos_token_id': uint.optional(),
       'tokenizer.ggml.eos_token_id': uint.optional(),
@@ -35,7 +37,7 @@ function archSchema(a: string) {
 /** config.json (raw, as Hugging Face writes it) for a GGUF model's metadata. */
 export function hfConfigFromGguf(
   meta: ReadonlyMap<string, GgufValue>,
-  facts: { vocabSize: number; tied: boolean; attentionBias: boolean; hasRopeFreqs: boolean },
+  facts: { vocabSize: number; tied: boolean; attentionBias: boolean; ropeFreqs: Float32Array | null },
   where: string,
 ): { arch: GgufArch; raw: Record<string, unknown> } {
   const arch = meta.get('general.architecture');
@@ -54,15 +56,19 @@ export function hfConfigFromGguf(
   const m = r.data as Record<string, number | string | undefined>;
   const num = (k: string): number | undefined => m[`${a}.${k}`] as number | undefined;
   const scaling = m[`${a}.rope.scaling.type`];
-  if ((scaling !== undefined && scaling !== 'none') || facts.hasRopeFreqs) {
-    throw new EdgeloraError(`rope scaling (${String(scaling ?? 'rope_freqs tensor')}) is not imported yet`, {
+  if (scaling !== undefined && scaling !== 'none') {
+    throw new EdgeloraError(`rope scaling "${scaling}" is not imported`, {
       where: `${where} (metadata ${a}.rope.scaling.type)`,
-      hint: 'models with plain RoPE (e.g. Qwen2.5, Llama 2 / TinyLlama, SmolLM) import; Llama 3.1+ rope scaling does not yet',
+      hint: 'plain RoPE and Llama 3 scaling (a rope_freqs tensor) import',
     });
   }
   const C = num('embedding_length')!;
   const H = num('attention.head_count')!;
   const headDim = num('attention.key_length');
+  const theta = num('rope.freq_base') ?? 10000;
+  const rope = facts.ropeFreqs
+    ? llama3FromRopeFactors(facts.ropeFreqs, theta, headDim ?? C / H, num('rope.scaling.original_context_length'), where)
+    : null;
   const raw: Record<string, unknown> = {
     architectures: [GGUF_ARCHITECTURES[a]],
     model_type: a,
@@ -73,7 +79,18 @@ export function hfConfigFromGguf(
     num_key_value_heads: num('attention.head_count_kv') ?? H,
     ...(headDim !== undefined && headDim !== C / H ? { head_dim: headDim } : {}),
     rms_norm_eps: num('attention.layer_norm_rms_epsilon'),
-    rope_theta: num('rope.freq_base') ?? 10000,
+    rope_theta: theta,
+    ...(rope
+      ? {
+          rope_scaling: {
+            rope_type: 'llama3',
+            factor: rope.factor,
+            low_freq_factor: rope.lowFreqFactor,
+            high_freq_factor: rope.highFreqFactor,
+            original_max_position_embeddings: rope.originalMaxPositionEmbeddings,
+          },
+        }
+      : {}),
     vocab_size: facts.vocabSize,
     max_position_embeddings: num('context_length'),
     tie_word_embeddings: facts.tied,
@@ -86,11 +103,8 @@ export function hfConfigFromGguf(
   return { arch: a, raw };
 }
 
-/** The GGUF metadata llama.cpp needs for a model with this config (architecture keys only). */
+/** The GGUF metadata llama.cpp needs for a model with this config (architecture keys; llama3 rope scaling travels as the rope_freqs tensor). */
 export function ggufMetaFromConfig(cfg: ModelConfig, name: string): { arch: GgufArch; meta: [string, GgufMeta][] } {
-  if (cfg.ropeScaling) {
-    throw new EdgeloraError('rope scaling (llama3) is not exported to GGUF yet', { hint: 'export a model with plain RoPE' });
-  }
   const arch: GgufArch = cfg.architecture === 'Qwen2ForCausalLM' ? 'qwen2' : 'llama';
   const u = (value: number): GgufMeta => ({ type: 'u32', value });
   const meta: [string, GgufMeta][] = [
@@ -108,6 +122,7 @@ export function ggufMetaFromConfig(cfg: ModelConfig, name: string): { arch: Gguf
     [`${arch}.attention.layer_norm_rms_epsilon`, { type: 'f32', value: cfg.rmsNormEps }],
     [`${arch}.rope.freq_base`, { type: 'f32', value: cfg.ropeTheta }],
     [`${arch}.vocab_size`, u(cfg.vocabSize)],
+    ...(cfg.ropeScaling ? ([[`${arch}.rope.scaling.original_context_length`, u(cfg.ropeScaling.originalMaxPositionEmbeddings)]] as [string, GgufMeta][]) : []),
   ];
   return { arch, meta };
 }

@@ -17,6 +17,7 @@ import { f32Bytes, nbits4ToQ4_0, quantizeQ4_0, quantizeQ8_0 } from './blocks.js'
 import { ggufLinearName, permuteRows, permutedHeads } from './names.js';
 import { ggufMetaFromConfig } from './config.js';
 import { ggufTokenizerMeta } from './tokenizer.js';
+import { llama3RopeFactors } from './rope.js';
 
 export const EXPORT_TYPES = ['f32', 'q8_0', 'q4_0'] as const;
 export type ExportType = (typeof EXPORT_TYPES)[number];
@@ -156,6 +157,18 @@ export async function exportGgufBase(modelDir: string, outFile: string, opts: Ex
     }
   }
   tensors.push(floatTensor('output_norm.weight', 'model.norm.weight', [C]));
+  if (cfg.ropeScaling) {
+    const factors = llama3RopeFactors(cfg.ropeScaling, cfg.ropeTheta, cfg.headDim);
+    tensors.push({
+      name: 'rope_freqs.weight',
+      dims: [factors.length],
+      type: 'F32',
+      data: () => {
+        counts.exact++;
+        return f32Bytes(factors);
+      },
+    });
+  }
   if (!cfg.tieWordEmbeddings) tensors.push(floatTensor('output.weight', 'lm_head.weight', [C, V], tableType));
   const bytes = await writeGguf(outFile, metadata, tensors);
   return { file: outFile, bytes, tensors: tensors.length, exact: counts.exact, scalesRounded: counts.scales, requantized: counts.requantized };

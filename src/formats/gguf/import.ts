@@ -133,7 +133,7 @@ export async function importGguf(file: string, outDir: string, opts: ImportGgufO
         vocabSize: embd.dims[1] ?? 0,
         tied: !reader.has('output.weight'),
         attentionBias: reader.has('blk.0.attn_q.bias'),
-        hasRopeFreqs: reader.has('rope_freqs.weight'),
+        ropeFreqs: reader.has('rope_freqs.weight') ? dequantizeGguf(reader.supportedType('rope_freqs.weight'), reader.readRaw('rope_freqs.weight'), reader.info('rope_freqs.weight').numel, 'rope_freqs.weight') : null,
       },
       file,
     );
