@@ -5,7 +5,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { tempDir, tinyCheckpoint, quantized } from '../helpers/fixtures.js';
-import { T, handmadeLlama, demoVocab } from '../helpers/gguf-handmade.js';
+import { T, handmadeLlama, demoVocab, spmVocab } from '../helpers/gguf-handmade.js';
 import { llamaLogProbs, llamaGreedy, llamaTokenize, compareLogProbs } from '../helpers/llama-cpp.js';
 import { randomAdapter } from '../helpers/adapters.js';
 import { buildDemoTokenizer, makeDemoModel } from '../../src/formats/demo-model.js';
@@ -196,6 +196,25 @@ test('llama3 rope scaling travels as rope_freqs: llama.cpp on our export = edgel
   const again = await logitsOf(back);
   const d = compareLogProbs(again.logits, again.V, ref);
   assert.ok(d.rel <= TOL_FLOAT, `imported llama3 model: rel ${d.rel}`);
+});
+
+test('SentencePiece vocabulary (tokenizer.ggml.model "llama"): imported tokenizer ids = llama.cpp tokenize', async () => {
+  const { Rng } = await import('../../src/util/rng.js');
+  const { loadTokenizer } = await import('../../src/formats/tokenizer.js');
+  const words = ['the', 'quick', 'brown', 'fox', 'jumps', 'over', 'lazy', 'dog', 'hello', 'world', 'there', 'then', 'quiet', 'brow'];
+  const spm = spmVocab(words, new Rng(21));
+  const f = path.join(tmp.dir, 'spm.gguf');
+  handmadeLlama(f, T.Q8_0, vocab, 21, { spm });
+  const dir = path.join(tmp.dir, 'spm');
+  await importGguf(f, dir);
+  const tok = await loadTokenizer(dir);
+  for (const text of ['The quick brown fox jumps over the lazy dog.', 'hello  world', 'then there, quietly!', 'naïve café ☃ Zebra', ' leading space', 'brow brown browse']) {
+    const ours = tok.encode(text);
+    const theirs = await llamaTokenize(f, text);
+    console.log(`${JSON.stringify(text)} → ${ours.length} ids: ${ours.join(" ")}`);
+    assert.deepEqual(ours, theirs, `ids for ${JSON.stringify(text)}`);
+    assert.equal(tok.decode(ours), text, `decode round trip of ${JSON.stringify(text)}`);
+  }
 });
 
 test('small preset in F32: greedy tokens equal llama.cpp for 32 tokens; tokenizer ids equal', async () => {

@@ -11,7 +11,8 @@ export type HmValue =
   | { t: 'f32'; v: number }
   | { t: 'bool'; v: boolean }
   | { t: 'str[]'; v: string[] }
-  | { t: 'i32[]'; v: number[] };
+  | { t: 'i32[]'; v: number[] }
+  | { t: 'f32[]'; v: number[] };
 
 export interface HmTensor {
   name: string;
@@ -77,6 +78,7 @@ export function buildGguf(kv: [string, HmValue][], tensors: HmTensor[], align = 
       case 'bool': out.push(...le(7, 4), val.v ? 1 : 0); break;
       case 'str[]': out.push(...le(9, 4), ...le(8, 4), ...le(val.v.length, 8)); for (const s of val.v) out.push(...str(s)); break;
       case 'i32[]': out.push(...le(9, 4), ...le(5, 4), ...le(val.v.length, 8)); for (const x of val.v) out.push(...le(x >>> 0, 4)); break;
+      case 'f32[]': out.push(...le(9, 4), ...le(6, 4), ...le(val.v.length, 8)); for (const x of val.v) out.push(...f32le(x)); break;
     }
   }
   let off = 0;
@@ -252,6 +254,43 @@ export function randomTensor(type: number, rows: number, cols: number, rng: Rng,
   }
 }
 
+export interface SpmVocab {
+  tokens: string[];
+  scores: number[];
+  types: number[];
+}
+
+/**
+ * A SentencePiece-style vocabulary: <unk>, <s>, </s>, the 256 byte tokens <0xXX>, "▁" and single
+ * characters, then every prefix of "▁word" for the given words (so each word is reachable by merges),
+ * with distinct random scores.
+ */
+export function spmVocab(words: string[], rng: Rng): SpmVocab {
+  const tokens = ['<unk>', '<s>', '</s>'];
+  const types = [2, 3, 3];
+  for (let b = 0; b < 256; b++) {
+    tokens.push(`<0x${b.toString(16).toUpperCase().padStart(2, '0')}>`);
+    types.push(6);
+  }
+  const seen = new Set<string>();
+  const add = (t: string) => {
+    if (seen.has(t)) return;
+    seen.add(t);
+    tokens.push(t);
+    types.push(1);
+  };
+  add('▁');
+  for (const ch of 'abcdefghijklmnopqrstuvwxyzTHW.,!?') add(ch);
+  for (const w of words) {
+    const chars = [...`▁${w}`];
+    for (let i = 2; i <= chars.length; i++) add(chars.slice(0, i).join(''));
+    // some inner pieces too, so several merge paths compete
+    if (chars.length > 3) add(chars.slice(1, 3).join(''));
+  }
+  const scores = tokens.map((_, i) => (i < 259 ? 0 : -rng.next() * 100));
+  return { tokens, scores, types };
+}
+
 /** The demo tokenizer's vocabulary in the form handmadeLlama takes. */
 export function demoVocab(tj: { added_tokens: { id: number; content: string }[]; model: { vocab: Record<string, number>; merges: [string, string][] } }) {
   return {
@@ -288,15 +327,19 @@ export function handmadeLlama(
   linearType: number,
   tokenizer: { vocab: Record<string, number>; merges: string[]; special: Map<number, string>; bos: number; eos: number },
   seed = 7,
-  opts: { /** Q4_K_M-like: attn_v and ffn_down in this type instead */ mixed?: number; arch?: string; /** one tensor of another type (bytes of zeros), e.g. Q5_0 */ odd?: { name: string; type: number; blockBytes: number }; lieOffset?: { name: string; offset: number } } = {},
+  opts: { /** a SentencePiece vocabulary instead of the BPE one */ spm?: SpmVocab; /** Q4_K_M-like: attn_v and ffn_down in this type instead */ mixed?: number; arch?: string; /** one tensor of another type (bytes of zeros), e.g. Q5_0 */ odd?: { name: string; type: number; blockBytes: number }; lieOffset?: { name: string; offset: number } } = {},
 ): HandmadeModel {
   const rng = new Rng(seed);
   const C = 256, F = 512, H = 4, G = 2, D = 64, L = 2;
-  const tokens: string[] = [];
+  let tokens: string[] = [];
   for (const [t, id] of Object.entries(tokenizer.vocab)) tokens[id] = t;
   for (const [id, t] of tokenizer.special) tokens[id] = t;
+  let types: number[] = tokens.map((_, id) => (tokenizer.special.has(id) ? 3 : 1));
+  if (opts.spm) {
+    tokens = opts.spm.tokens;
+    types = opts.spm.types;
+  }
   const V = tokens.length;
-  const types = tokens.map((_, id) => (tokenizer.special.has(id) ? 3 : 1));
   const arch = opts.arch ?? 'llama';
   const kv: [string, HmValue][] = [
     ['general.architecture', { t: 'str', v: arch }],
@@ -310,14 +353,27 @@ export function handmadeLlama(
     [`${arch}.attention.layer_norm_rms_epsilon`, { t: 'f32', v: 1e-5 }],
     [`${arch}.rope.freq_base`, { t: 'f32', v: 10000 }],
     [`${arch}.rope.dimension_count`, { t: 'u32', v: D }],
-    ['tokenizer.ggml.model', { t: 'str', v: 'gpt2' }],
-    ['tokenizer.ggml.pre', { t: 'str', v: 'gpt-2' }],
-    ['tokenizer.ggml.tokens', { t: 'str[]', v: tokens }],
-    ['tokenizer.ggml.token_type', { t: 'i32[]', v: types }],
-    ['tokenizer.ggml.merges', { t: 'str[]', v: tokenizer.merges }],
-    ['tokenizer.ggml.bos_token_id', { t: 'u32', v: tokenizer.bos }],
-    ['tokenizer.ggml.eos_token_id', { t: 'u32', v: tokenizer.eos }],
-    ['tokenizer.ggml.add_bos_token', { t: 'bool', v: false }],
+    ...((opts.spm
+      ? [
+          ['tokenizer.ggml.model', { t: 'str', v: 'llama' }],
+          ['tokenizer.ggml.tokens', { t: 'str[]', v: tokens }],
+          ['tokenizer.ggml.scores', { t: 'f32[]', v: opts.spm.scores }],
+          ['tokenizer.ggml.token_type', { t: 'i32[]', v: types }],
+          ['tokenizer.ggml.bos_token_id', { t: 'u32', v: 1 }],
+          ['tokenizer.ggml.eos_token_id', { t: 'u32', v: 2 }],
+          ['tokenizer.ggml.unknown_token_id', { t: 'u32', v: 0 }],
+          ['tokenizer.ggml.add_bos_token', { t: 'bool', v: true }],
+        ]
+      : [
+          ['tokenizer.ggml.model', { t: 'str', v: 'gpt2' }],
+          ['tokenizer.ggml.pre', { t: 'str', v: 'gpt-2' }],
+          ['tokenizer.ggml.tokens', { t: 'str[]', v: tokens }],
+          ['tokenizer.ggml.token_type', { t: 'i32[]', v: types }],
+          ['tokenizer.ggml.merges', { t: 'str[]', v: tokenizer.merges }],
+          ['tokenizer.ggml.bos_token_id', { t: 'u32', v: tokenizer.bos }],
+          ['tokenizer.ggml.eos_token_id', { t: 'u32', v: tokenizer.eos }],
+          ['tokenizer.ggml.add_bos_token', { t: 'bool', v: false }],
+        ]) as [string, HmValue][]),
   ];
   const tensors: HmTensor[] = [];
   const norm = (name: string) => {

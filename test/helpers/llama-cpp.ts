@@ -69,7 +69,7 @@ export async function llamaGreedy(file: string, prompt: number[], n: number): Pr
 }
 
 export async function llamaTokenize(file: string, text: string): Promise<number[]> {
-  return withModel(file, async (model) => [...model.tokenize(text, false, 'trimLeadingSpace')].map(Number));
+  return withModel(file, async (model) => [...model.tokenize(text, false)].map(Number));
 }
 
 /**

@@ -29,7 +29,7 @@ Q4_1's and Q4_K's mins become float zero points), Q8_0, Q5_0 and Q6_K 8-bit MatM
 Embedding and output tables are dequantized to float32. llama.cpp's q/k row permutation is undone,
 Llama 3 rope scaling is fitted back from the rope_freqs tensor;
 tokenizer.json and tokenizer_config.json (chat template included) are rebuilt from tokenizer.ggml.*
-(byte-level BPE vocabularies). manifest.json records the file's name, sha256 and tensor types.
+(byte-level BPE and SentencePiece vocabularies). manifest.json records the file's name, sha256 and tensor types.
 
 Flags:
   --int4-accuracy 0|4  MatMulNBits accuracy_level: 4 quantizes activations to int8 (fast on CPU,

@@ -44,6 +44,9 @@ const ggufTokenizerSchema = z
     'tokenizer.ggml.tokens': z.array(z.string()).min(1),
     'tokenizer.ggml.token_type': z.array(z.number().int()).optional(),
     'tokenizer.ggml.merges': z.array(z.string()).optional(),
+    'tokenizer.ggml.scores': z.array(z.number()).optional(),
+    'tokenizer.ggml.unknown_token_id': z.number().int().nonnegative().optional(),
+    'tokenizer.ggml.add_space_prefix': z.boolean().optional(),
     'tokenizer.ggml.bos_token_id': z.number().int().nonnegative().optional(),
     'tokenizer.ggml.eos_token_id': z.number().int().nonnegative().optional(),
     'tokenizer.ggml.padding_token_id': z.number().int().nonnegative().optional(),
@@ -68,10 +71,11 @@ export function tokenizerFromGguf(meta: ReadonlyMap<string, GgufValue>, where: s
   }
   const m = r.data;
   const model = m['tokenizer.ggml.model'];
+  if (model === 'llama') return sentencePieceFromGguf(m, where);
   if (model !== 'gpt2') {
-    throw new EdgeloraError(`tokenizer.ggml.model "${model}" is not imported yet (byte-level BPE "gpt2" is)`, {
+    throw new EdgeloraError(`tokenizer.ggml.model "${model}" is not imported (byte-level BPE "gpt2" and SentencePiece "llama" are)`, {
       where: `${where} (metadata tokenizer.ggml.model)`,
-      hint: 'SentencePiece ("llama") vocabularies: take tokenizer.json from the Hugging Face repository of the model and copy it into the output directory',
+      hint: 'take tokenizer.json from the Hugging Face repository of the model and copy it into the output directory',
     });
   }
   const preName = m['tokenizer.ggml.pre'] ?? 'gpt-2';
@@ -148,6 +152,115 @@ export function tokenizerFromGguf(meta: ReadonlyMap<string, GgufValue>, where: s
     add_bos_token: addBos,
     add_eos_token: false,
     clean_up_tokenization_spaces: false,
+    ...(m['tokenizer.chat_template'] !== undefined ? { chat_template: m['tokenizer.chat_template'] } : {}),
+    added_tokens_decoder: addedDecoder,
+  };
+  return { tokenizerJson, tokenizerConfig, size: tokens.length };
+}
+
+type GgufTokenizerMeta = z.infer<typeof ggufTokenizerSchema>;
+
+/**
+ * A SentencePiece vocabulary (tokenizer.ggml.model "llama": Llama 2, TinyLlama, Mistral) as a
+ * Hugging Face BPE with byte fallback, the way transformers' LlamaConverter does it: merges are every
+ * split of a piece into two pieces of the vocabulary, ranked by the merged piece's score (llama.cpp's
+ * tokenizer merges the best-scoring bigram first, so the orders agree), spaces become "▁" with one
+ * prepended (add_space_prefix, default true).
+ */
+function sentencePieceFromGguf(m: GgufTokenizerMeta, where: string): TokenizerFiles {
+  const tokens = m['tokenizer.ggml.tokens'];
+  const scores = m['tokenizer.ggml.scores'];
+  const types = m['tokenizer.ggml.token_type'] ?? tokens.map(() => TOKEN_TYPE.NORMAL);
+  if (!scores || scores.length !== tokens.length || types.length !== tokens.length) {
+    throw new EdgeloraError(`a SentencePiece vocabulary needs tokenizer.ggml.scores and token_type for all ${tokens.length} tokens`, { where });
+  }
+  const vocab: Record<string, number> = {};
+  const added: object[] = [];
+  const addedDecoder: Record<string, object> = {};
+  tokens.forEach((t, id) => {
+    if (vocab[t] === undefined) vocab[t] = id;
+    const type = types[id]!;
+    if (type === TOKEN_TYPE.CONTROL || type === TOKEN_TYPE.UNKNOWN || type === TOKEN_TYPE.USER_DEFINED) {
+      const special = type !== TOKEN_TYPE.USER_DEFINED;
+      added.push({ id, content: t, single_word: false, lstrip: false, rstrip: false, normalized: !special, special });
+      addedDecoder[String(id)] = { content: t, lstrip: false, normalized: !special, rstrip: false, single_word: false, special };
+    }
+  });
+  // Merges: only normal pieces merge (bytes, control and unknown tokens are whole).
+  const mergeable = (id: number | undefined) => id !== undefined && (types[id] === TOKEN_TYPE.NORMAL || types[id] === TOKEN_TYPE.USER_DEFINED);
+  const merges: { l: string; r: string; score: number; li: number; ri: number }[] = [];
+  tokens.forEach((piece, id) => {
+    if (!mergeable(id)) return;
+    const chars = [...piece];
+    const local: typeof merges = [];
+    for (let i = 1; i < chars.length; i++) {
+      const l = chars.slice(0, i).join('');
+      const rr = chars.slice(i).join('');
+      if (mergeable(vocab[l]) && mergeable(vocab[rr])) local.push({ l, r: rr, score: scores[id]!, li: vocab[l]!, ri: vocab[rr]! });
+    }
+    local.sort((a, b) => a.li - b.li || a.ri - b.ri);
+    merges.push(...local);
+  });
+  merges.sort((a, b) => b.score - a.score); // stable: ties keep vocabulary order, as the converter's sort
+  const name = (id: number | undefined): string | null => (id === undefined ? null : (tokens[id] ?? null));
+  const bosId = m['tokenizer.ggml.bos_token_id'];
+  const bos = name(bosId);
+  const eos = name(m['tokenizer.ggml.eos_token_id']);
+  const unk = name(m['tokenizer.ggml.unknown_token_id'] ?? tokens.findIndex((_, i) => types[i] === TOKEN_TYPE.UNKNOWN));
+  const pad = name(m['tokenizer.ggml.padding_token_id']);
+  const addBos = m['tokenizer.ggml.add_bos_token'] ?? true;
+  const prefix = m['tokenizer.ggml.add_space_prefix'] ?? true;
+  const tokenizerJson: Record<string, unknown> = {
+    version: '1.0',
+    truncation: null,
+    padding: null,
+    added_tokens: added,
+    normalizer: {
+      type: 'Sequence',
+      normalizers: [...(prefix ? [{ type: 'Prepend', prepend: '▁' }] : []), { type: 'Replace', pattern: { String: ' ' }, content: '▁' }],
+    },
+    pre_tokenizer: null,
+    post_processor:
+      addBos && bos !== null
+        ? {
+            type: 'TemplateProcessing',
+            single: [{ SpecialToken: { id: bos, type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }],
+            pair: [{ SpecialToken: { id: bos, type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }, { SpecialToken: { id: bos, type_id: 1 } }, { Sequence: { id: 'B', type_id: 1 } }],
+            special_tokens: { [bos]: { id: bos, ids: [bosId], tokens: [bos] } },
+          }
+        : null,
+    decoder: {
+      type: 'Sequence',
+      decoders: [
+        { type: 'Replace', pattern: { String: '▁' }, content: ' ' },
+        { type: 'ByteFallback' },
+        { type: 'Fuse' },
+        ...(prefix ? [{ type: 'Strip', content: ' ', start: 1, stop: 0 }] : []),
+      ],
+    },
+    model: {
+      type: 'BPE',
+      dropout: null,
+      unk_token: unk,
+      continuing_subword_prefix: null,
+      end_of_word_suffix: null,
+      fuse_unk: true,
+      byte_fallback: true,
+      ignore_merges: false,
+      vocab,
+      merges: merges.map((x) => [x.l, x.r]),
+    },
+  };
+  const tokenizerConfig: Record<string, unknown> = {
+    tokenizer_class: 'LlamaTokenizerFast',
+    ...(bos !== null ? { bos_token: bos } : {}),
+    ...(eos !== null ? { eos_token: eos } : {}),
+    ...(unk !== null ? { unk_token: unk } : {}),
+    ...(pad !== null ? { pad_token: pad } : {}),
+    add_bos_token: addBos,
+    add_eos_token: false,
+    clean_up_tokenization_spaces: false,
+    legacy: true,
     ...(m['tokenizer.chat_template'] !== undefined ? { chat_template: m['tokenizer.chat_template'] } : {}),
     added_tokens_decoder: addedDecoder,
   };
