@@ -161,21 +161,33 @@ function dequantBnb4(c: RuleContext, packed: Value, absmax: Value, N: number, K:
   return g.reshape(w, [N, K]);
 }
 
-/** Dequantizes one MatMulNBits (4-bit) weight to float [N, K] inside the graph. */
-function dequantNBits(c: RuleContext, packed: Value, scales: Value, zp: Value | null, N: number, K: number, blockSize: number): Value {
+/**
+ * Dequantizes one MatMulNBits weight to float [N, K] inside the graph: 4 bits (two codes a byte) or 8
+ * bits (GGUF Q8_0 / Q6_K), zero points packed uint8 or float32 [N·kb] (GGUF Q4_K's mins).
+ */
+function dequantNBits(c: RuleContext, packed: Value, scales: Value, zp: Value | null, N: number, K: number, blockSize: number, bits: number): Value {
   const { g } = c;
   const four = c.feed('autodiff.u8_4', 'uint8', [1], Uint8Array.of(4));
   const fifteen = c.feed('autodiff.u8_15', 'uint8', [1], Uint8Array.of(15));
   const levels = c.feed('autodiff.u4_levels', 'float32', [16], Float32Array.from([...Array(16).keys()]));
   const kb = packed.shape[1] as number;
   const half = packed.shape[2] as number;
-  // First element in the LOW nibble (FACTS.md).
-  const lo = g.node('BitwiseAnd', [packed, fifteen], [{ dtype: 'uint8', shape: [N, kb, half] }])[0]!;
-  const hi = g.node('BitShift', [packed, four], [{ dtype: 'uint8', shape: [N, kb, half] }], { direction: { kind: 'string', value: 'RIGHT' } })[0]!;
-  const q = g.reshape(g.concat([g.unsqueeze(lo, [3]), g.unsqueeze(hi, [3])], 3, 2), [N, kb, 2 * half]);
-  let vals = g.gather(levels, g.cast(q, 'int32')); // [N, kb, bs] float
+  let vals: Value;
+  if (bits === 8) {
+    vals = g.cast(packed, 'float32'); // [N, kb, bs]: one code a byte
+  } else {
+    // First element in the LOW nibble (FACTS.md).
+    const lo = g.node('BitwiseAnd', [packed, fifteen], [{ dtype: 'uint8', shape: [N, kb, half] }])[0]!;
+    const hi = g.node('BitShift', [packed, four], [{ dtype: 'uint8', shape: [N, kb, half] }], { direction: { kind: 'string', value: 'RIGHT' } })[0]!;
+    const q = g.reshape(g.concat([g.unsqueeze(lo, [3]), g.unsqueeze(hi, [3])], 3, 2), [N, kb, 2 * half]);
+    vals = g.gather(levels, g.cast(q, 'int32')); // [N, kb, bs] float
+  }
   let zero: Value;
-  if (zp) {
+  if (zp && zp.dtype === 'float32') {
+    zero = g.reshape(zp, [N, kb, 1]);
+  } else if (zp && bits === 8) {
+    zero = g.reshape(g.cast(zp, 'float32'), [N, kb, 1]);
+  } else if (zp) {
     // Packed uint8 [N·ceil(kb/2)], low nibble first.
     const zb = Math.ceil(kb / 2);
     const z2 = g.reshape(zp, [N, zb]);
@@ -185,7 +197,7 @@ function dequantNBits(c: RuleContext, packed: Value, scales: Value, zp: Value | 
     if (2 * zb !== kb) zq = g.slice(zq, 1, 0, kb, kb);
     zero = g.unsqueeze(g.gather(levels, g.cast(zq, 'int32')), [2]); // [N, kb, 1]
   } else {
-    zero = g.constF32([8], [1]);
+    zero = g.constF32([bits === 8 ? 128 : 8], [1]);
   }
   vals = g.mul(g.sub(vals, zero), g.reshape(scales, [N, kb, 1]));
   let w = g.reshape(vals, [N, kb * blockSize]);
@@ -341,10 +353,11 @@ export const RULES: Record<string, GradRule> = {
     const K = c.attrInt('K', 0);
     const N = c.attrInt('N', 0);
     const bs = c.attrInt('block_size', 32);
-    if (c.attrInt('bits', 4) !== 4) c.g.fail('MatMulNBits gradient: only bits=4 is supported');
+    const bits = c.attrInt('bits', 4);
+    if (bits !== 4 && bits !== 8) c.g.fail(`MatMulNBits gradient: bits=${bits} (4 and 8 are supported)`);
     const zp = c.node.inputs[3] ? c.x(3) : null;
-    if (zp && zp.dtype !== 'uint8') c.g.fail('MatMulNBits gradient: only packed uint8 zero points are supported');
-    return [dxThroughWeight(c.g, dy, dequantNBits(c, c.x(1), c.x(2), zp, N, K, bs))];
+    if (zp && zp.dtype !== 'uint8' && zp.dtype !== 'float32') c.g.fail(`MatMulNBits gradient: ${zp.dtype} zero points (uint8 or float32 are supported)`);
+    return [dxThroughWeight(c.g, dy, dequantNBits(c, c.x(1), c.x(2), zp, N, K, bs, bits))];
   },
   SoftmaxCrossEntropyLoss: (c) => {
     // scores [N, V], labels [N] int64; outputs loss (reduction 'sum' or 'none') and log_prob [N, V].

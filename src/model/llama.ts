@@ -50,11 +50,12 @@ export type BaseWeight =
   /** bitsandbytes layout for com.microsoft.MatMulBnb4: packed [(N·K+1)/2] uint8, absmax [ceil(N·K/bs)]. */
   | { kind: 'bnb4'; quantType: 'nf4' | 'fp4'; blockSize: number; packed: Value; absmax: Value }
   /**
-   * ORT int4 for com.microsoft.MatMulNBits: packed [N, K/bs, bs/2], scales [N·K/bs], zero points packed
-   * uint8. accuracyLevel 4 quantizes activations to int8 inside the kernel (the fast CPU path); 0 keeps
+   * ORT int4 for com.microsoft.MatMulNBits: packed [N, K/bs, bs·bits/8], scales [N·K/bs], zero points packed
+   * uint8 (or float32 [N·K/bs], GGUF Q4_K's mins). bits 4 (default layout) or 8 (GGUF Q8_0 / Q6_K).
+   * accuracyLevel 4 quantizes activations to int8 inside the kernel (the fast CPU path); 0 keeps
    * them float32 (exact against a float reference).
    */
-  | { kind: 'int4'; blockSize: number; packed: Value; scales: Value; zeroPoints: Value | null; accuracyLevel: number };
+  | { kind: 'int4'; bits: 4 | 8; blockSize: number; packed: Value; scales: Value; zeroPoints: Value | null; accuracyLevel: number };
 
 /** Supplies weights to the graph (from a float checkpoint while quantizing, or from a quantized model). */
 export interface WeightProvider {
@@ -108,7 +109,7 @@ export function linear(g: Graph, x: Value, spec: { readonly N: number; readonly 
       y = g.contrib('MatMulNBits', [x, base.packed, base.scales, base.zeroPoints], 'float32', outShape, {
         K: int(spec.K),
         N: int(spec.N),
-        bits: int(4),
+        bits: int(base.bits),
         block_size: int(base.blockSize),
         accuracy_level: int(base.accuracyLevel),
       });
@@ -256,16 +257,21 @@ function fuseBases(g: Graph, specs: LinearSpec[], bases: BaseWeight[]): BaseWeig
     }
     case 'int4': {
       const zp = first.zeroPoints !== null;
+      const zpType = first.zeroPoints?.dtype;
       const ws = bases.filter((b): b is Extract<BaseWeight, { kind: 'int4' }> =>
-        b.kind === 'int4' && b.blockSize === first.blockSize && b.accuracyLevel === first.accuracyLevel && (b.zeroPoints !== null) === zp);
+        b.kind === 'int4' && b.bits === first.bits && b.blockSize === first.blockSize && b.accuracyLevel === first.accuracyLevel &&
+        (b.zeroPoints !== null) === zp && b.zeroPoints?.dtype === zpType);
       if (ws.length !== bases.length) return null;
       const kb = Math.ceil(specs[0]!.K / first.blockSize);
+      // Zero points: packed uint8 rows of ceil(kb·bits/8) bytes, or one float per block.
+      const zpRow = zpType === 'uint8' ? Math.ceil((kb * first.bits) / 8) : kb;
       return {
         kind: 'int4',
+        bits: first.bits,
         blockSize: first.blockSize,
         packed: g.concat(ws.map((b) => b.packed), 0, N),
         scales: g.concat(ws.map((b) => b.scales), 0, N * kb),
-        zeroPoints: zp ? g.concat(ws.map((b) => b.zeroPoints!), 0, N * Math.ceil(kb / 2)) : null,
+        zeroPoints: zp ? g.concat(ws.map((b) => b.zeroPoints!), 0, N * zpRow) : null,
         accuracyLevel: first.accuracyLevel,
       };
     }

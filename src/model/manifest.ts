@@ -19,11 +19,20 @@ export const manifestSchema = z.object({
     format: z.enum(['fp32', 'nf4', 'fp4', 'int4']),
     blockSize: z.number().int().positive(),
     doubleQuant: z.boolean(),
-    /** Where the 4-bit codes came from: quantized here, or taken from a bnb-4bit checkpoint. */
-    source: z.enum(['float', 'bnb-4bit']),
+    /** Where the 4-bit codes came from: quantized here, or taken from a bnb-4bit checkpoint or a GGUF file. */
+    source: z.enum(['float', 'bnb-4bit', 'gguf']),
     /** MatMulNBits accuracy_level (int4 only). */
     int4AccuracyLevel: z.number().int().min(0).max(4).optional(),
   }),
+  /** The GGUF file a model was imported from (`edgelora import-gguf`): its name, sha256 and tensor types. */
+  gguf: z
+    .object({
+      file: z.string(),
+      sha256: z.string().regex(/^[0-9a-f]{64}$/),
+      /** Tensor count per ggml type, e.g. {"Q4_K": 96, "Q6_K": 13, "F32": 25}. */
+      types: z.record(z.string(), z.number().int().nonnegative()),
+    })
+    .optional(),
   /** sha256 (hex) over the canonical config, quantization options and every stored tensor. */
   fingerprint: z.string().regex(/^[0-9a-f]{64}$/),
   /** config.json of the source checkpoint, verbatim. */

@@ -41,7 +41,7 @@ export const WEIGHT_SUFFIX = {
 };
 
 /** Adds an initializer and folds it into the fingerprint hash (name, dtype, shape, bytes). */
-function addHashed(g: Graph, hash: Hash | null, name: string, dtype: DType, shape: number[], data: TypedData): Value {
+export function addHashed(g: Graph, hash: Hash | null, name: string, dtype: DType, shape: number[], data: TypedData): Value {
   if (hash) {
     hash.update(`${name}|${dtype}|${shape.join(',')}|`);
     hash.update(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
@@ -137,6 +137,7 @@ export class CheckpointWeights implements WeightProvider {
         const kb = q.kBlocks;
         return {
           kind: 'int4',
+          bits: 4,
           blockSize: bs,
           packed: addHashed(g, this.hash, name + WEIGHT_SUFFIX.int4, 'uint8', [N, kb, bs / 2], q.packed),
           scales: addHashed(g, this.hash, name + WEIGHT_SUFFIX.scales, 'float32', [N * kb], q.scales),
@@ -264,13 +265,14 @@ export class QuantizedWeights implements WeightProvider {
       return dequantizeBnb4(packed, absmax, N * K, { quantType: this.bnbType(), blockSize: this.bnbBlockSize(name, N * K) });
     }
     if (this.has(name + WEIGHT_SUFFIX.int4)) {
-      const info = this.tensors.get(name + WEIGHT_SUFFIX.int4)!;
-      const bs = info.shape[2]! * 2;
+      const { bits, blockSize: bs } = this.nbitsLayout(name, K);
       const packed = await this.readRaw(name + WEIGHT_SUFFIX.int4);
       const scales = await this.readF32(name + WEIGHT_SUFFIX.scales);
-      const zp = this.has(name + WEIGHT_SUFFIX.zeroPoints) ? await this.readRaw(name + WEIGHT_SUFFIX.zeroPoints) : undefined;
+      const zpInfo = this.tensors.get(name + WEIGHT_SUFFIX.zeroPoints);
+      const zpRaw = zpInfo ? await this.readRaw(name + WEIGHT_SUFFIX.zeroPoints) : undefined;
+      const zp = zpRaw && zpInfo?.dtype === 'float32' ? rawToF32(zpRaw, 'F32') : zpRaw;
       const kBlocks = Math.ceil(K / bs);
-      return dequantizeInt4(zp ? { N, K, blockSize: bs, kBlocks, packed, scales, zeroPoints: zp } : { N, K, blockSize: bs, kBlocks, packed, scales });
+      return dequantizeInt4(zp ? { N, K, bits, blockSize: bs, kBlocks, packed, scales, zeroPoints: zp } : { N, K, bits, blockSize: bs, kBlocks, packed, scales });
     }
     throw new EdgeloraError(`no base weight for ${name}`, { where: this.dir });
   }
@@ -296,14 +298,30 @@ export class QuantizedWeights implements WeightProvider {
       };
     }
     const packed = this.ref(g, name + WEIGHT_SUFFIX.int4);
+    const { bits, blockSize } = this.nbitsLayout(name, spec.K);
     return {
       kind: 'int4',
-      blockSize: (packed.shape[2] as number) * 2,
+      bits,
+      blockSize,
       packed,
       scales: this.ref(g, name + WEIGHT_SUFFIX.scales),
       zeroPoints: this.has(name + WEIGHT_SUFFIX.zeroPoints) ? this.ref(g, name + WEIGHT_SUFFIX.zeroPoints) : null,
       accuracyLevel: this.manifest.quant.int4AccuracyLevel ?? 4,
     };
+  }
+
+  /**
+   * Bits and block size of a MatMulNBits weight from its packed shape [N, kBlocks, blockSize·bits/8]:
+   * the bits are the ones for which kBlocks blocks cover K (a GGUF import mixes 4- and 8-bit weights).
+   */
+  private nbitsLayout(name: string, K: number): { bits: 4 | 8; blockSize: number } {
+    const shape = this.tensors.get(name + WEIGHT_SUFFIX.int4)?.shape ?? [];
+    const [kBlocks, blob] = [shape[1] ?? 0, shape[2] ?? 0];
+    for (const bits of [4, 8] as const) {
+      const blockSize = (blob * 8) / bits;
+      if (blockSize >= 16 && Math.ceil(K / blockSize) === kBlocks) return { bits, blockSize };
+    }
+    throw new EdgeloraError(`${name}: packed shape [${shape}] fits neither 4 nor 8 bits for K=${K}`, { where: this.dir, hint: 're-run `edgelora quantize`' });
   }
 
   /**

@@ -22,12 +22,18 @@ export interface Int4Quantized {
   K: number;
   blockSize: number;
   kBlocks: number;
+  /** Bits per code (default 4). 8 bits: packed [N, kBlocks, blockSize], one byte per element. */
+  bits?: 4 | 8;
   /** [N, kBlocks, blockSize/2] */
   packed: Uint8Array;
   /** [N, kBlocks] */
   scales: Float32Array;
-  /** [N, ceil(kBlocks/2)]; absent for symmetric quantization (the kernel then uses 8). */
-  zeroPoints?: Uint8Array;
+  /**
+   * [N, ceil(kBlocks/2)] (8 bits: [N, kBlocks]) uint8; absent for symmetric quantization (the kernel then
+   * uses 8, or 128 for 8 bits). Float zero points [N, kBlocks] (MatMulNBits takes the type of A) hold
+   * GGUF Q4_K's mins.
+   */
+  zeroPoints?: Uint8Array | Float32Array;
 }
 
 const f32 = Math.fround;
@@ -48,7 +54,7 @@ function checkShape(w: Float32Array, N: number, K: number, blockSize: number): v
   }
 }
 
-export function quantizeInt4(w: Float32Array, N: number, K: number, opts: Int4Options = {}): Int4Quantized {
+export function quantizeInt4(w: Float32Array, N: number, K: number, opts: Int4Options = {}): Int4Quantized & { zeroPoints?: Uint8Array } {
   const blockSize = opts.blockSize ?? 32;
   const symmetric = opts.symmetric ?? false;
   checkShape(w, N, K, blockSize);
@@ -114,23 +120,26 @@ export function quantizeInt4(w: Float32Array, N: number, K: number, opts: Int4Op
 /** (q − zp) · scale in float32 → [N*K] row-major (the padding past K dropped). */
 export function dequantizeInt4(q: Int4Quantized): Float32Array {
   const { N, K, blockSize, packed, scales, zeroPoints } = q;
+  const bits = q.bits ?? 4;
   const kBlocks = Math.ceil(K / blockSize);
-  const blob = blockSize / 2;
-  const zpRow = Math.ceil(kBlocks / 2);
+  const blob = (blockSize * bits) / 8;
+  const zpRow = bits === 8 || zeroPoints instanceof Float32Array ? kBlocks : Math.ceil(kBlocks / 2);
   if (packed.length !== N * kBlocks * blob || scales.length !== N * kBlocks) {
     throw new EdgeloraError(
-      `int4: N=${N} K=${K} block ${blockSize} needs ${N * kBlocks * blob} packed bytes and ${N * kBlocks} scales, got ${packed.length} and ${scales.length}`,
+      `int${bits}: N=${N} K=${K} block ${blockSize} needs ${N * kBlocks * blob} packed bytes and ${N * kBlocks} scales, got ${packed.length} and ${scales.length}`,
     );
   }
   if (zeroPoints && zeroPoints.length !== N * zpRow) {
-    throw new EdgeloraError(`int4: expected ${N * zpRow} zero-point bytes, got ${zeroPoints.length}`);
+    throw new EdgeloraError(`int${bits}: expected ${N * zpRow} zero points, got ${zeroPoints.length}`);
   }
   const out = new Float32Array(N * K);
   for (let n = 0; n < N; n++) {
     for (let b = 0; b < kBlocks; b++) {
       const scale = scales[n * kBlocks + b]!;
-      let zp = 8;
-      if (zeroPoints) {
+      let zp = bits === 8 ? 128 : 8;
+      if (zeroPoints instanceof Float32Array || (zeroPoints && bits === 8)) {
+        zp = zeroPoints[n * zpRow + b]!;
+      } else if (zeroPoints) {
         const byte = zeroPoints[n * zpRow + (b >> 1)]!;
         zp = (b & 1) === 0 ? byte & 0x0f : byte >> 4;
       }
@@ -139,9 +148,13 @@ export function dequantizeInt4(q: Int4Quantized): Float32Array {
       const k1 = Math.min(k0 + blockSize, K);
       for (let k = k0; k < k1; k++) {
         const j = k - k0;
-        const byte = packed[base + (j >> 1)]!;
-        const c = (j & 1) === 0 ? byte & 0x0f : byte >> 4;
-        out[n * K + k] = (c - zp) * scale;
+        let c: number;
+        if (bits === 8) c = packed[base + j]!;
+        else {
+          const byte = packed[base + (j >> 1)]!;
+          c = (j & 1) === 0 ? byte & 0x0f : byte >> 4;
+        }
+        out[n * K + k] = Math.fround((c - zp) * scale);
       }
     }
   }

@@ -5,6 +5,7 @@
 // gradients.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import path from 'node:path';
 import { tempDir, tinyCheckpoint, quantized, dequantizedWeights } from '../helpers/fixtures.js';
 import { referenceForward, type RefLora } from '../helpers/reference.js';
 import { readManifest } from '../../src/model/manifest.js';
@@ -81,8 +82,8 @@ function referenceLoss(cfg: ModelConfig, W: (n: string) => Float32Array, params:
   return nll / countLabelTokens(BATCH.labels);
 }
 
-async function checkFormat(name: string, opts: Parameters<typeof quantized>[3]): Promise<void> {
-  const dir = await quantized(hf, root.dir, name, opts);
+async function checkFormat(name: string, opts: Parameters<typeof quantized>[3] | { dir: () => Promise<string> }): Promise<void> {
+  const dir = 'dir' in opts ? await opts.dir() : await quantized(hf, root.dir, name, opts);
   const manifest = await readManifest(dir);
   const cfg = parseHfConfig(manifest.sourceConfig, dir);
   const { W } = await dequantizedWeights(dir);
@@ -136,6 +137,15 @@ test('gradients match finite differences of the float64 reference: nf4 base (in-
 
 test('gradients match finite differences of the float64 reference: int4 base (accuracy_level 0)', async () => {
   await checkFormat('int4', { format: 'int4', blockSize: 32, int4AccuracyLevel: 0 });
+});
+
+test('gradients match finite differences of the float64 reference: GGUF-imported base (Q4_K float zero points, Q6_K 8-bit)', async () => {
+  const { handmadeLlama, demoVocab, T } = await import('../helpers/gguf-handmade.js');
+  const { buildDemoTokenizer } = await import('../../src/formats/demo-model.js');
+  const { importGguf } = await import('../../src/formats/gguf/import.js');
+  const file = path.join(root.dir, 'q4km.gguf');
+  handmadeLlama(file, T.Q4_K, demoVocab(buildDemoTokenizer().tokenizerJson as never), 3, { mixed: T.Q6_K });
+  await checkFormat('gguf Q4_K+Q6_K', { dir: async () => (await importGguf(file, path.join(root.dir, 'q4km'), { accuracyLevel: 0 })).dir });
 });
 
 test('recomputing layer activations in backward gives the same gradients', async () => {

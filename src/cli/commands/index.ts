@@ -15,6 +15,7 @@ import { fleetStatusCommand } from './fleet-status.js';
 import { fleetCommandCommand } from './fleet-command.js';
 import { keygenCommand } from './keygen.js';
 import { serveCommand } from './serve.js';
+import { importGgufCommand, exportGgufCommand, adapterExportGgufCommand } from './gguf.js';
 
 export const commands: Command[] = [
   demoCommand,
@@ -33,4 +34,7 @@ export const commands: Command[] = [
   fleetCommandCommand,
   keygenCommand,
   serveCommand,
+  importGgufCommand,
+  exportGgufCommand,
+  adapterExportGgufCommand,
 ];

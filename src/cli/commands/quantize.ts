@@ -43,6 +43,9 @@ export const quantizeCommand: Command = {
       return 0;
     }
     const hfDir = requirePositional('quantize', 'hf-dir', positionals[0]);
+    if (hfDir.toLowerCase().endsWith('.gguf')) {
+      throw new EdgeloraError('a GGUF file is imported, not quantized', { where: hfDir, hint: `run \`edgelora import-gguf ${hfDir} <out-dir>\`` });
+    }
     const outDir = requirePositional('quantize', 'out-dir', positionals[1]);
     const format: QuantFormat = choiceFlag('format', values.format, QUANT_FORMATS) ?? 'nf4';
     const blockSize = numberFlag('block-size', values['block-size'], DEFAULT_BLOCK_SIZE[format], { integer: true, min: 16 });
