@@ -114,6 +114,8 @@ export class Agent extends EventEmitter<AgentEvents> {
   /** Commands still running, by id: a repeat of one waits for the same result. */
   private readonly runningCommands = new Map<string, Promise<Result>>();
   private stopped = false;
+  /** Aborted by stop(): uploads run beside the serial queue, so stop() ends them this way. */
+  private readonly stopping = new AbortController();
   readonly activator: AdapterActivator;
   private readonly now: () => Date;
   readonly deviceId: string;
@@ -184,6 +186,7 @@ export class Agent extends EventEmitter<AgentEvents> {
   /** Stops cleanly: transfer state is saved, the status says offline. */
   async stop(): Promise<void> {
     this.stopped = true;
+    this.stopping.abort();
     await this.serial.catch(() => undefined);
     if (this.statusTimer) clearTimeout(this.statusTimer);
     const t = this.transfer;
@@ -762,7 +765,7 @@ export class Agent extends EventEmitter<AgentEvents> {
     // else is going on, and is not restored over what happened meanwhile.
     if (this.agentState === 'idle') this.setState('uploading');
     try {
-      return await uploadBlob(link, blob, checkName('adapter name', name), { segmentSize: this.opts.uploadSegmentSize ?? 256 * 1024 });
+      return await uploadBlob(link, blob, checkName('adapter name', name), { segmentSize: this.opts.uploadSegmentSize ?? 256 * 1024, signal: this.stopping.signal });
     } finally {
       if (this.agentState === 'uploading') this.setState('idle');
     }
