@@ -7,7 +7,7 @@
 // the same hub broadcasting every repair (`repairBroadcastShare: 0`, how repairs worked before),
 // on fleets up to --baseline-max devices. Prints a table, writes bench-results/fleet.json.
 // Flags: --sizes 100,1000  --kib 1024  --chunk-kib 64  --drop 0.05  --late 0.1  --workers 2
-//        --quiet-ms 1000  --baseline-max 100  --timeout-s 600
+//        --quiet-ms 2000 (the agent's default)  --baseline-max 100  --timeout-s 600
 import { fork, type ChildProcess } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
@@ -27,7 +27,7 @@ const { values: flags } = parseArgs({
     drop: { type: 'string', default: '0.05' },
     late: { type: 'string', default: '0.1' },
     workers: { type: 'string', default: '2' },
-    'quiet-ms': { type: 'string', default: '1000' },
+    'quiet-ms': { type: 'string', default: '2000' },
     'baseline-max': { type: 'string', default: '100' },
     'timeout-s': { type: 'string', default: '600' },
   },
@@ -56,7 +56,13 @@ class Worker {
   readonly proc: ChildProcess;
   private waiting: { ev: WorkerEvent['ev']; resolve: (e: WorkerEvent) => void } | null = null;
   constructor(onActivated: (id: string, at: number) => void) {
-    this.proc = fork(path.join(import.meta.dirname, 'bench-fleet-devices.ts'), [], { execArgv: ['--import', 'tsx'], stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    // Hundreds of devices share one process's libuv pool, and each fsyncs its transfer state every
+    // 250 ms: a larger pool keeps one device's fsync from stalling the next device's chunk write.
+    this.proc = fork(path.join(import.meta.dirname, 'bench-fleet-devices.ts'), [], {
+      execArgv: ['--import', 'tsx'],
+      stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+      env: { ...process.env, UV_THREADPOOL_SIZE: process.env.UV_THREADPOOL_SIZE ?? '16' },
+    });
     this.proc.on('message', (e: WorkerEvent) => {
       if (e.ev === 'activated') onActivated(e.id, e.at);
       else if (e.ev === 'error') log(`worker error: ${e.message}`);

@@ -119,6 +119,32 @@ test('fleet command rollback from the CLI; a blob re-published under a new name 
   }
 });
 
+test('an upload command the hub never acknowledges does not hold back a download', async () => {
+  const key = await loadSigningKey(keyFile);
+  const hub = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: path.join(work, 'store-upq'), key, chunkSize: 4096, coalesceMs: 50 });
+  await hub.start();
+  // The hub's upload acks never reach this device: its upload waits (up to the uploader's deadline).
+  const agent = new Agent({ ...(await agentOpts('uq1', 'uq')), inbound: (topic, payload, deliver) => (topic.endsWith('/up/ack') ? undefined : deliver(topic, payload)) });
+  try {
+    await agent.start();
+    const a = await hub.publishDir(await makeAdapter(path.join(work, 'src', 'uqa'), { seed: 7 }), { kind: 'fleet', name: 'uq' }, 'uqa');
+    await waitFor('uq1 active uqa', () => agent.active?.sha256 === a.blob.sha256);
+    const pending = hub.command('uq1', 'upload', undefined, 60_000).catch((err: unknown) => err);
+    await waitFor('uq1 uploading', () => agent.status().state === 'uploading');
+    const b = await hub.publishDir(await makeAdapter(path.join(work, 'src', 'uqb'), { seed: 8 }), { kind: 'fleet', name: 'uq' }, 'uqb');
+    await waitFor('uq1 active uqb while its upload still waits', () => agent.active?.sha256 === b.blob.sha256, 20_000);
+    await agent.stop(); // aborts the upload
+    await hub.stop();
+    // The stopped agent answers its upload as aborted (or the hub stops before the answer arrives).
+    const end = await pending;
+    const said = end instanceof Error ? end.message : JSON.stringify(end);
+    assert.match(said, /"ok":false.*upload of uqa aborted|hub stopped before device uq1 answered/, said);
+  } finally {
+    await agent.stop();
+    await hub.stop();
+  }
+});
+
 test('a status with "group": null counts as a device without a group', async () => {
   const link = await Link.open({ url: mosq.url }, { clientId: 'nullgroup' });
   try {

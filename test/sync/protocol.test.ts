@@ -40,8 +40,9 @@ test('pack: deterministic, round-trips byte for byte, refuses traversal and trun
 
 test('canonical JSON is JCS (sorted keys, no spaces) and signatures cover every field', () => {
   assert.equal(canonicalJson({ b: 1, a: [true, null, 'x', 1.5], c: { z: 0, y: 'é' } }), '{"a":[true,null,"x",1.5],"b":1,"c":{"y":"é","z":0}}');
-  // RFC 8785 sorts by UTF-16 code units: "\u20ac" (€) before "\ud83d\ude00" (😀), unlike code points.
-  assert.equal(canonicalJson({ '😀': 1, '€': 2, '\r': 3 }), '{"\\r":3,"€":2,"😀":1}');
+  // RFC 8785 sorts by UTF-16 code units: "😀" (U+1F600, units D83D DE00) before "\ufffd" (U+FFFD),
+  // the reverse of code point order.
+  assert.equal(canonicalJson({ '\ufffd': 1, '😀': 2, '\r': 3 }), '{"\\r":3,"😀":2,"\ufffd":1}');
   // One canonical JSON serves signatures and fingerprints: a value JSON cannot carry throws, never becomes "null".
   assert.throws(() => canonicalJson({ lr: Number.NaN }), /non-finite/);
   assert.throws(() => canonicalJson([Number.POSITIVE_INFINITY]), /non-finite/);

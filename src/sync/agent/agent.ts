@@ -81,6 +81,8 @@ interface Transfer {
   finishing: boolean;
   /** Highest pass-end marker seen for this blob (not persisted). */
   passSeen: number;
+  /** Quiet timeouts put off in a row because the agent itself was busy. */
+  deferrals: number;
 }
 
 const MAX_SMALL_JSON = 64 * 1024;
@@ -104,12 +106,16 @@ export class Agent extends EventEmitter<AgentEvents> {
   private agentState: AgentState = 'idle';
   private lastError: { at: string; reason: string; topic?: string } | null = null;
   private serial: Promise<void> = Promise.resolve();
+  /** Tasks in the serial queue (queued or running). */
+  private queued = 0;
   private lastStatusAt = 0;
   private statusTimer: NodeJS.Timeout | null = null;
   private readonly recentCommands = new Map<string, Result>();
   /** Commands still running, by id: a repeat of one waits for the same result. */
   private readonly runningCommands = new Map<string, Promise<Result>>();
   private stopped = false;
+  /** Aborted by stop(): uploads run beside the serial queue, so stop() ends them this way. */
+  private readonly stopping = new AbortController();
   readonly activator: AdapterActivator;
   private readonly now: () => Date;
   readonly deviceId: string;
@@ -180,6 +186,7 @@ export class Agent extends EventEmitter<AgentEvents> {
   /** Stops cleanly: transfer state is saved, the status says offline. */
   async stop(): Promise<void> {
     this.stopped = true;
+    this.stopping.abort();
     await this.serial.catch(() => undefined);
     if (this.statusTimer) clearTimeout(this.statusTimer);
     const t = this.transfer;
@@ -210,7 +217,8 @@ export class Agent extends EventEmitter<AgentEvents> {
 
   /** Runs `fn` after everything queued before it; state changes never interleave. */
   private enqueue<T>(fn: () => Promise<T>): Promise<T> {
-    const p = this.serial.then(fn);
+    this.queued++;
+    const p = this.serial.then(fn).finally(() => this.queued--);
     this.serial = p.then(
       () => undefined,
       (err: unknown) => this.log(`error: ${(err as Error).message}`),
@@ -433,7 +441,7 @@ export class Agent extends EventEmitter<AgentEvents> {
   private async beginTransfer(m: Manifest): Promise<void> {
     await this.cleanTransferDir();
     const file = await ResumableFile.create<Manifest>({ ...this.transferFiles(m), meta: m, geometry: { size: m.blob.size, pieceSize: m.blob.chunkSize } });
-    const t: Transfer = { manifest: m, file, quietTimer: null, retries: 0, finishing: false, passSeen: 0 };
+    const t: Transfer = { manifest: m, file, quietTimer: null, retries: 0, finishing: false, passSeen: 0, deferrals: 0 };
     this.transfer = t;
     this.log(`downloading ${m.adapter.id} v${m.adapter.version} (${m.blob.size} bytes, ${m.blob.chunks} chunks) for ${targetKey(m.target)}`);
     this.setState('downloading');
@@ -473,7 +481,7 @@ export class Agent extends EventEmitter<AgentEvents> {
       return;
     }
     const m = r.file.meta;
-    const t: Transfer = { manifest: m, file: r.file, quietTimer: null, retries: 0, finishing: false, passSeen: 0 };
+    const t: Transfer = { manifest: m, file: r.file, quietTimer: null, retries: 0, finishing: false, passSeen: 0, deferrals: 0 };
     this.transfer = t;
     this.agentState = 'downloading';
     this.log(`resuming ${m.adapter.id} v${m.adapter.version}: ${r.file.have.count()}/${m.blob.chunks} chunks held${r.dropped ? `, ${r.dropped} failed re-verification` : ''}`);
@@ -499,8 +507,18 @@ export class Agent extends EventEmitter<AgentEvents> {
     if (this.stopped || t.finishing) return;
     // Jitter spreads the requests of many devices that went quiet at the same moment.
     const delay = ms * (1 + 0.2 * Math.random());
+    const due = Date.now() + delay;
     t.quietTimer = setTimeout(() => {
       t.quietTimer = null;
+      // Not a silence of the hub's if this agent was the slow one: its own queue still held work
+      // (the next chunk waits in the socket until the last one is written), or the process was too
+      // busy to run the timer on time. Asking now would fetch chunks that are already on their way.
+      // (At most 5 times in a row: a device that is always this slow must still ask.)
+      if ((this.queued > 0 || Date.now() - due > delay / 2) && t.deferrals < 5) {
+        t.deferrals++;
+        return this.armQuiet(t, ms);
+      }
+      t.deferrals = 0;
       this.requestMissing(t);
     }, delay);
   }
@@ -747,7 +765,7 @@ export class Agent extends EventEmitter<AgentEvents> {
     // else is going on, and is not restored over what happened meanwhile.
     if (this.agentState === 'idle') this.setState('uploading');
     try {
-      return await uploadBlob(link, blob, checkName('adapter name', name), { segmentSize: this.opts.uploadSegmentSize ?? 256 * 1024 });
+      return await uploadBlob(link, blob, checkName('adapter name', name), { segmentSize: this.opts.uploadSegmentSize ?? 256 * 1024, signal: this.stopping.signal });
     } finally {
       if (this.agentState === 'uploading') this.setState('idle');
     }

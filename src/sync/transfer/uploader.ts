@@ -20,6 +20,8 @@ export interface UploadOptions {
   deadlineMs?: number;
   /** Give up when one step (init, a segment, fin) goes unacknowledged this long; default: only the deadline. */
   stepTimeoutMs?: number;
+  /** Aborts the upload (e.g. the agent stops): the promise rejects and no timer is left behind. */
+  signal?: AbortSignal;
   onProgress?: (acked: number, total: number) => void;
 }
 
@@ -59,6 +61,11 @@ export async function uploadBlob(link: Link, blob: Buffer, name: string, o: Uplo
       let timer: NodeJS.Timeout | undefined;
       const started = Date.now();
       const resend = () => {
+        if (o.signal?.aborted) {
+          cleanup();
+          reject(new EdgeloraError(`upload of ${name} aborted`, { where: link.url }));
+          return;
+        }
         const now = Date.now();
         if (now > deadline || (o.stepTimeoutMs !== undefined && now - started >= o.stepTimeoutMs)) {
           cleanup();
@@ -73,8 +80,10 @@ export async function uploadBlob(link: Link, blob: Buffer, name: string, o: Uplo
       const cleanup = () => {
         clearTimeout(timer);
         link.client.off('connect', onConnect);
+        o.signal?.removeEventListener('abort', resend);
         waiters.delete(key);
       };
+      o.signal?.addEventListener('abort', resend);
       waiters.set(key, (ack) => {
         cleanup();
         resolve(ack);

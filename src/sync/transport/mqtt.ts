@@ -30,6 +30,7 @@ export interface BrokerOptions {
   reconnectMs?: number;
 }
 
+/** A last will: always a JSON payload (sent with content type application/json on MQTT 5). */
 export interface Will {
   topic: string;
   payload: Buffer;
@@ -181,7 +182,8 @@ export class Link {
       // MQTT 5: at most this many QoS 1 messages in flight to us, which bounds what the broker
       // buffers per client (a chunk is up to 256 KiB) while we apply backpressure.
       ...(version === 5 ? { properties: { receiveMaximum: opts.receiveMaximum ?? 16 } } : {}),
-      ...(opts.will ? { will: { topic: opts.will.topic, payload: opts.will.payload, qos: 1 as const, retain: opts.will.retain } } : {}),
+      // The will's content type travels only on MQTT 5 (mqtt-packet leaves will properties out of a 3.1.1 CONNECT).
+      ...(opts.will ? { will: { topic: opts.will.topic, payload: opts.will.payload, qos: 1 as const, retain: opts.will.retain, properties: { contentType: 'application/json' } } } : {}),
     };
     let client: MqttClient;
     try {
