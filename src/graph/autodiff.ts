@@ -161,9 +161,18 @@ function dequantBnb4(c: RuleContext, packed: Value, absmax: Value, N: number, K:
   return g.reshape(w, [N, K]);
 }
 
-/** Dequantizes one MatMulNBits (4-bit) weight to float [N, K] inside the graph. */
-function dequantNBits(c: RuleContext, packed: Value, scales: Value, zp: Value | null, N: number, K: number, blockSize: number): Value {
+/** Dequantizes one MatMulNBits (4- or 8-bit) weight to float [N, K] inside the graph. */
+function dequantNBits(c: RuleContext, packed: Value, scales: Value, zp: Value | null, N: number, K: number, blockSize: number, bits: number): Value {
   const { g } = c;
+  if (bits === 8) {
+    // One byte per element, zero points [N·kb] one byte each (128 when absent).
+    const kb = packed.shape[1] as number;
+    const vals = g.cast(packed, 'float32'); // [N, kb, bs]
+    const zero = zp ? g.reshape(g.cast(zp, 'float32'), [N, kb, 1]) : g.constF32([128], [1]);
+    let w = g.reshape(g.mul(g.sub(vals, zero), g.reshape(scales, [N, kb, 1])), [N, kb * blockSize]);
+    if (kb * blockSize !== K) w = g.slice(w, 1, 0, K, K);
+    return w;
+  }
   const four = c.feed('autodiff.u8_4', 'uint8', [1], Uint8Array.of(4));
   const fifteen = c.feed('autodiff.u8_15', 'uint8', [1], Uint8Array.of(15));
   const levels = c.feed('autodiff.u4_levels', 'float32', [16], Float32Array.from([...Array(16).keys()]));
@@ -341,10 +350,11 @@ export const RULES: Record<string, GradRule> = {
     const K = c.attrInt('K', 0);
     const N = c.attrInt('N', 0);
     const bs = c.attrInt('block_size', 32);
-    if (c.attrInt('bits', 4) !== 4) c.g.fail('MatMulNBits gradient: only bits=4 is supported');
+    const bits = c.attrInt('bits', 4);
+    if (bits !== 4 && bits !== 8) c.g.fail(`MatMulNBits gradient: bits=${bits} is not supported (4 or 8)`);
     const zp = c.node.inputs[3] ? c.x(3) : null;
     if (zp && zp.dtype !== 'uint8') c.g.fail('MatMulNBits gradient: only packed uint8 zero points are supported');
-    return [dxThroughWeight(c.g, dy, dequantNBits(c, c.x(1), c.x(2), zp, N, K, bs))];
+    return [dxThroughWeight(c.g, dy, dequantNBits(c, c.x(1), c.x(2), zp, N, K, bs, bits))];
   },
   SoftmaxCrossEntropyLoss: (c) => {
     // scores [N, V], labels [N] int64; outputs loss (reduction 'sum' or 'none') and log_prob [N, V].

@@ -50,18 +50,57 @@ export type BaseWeight =
   /** bitsandbytes layout for com.microsoft.MatMulBnb4: packed [(N·K+1)/2] uint8, absmax [ceil(N·K/bs)]. */
   | { kind: 'bnb4'; quantType: 'nf4' | 'fp4'; blockSize: number; packed: Value; absmax: Value }
   /**
-   * ORT int4 for com.microsoft.MatMulNBits: packed [N, K/bs, bs/2], scales [N·K/bs], zero points packed
-   * uint8. accuracyLevel 4 quantizes activations to int8 inside the kernel (the fast CPU path); 0 keeps
-   * them float32 (exact against a float reference).
+   * ORT int4 (or int8) for com.microsoft.MatMulNBits: packed [N, K/bs, bs·bits/8], scales [N·K/bs], zero
+   * points packed uint8. accuracyLevel 4 quantizes activations to int8 inside the kernel (the fast CPU
+   * path); 0 keeps them float32 (exact against a float reference). `bits` is MatMulNBits' bits attribute.
    */
-  | { kind: 'int4'; blockSize: number; packed: Value; scales: Value; zeroPoints: Value | null; accuracyLevel: number };
+  | { kind: 'int4'; bits: 4 | 8; blockSize: number; packed: Value; scales: Value; zeroPoints: Value | null; accuracyLevel: number };
+
+/**
+ * How a vocabulary table [V, C] (the embedding, and the lm_head: the same one when tied) sits in the graph.
+ * 'float': Gather for the lookup, Gemm(transB) for the lm_head (today's bitsandbytes-exact configuration).
+ * 'quantized': symmetric blockwise along C in MatMulNBits' layout, packed [V, C/bs, bs·bits/8] uint8 and scales
+ * [V, C/bs]; the lookup is com.microsoft.GatherBlockQuantized and the lm_head MatMulNBits, both reading the
+ * SAME packed initializer (GatherBlockQuantized needs its scales as [V, C/bs, 1]: a Reshape of the same one).
+ */
+export type TableWeight =
+  | { kind: 'float'; w: Value }
+  | { kind: 'quantized'; bits: 4 | 8; blockSize: number; packed: Value; scales: Value; accuracyLevel: number };
 
 /** Supplies weights to the graph (from a float checkpoint while quantizing, or from a quantized model). */
 export interface WeightProvider {
   /** The base weight of one projection, added to `g` as initializers. */
   linear(g: Graph, spec: LinearSpec): Promise<BaseWeight>;
-  /** A float tensor by Hugging Face name (norms, biases, embeddings, lm_head), added to `g`. */
+  /** A float tensor by Hugging Face name (norms, biases), added to `g`. */
   float(g: Graph, name: string, shape: number[]): Promise<Value>;
+  /** A vocabulary table [V, C] by Hugging Face name (model.embed_tokens.weight, lm_head.weight), added to `g`. */
+  table(g: Graph, name: string, shape: [number, number]): Promise<TableWeight>;
+}
+
+/** The rows of `table` for `ids` [B, T] → [B, T, C]. */
+function embed(g: Graph, table: TableWeight, ids: Value, C: number): Value {
+  if (table.kind === 'float') return g.gather(table.w, ids);
+  const V = table.packed.shape[0] as number;
+  const kb = C / table.blockSize;
+  const rows = g.contrib('GatherBlockQuantized', [table.packed, ids, g.reshape(table.scales, [V, kb, 1])], 'float32', [...ids.shape, kb, table.blockSize], {
+    bits: int(table.bits),
+    block_size: int(table.blockSize),
+    gather_axis: int(0),
+    quantize_axis: int(2),
+  }); // [B, T, C/bs, bs]
+  return g.reshape(rows, [...ids.shape, C]);
+}
+
+/** logits = x · tableᵀ: x [M, C] → [M, V], reading the table in its stored layout (never a transposed copy). */
+function lmHead(g: Graph, x: Value, table: TableWeight, V: number, C: number): Value {
+  if (table.kind === 'float') return g.gemm(x, table.w, { transB: true });
+  return g.contrib('MatMulNBits', [x, table.packed, table.scales], 'float32', [x.shape[0]!, V], {
+    K: int(C),
+    N: int(V),
+    bits: int(table.bits),
+    block_size: int(table.blockSize),
+    accuracy_level: int(table.accuracyLevel),
+  });
 }
 
 /** LoRA operands of one linear: aT [K, R], bT [R, N] with the adapter scale already folded into bT. */
@@ -95,7 +134,7 @@ export function linear(g: Graph, x: Value, spec: { readonly N: number; readonly 
       y = g.contrib('MatMulNBits', [x, base.packed, base.scales, base.zeroPoints], 'float32', outShape, {
         K: int(spec.K),
         N: int(spec.N),
-        bits: int(4),
+        bits: int(base.bits),
         block_size: int(base.blockSize),
         accuracy_level: int(base.accuracyLevel),
       });
@@ -246,15 +285,18 @@ function fuseBases(g: Graph, specs: LinearSpec[], bases: BaseWeight[]): BaseWeig
     case 'int4': {
       const zp = first.zeroPoints !== null;
       const ws = bases.filter((b): b is Extract<BaseWeight, { kind: 'int4' }> =>
-        b.kind === 'int4' && b.blockSize === first.blockSize && b.accuracyLevel === first.accuracyLevel && (b.zeroPoints !== null) === zp);
+        b.kind === 'int4' && b.bits === first.bits && b.blockSize === first.blockSize && b.accuracyLevel === first.accuracyLevel && (b.zeroPoints !== null) === zp);
       if (ws.length !== bases.length) return null;
       const kb = Math.ceil(specs[0]!.K / first.blockSize);
+      // Zero points are packed two per byte at 4 bits, one per byte at 8.
+      const zpRow = first.bits === 8 ? kb : Math.ceil(kb / 2);
       return {
         kind: 'int4',
+        bits: first.bits,
         blockSize: first.blockSize,
         packed: g.concat(ws.map((b) => b.packed), 0, N),
         scales: g.concat(ws.map((b) => b.scales), 0, N * kb),
-        zeroPoints: zp ? g.concat(ws.map((b) => b.zeroPoints!), 0, N * Math.ceil(kb / 2)) : null,
+        zeroPoints: zp ? g.concat(ws.map((b) => b.zeroPoints!), 0, N * zpRow) : null,
         accuracyLevel: first.accuracyLevel,
       };
     }
@@ -267,20 +309,21 @@ export async function buildLlama(g: Graph, cfg: ModelConfig, weights: WeightProv
   if (H % G !== 0) g.fail(`num_attention_heads ${H} is not a multiple of num_key_value_heads ${G}`);
   const loraInputs = new Map<string, { aT: Value; bT: Value; dropout?: Value }>();
   const ids = g.input(INPUT.ids, 'int64', ['B', 'T']);
-  let h = g.gather(await weights.float(g, 'model.embed_tokens.weight', [V, C]), ids); // [B, T, C]
+  const embTable = await weights.table(g, 'model.embed_tokens.weight', [V, C]);
+  const h = embed(g, embTable, ids, C); // [B, T, C]
   const normW = (name: string) => weights.float(g, name, [C]);
   let hn: Value;
   if (opts.mode === 'infer') hn = await inferLayers(g, cfg, weights, h, normW, opts.inferLora === false ? null : loraInputs);
   else hn = await trainLayers(g, cfg, weights, h, normW, opts, loraInputs);
 
-  const head = cfg.tieWordEmbeddings ? g.value('model.embed_tokens.weight') : await weights.float(g, 'lm_head.weight', [V, C]);
+  const head = cfg.tieWordEmbeddings ? embTable : await weights.table(g, 'lm_head.weight', [V, C]);
   // Inference computes logits only at the positions asked for (generation needs the last one).
   const rows = opts.mode === 'infer' ? g.gather(hn, g.input(INPUT.logitPositions, 'int64', ['L']), 1) : hn; // [B, L, C]
   const L = opts.mode === 'infer' ? 'L' : 'T';
-  // lm_head in the Hugging Face layout [V, C] via Gemm(transB), so a tied embedding is not copied.
+  // lm_head in the Hugging Face layout [V, C], so a tied embedding is not copied.
   const flat = g.reshape(rows, ['BL', C]);
   const outShape = g.concat([g.shapeOf(rows, 0, 2), g.constI64([V])], 0, 3); // [B, L, V] at run time
-  const logits = g.reshapeTo(g.gemm(flat, head, { transB: true }), outShape, ['B', L, V]);
+  const logits = g.reshapeTo(lmHead(g, flat, head, V, C), outShape, ['B', L, V]);
   const out = g.output(logits, OUTPUT.logits);
   return { logits: out, loraInputs };
 }

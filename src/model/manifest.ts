@@ -22,6 +22,10 @@ export const manifestSchema = z.object({
     source: z.enum(['float', 'bnb-4bit']),
     /** MatMulNBits accuracy_level (int4 only). */
     int4AccuracyLevel: z.number().int().min(0).max(4).optional(),
+    /** The vocabulary table(s): float32, or symmetric 8/4-bit blocks (GatherBlockQuantized + MatMulNBits). Absent: float. */
+    embeddings: z.enum(['float', 'int8', 'int4']).optional(),
+    /** Elements of C per table scale (quantized tables only). */
+    embeddingBlockSize: z.number().int().positive().optional(),
   }),
   /** sha256 (hex) over the canonical config, quantization options and every stored tensor. */
   fingerprint: z.string().regex(/^[0-9a-f]{64}$/),
