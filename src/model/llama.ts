@@ -60,8 +60,12 @@ export type BaseWeight =
  * How a vocabulary table [V, C] (the embedding, and the lm_head: the same one when tied) sits in the graph.
  * 'float': Gather for the lookup, Gemm(transB) for the lm_head (today's bitsandbytes-exact configuration).
  * 'quantized': symmetric blockwise along C in MatMulNBits' layout, packed [V, C/bs, bs·bits/8] uint8 and scales
- * [V, C/bs]; the lookup is com.microsoft.GatherBlockQuantized and the lm_head MatMulNBits, both reading the
- * SAME packed initializer (GatherBlockQuantized needs its scales as [V, C/bs, 1]: a Reshape of the same one).
+ * [V, C/bs]; the lookup is com.microsoft.GatherBlockQuantized and the lm_head MatMulNBits, both reading the SAME
+ * stored bytes (one copy in model.onnx.data). The lookup names them through alias initializers (see
+ * Graph.aliasInitializer): ORT prepacks the lm_head's and releases it, while the lookup's mapping only ever touches
+ * the rows it reads, so ORT holds one copy, not the prepacked one plus the original (measured: 130 MiB less RSS for
+ * Qwen2.5-0.5B's int8 table). The alias also gives GatherBlockQuantized its scales as [V, C/bs, 1] without a
+ * constant-folded Reshape copy.
  */
 export type TableWeight =
   | { kind: 'float'; w: Value }
@@ -82,7 +86,9 @@ function embed(g: Graph, table: TableWeight, ids: Value, C: number): Value {
   if (table.kind === 'float') return g.gather(table.w, ids);
   const V = table.packed.shape[0] as number;
   const kb = C / table.blockSize;
-  const rows = g.contrib('GatherBlockQuantized', [table.packed, ids, g.reshape(table.scales, [V, kb, 1])], 'float32', [...ids.shape, kb, table.blockSize], {
+  const packed = g.aliasInitializer(table.packed.name, `${table.packed.name}.gather`, [...(table.packed.shape as number[])]);
+  const scales = g.aliasInitializer(table.scales.name, `${table.scales.name}.gather`, [V, kb, 1]);
+  const rows = g.contrib('GatherBlockQuantized', [packed, ids, scales], 'float32', [...ids.shape, kb, table.blockSize], {
     bits: int(table.bits),
     block_size: int(table.blockSize),
     gather_axis: int(0),

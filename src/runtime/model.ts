@@ -158,7 +158,9 @@ export class ModelRuntime {
     // In an nf4/fp4 graph the only kernel ORT prepacks is the lm_head Gemm, and its packed copy
     // duplicates the (tied) embedding table: on the small preset prepacking cost ~100 MiB of RSS
     // and no decode speed (bench: 445 → 348 MiB peak). int4's MatMulNBits and fp32's MatMul need it.
-    const bnb4 = manifest.quant.format === 'nf4' || manifest.quant.format === 'fp4';
+    // A quantized table's lm_head is MatMulNBits, which needs its prepacked copy (unpacked it dequantizes the whole
+    // table per call: ~0.9 s a token for Qwen2.5-0.5B's), so prepacking stays on there.
+    const bnb4 = (manifest.quant.format === 'nf4' || manifest.quant.format === 'fp4') && (manifest.quant.embeddings ?? 'float') === 'float';
     const options: ort.InferenceSession.SessionOptions = bnb4
       ? { ...sessionOptions, extra: { ...(sessionOptions.extra ?? {}), session: { ...((sessionOptions.extra as { session?: object } | undefined)?.session ?? {}), disable_prepacking: '1' } } }
       : sessionOptions;
