@@ -37,6 +37,11 @@ export interface AutodiffOptions {
   readonly segmentOf?: (node: Node) => string | null;
   /** Gradient output name for a differentiated value; default `grad.<name>`. */
   readonly gradName?: (name: string) => string;
+  /**
+   * The gradient of `loss` when it is not a scalar loss but an intermediate value whose gradient the caller
+   * computed itself (same shape), e.g. the hidden state under a chunked lm_head + loss. Default: 1.
+   */
+  readonly seed?: Value;
 }
 
 export interface RuntimeFeed {
@@ -416,7 +421,7 @@ export function differentiate(g: Graph, loss: Value, wrt: readonly Value[], opts
   const forward = [...g.nodes];
   const producer = new Map<string, number>();
   forward.forEach((n, i) => n.outputs.forEach((o) => producer.set(o, i)));
-  if (numel(loss.shape.map((d) => (isNum(d) ? d : 2))) !== 1) g.fail(`loss ${loss.name} must be a single element, shape [${loss.shape}]`);
+  if (!opts.seed && numel(loss.shape.map((d) => (isNum(d) ? d : 2))) !== 1) g.fail(`loss ${loss.name} must be a single element, shape [${loss.shape}]`);
 
   // Values that depend on a wanted value (forward sweep) ...
   const dep = new Set(wrt.map((v) => v.name));
@@ -456,7 +461,7 @@ export function differentiate(g: Graph, loss: Value, wrt: readonly Value[], opts
     pending.set(name, [s]);
     return s;
   };
-  pushGrad(loss.name, g.withScope('grad', () => g.constF32([1], loss.shape.map(() => 1))));
+  pushGrad(loss.name, opts.seed ?? g.withScope('grad', () => g.constF32([1], loss.shape.map(() => 1))));
 
   // Recomputation: per segment, a map from original value names to recomputed ones.
   const segOf = (i: number) => opts.segmentOf?.(forward[i]!) ?? null;

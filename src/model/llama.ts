@@ -81,8 +81,8 @@ export interface WeightProvider {
   table(g: Graph, name: string, shape: [number, number]): Promise<TableWeight>;
 }
 
-/** The rows of `table` for `ids` [B, T] → [B, T, C]. */
-function embed(g: Graph, table: TableWeight, ids: Value, C: number): Value {
+/** The rows of `table` for `ids` [.., n] → [.., n, C] float (the lookup; also a quantized table's dequantizer). */
+export function tableRows(g: Graph, table: TableWeight, ids: Value, C: number): Value {
   if (table.kind === 'float') return g.gather(table.w, ids);
   const V = table.packed.shape[0] as number;
   const kb = C / table.blockSize;
@@ -98,7 +98,7 @@ function embed(g: Graph, table: TableWeight, ids: Value, C: number): Value {
 }
 
 /** logits = x · tableᵀ: x [M, C] → [M, V], reading the table in its stored layout (never a transposed copy). */
-function lmHead(g: Graph, x: Value, table: TableWeight, V: number, C: number): Value {
+export function lmHead(g: Graph, x: Value, table: TableWeight, V: number, C: number): Value {
   if (table.kind === 'float') return g.gemm(x, table.w, { transB: true });
   return g.contrib('MatMulNBits', [x, table.packed, table.scales], 'float32', [x.shape[0]!, V], {
     K: int(C),
@@ -200,10 +200,17 @@ export interface BuildOptions {
   readonly inferLora?: boolean;
   /** Training: which projections get LoRA inputs and with what rank dimension. */
   readonly lora?: (layer: number, proj: Proj) => { rank: Dim; dropout?: boolean } | null;
+  /** Emit the lm_head and the logits output (default true); the trainer computes them chunk by chunk itself. */
+  readonly lmHead?: boolean;
 }
 
 export interface LlamaGraph {
-  readonly logits: Value; // [B, T, V]
+  /** [B, T, V] (inference: [B, L, V]); null when built with lmHead false. */
+  readonly logits: Value | null;
+  /** The final normed hidden state [B, T, C], the lm_head's input. */
+  readonly hidden: Value;
+  /** The lm_head's table (the embedding when tied). */
+  readonly head: TableWeight;
   /** LoRA graph inputs by "layer.proj" key (training) or "layer.group" key (inference). */
   readonly loraInputs: Map<string, { aT: Value; bT: Value; dropout?: Value }>;
 }
@@ -316,13 +323,14 @@ export async function buildLlama(g: Graph, cfg: ModelConfig, weights: WeightProv
   const loraInputs = new Map<string, { aT: Value; bT: Value; dropout?: Value }>();
   const ids = g.input(INPUT.ids, 'int64', ['B', 'T']);
   const embTable = await weights.table(g, 'model.embed_tokens.weight', [V, C]);
-  const h = embed(g, embTable, ids, C); // [B, T, C]
+  const h = tableRows(g, embTable, ids, C); // [B, T, C]
   const normW = (name: string) => weights.float(g, name, [C]);
   let hn: Value;
   if (opts.mode === 'infer') hn = await inferLayers(g, cfg, weights, h, normW, opts.inferLora === false ? null : loraInputs);
   else hn = await trainLayers(g, cfg, weights, h, normW, opts, loraInputs);
 
   const head = cfg.tieWordEmbeddings ? embTable : await weights.table(g, 'lm_head.weight', [V, C]);
+  if (opts.lmHead === false) return { logits: null, hidden: hn, head, loraInputs };
   // Inference computes logits only at the positions asked for (generation needs the last one).
   const rows = opts.mode === 'infer' ? g.gather(hn, g.input(INPUT.logitPositions, 'int64', ['L']), 1) : hn; // [B, L, C]
   const L = opts.mode === 'infer' ? 'L' : 'T';
@@ -331,7 +339,7 @@ export async function buildLlama(g: Graph, cfg: ModelConfig, weights: WeightProv
   const outShape = g.concat([g.shapeOf(rows, 0, 2), g.constI64([V])], 0, 3); // [B, L, V] at run time
   const logits = g.reshapeTo(lmHead(g, flat, head, V, C), outShape, ['B', L, V]);
   const out = g.output(logits, OUTPUT.logits);
-  return { logits: out, loraInputs };
+  return { logits: out, hidden: hn, head, loraInputs };
 }
 
 /** The bias of a projection, if the architecture has one. */
