@@ -140,12 +140,25 @@ function dxThroughWeight(g: Graph, dy: Value, w: Value): Value {
   return g.matmul(dy, w);
 }
 
-/** Dequantizes one bitsandbytes 4-bit weight to float [N, K] inside the graph. */
-function dequantBnb4(c: RuleContext, packed: Value, absmax: Value, N: number, K: number, blockSize: number, quantType: number): Value {
+/**
+ * `packed` again, but only once `dy` exists (Where on a condition computed from dy, both branches `packed`). A
+ * dequantizer starts from initializers and runtime feeds only, so ORT may run it as early as it likes: every
+ * layer's float weight (and its int32 codes) would then sit in memory from the start of the step to its use in the
+ * backward. Fenced, each float copy lives from its dequantization to its one MatMul.
+ */
+function afterGradient(g: Graph, packed: Value, dy: Value): Value {
+  const first = g.reshape(g.slice(g.reshape(dy, ['n*']), 0, 0, 1, 1), [1]);
+  const cond = g.node('IsNaN', [first], [{ dtype: 'bool', shape: [1] }])[0]!;
+  return g.node('Where', [cond, packed, packed], [{ dtype: packed.dtype, shape: [...packed.shape] }])[0]!;
+}
+
+/** Dequantizes one bitsandbytes 4-bit weight to float [N, K] inside the graph, once `dy` exists. */
+function dequantBnb4(c: RuleContext, dy: Value, stored: Value, absmax: Value, N: number, K: number, blockSize: number, quantType: number): Value {
   const { g } = c;
   const four = c.feed('autodiff.u8_4', 'uint8', [1], Uint8Array.of(4));
   const fifteen = c.feed('autodiff.u8_15', 'uint8', [1], Uint8Array.of(15));
   const code = quantType === 1 ? c.feed('autodiff.nf4_code', 'float32', [16], Float32Array.from(NF4_CODE)) : c.feed('autodiff.fp4_code', 'float32', [16], Float32Array.from(FP4_CODE));
+  const packed = afterGradient(g, stored, dy);
   const P = packed.shape[0] as number;
   const hi = g.node('BitShift', [packed, four], [{ dtype: 'uint8', shape: [P] }], { direction: { kind: 'string', value: 'RIGHT' } })[0]!;
   const lo = g.node('BitwiseAnd', [packed, fifteen], [{ dtype: 'uint8', shape: [P] }])[0]!;
@@ -166,9 +179,10 @@ function dequantBnb4(c: RuleContext, packed: Value, absmax: Value, N: number, K:
   return g.reshape(w, [N, K]);
 }
 
-/** Dequantizes one MatMulNBits (4- or 8-bit) weight to float [N, K] inside the graph. */
-function dequantNBits(c: RuleContext, packed: Value, scales: Value, zp: Value | null, N: number, K: number, blockSize: number, bits: number): Value {
+/** Dequantizes one MatMulNBits (4- or 8-bit) weight to float [N, K] inside the graph, once `dy` exists. */
+function dequantNBits(c: RuleContext, dy: Value, stored: Value, scales: Value, zp: Value | null, N: number, K: number, blockSize: number, bits: number): Value {
   const { g } = c;
+  const packed = afterGradient(g, stored, dy);
   if (bits === 8) {
     // One byte per element, zero points [N·kb] one byte each (128 when absent).
     const kb = packed.shape[1] as number;
@@ -346,7 +360,7 @@ export const RULES: Record<string, GradRule> = {
       // Y = A·dequant(B) with B [N, K]: dY [.., N] → dX [.., K]. CUDA EP only.
       return [g.contrib('MatMulBnb4', [dy, c.x(1), c.x(2)], dy.dtype, [...dy.shape.slice(0, -1), K], { K: int(K), N: int(N), block_size: int(bs), quant_type: int(qt), transB: int(0) })];
     }
-    return [dxThroughWeight(g, dy, dequantBnb4(c, c.x(1), c.x(2), N, K, bs, qt))];
+    return [dxThroughWeight(g, dy, dequantBnb4(c, dy, c.x(1), c.x(2), N, K, bs, qt))];
   },
   MatMulNBits: (c) => {
     const dy = c.dy(0);
@@ -359,7 +373,7 @@ export const RULES: Record<string, GradRule> = {
     if (bits !== 4 && bits !== 8) c.g.fail(`MatMulNBits gradient: bits=${bits} is not supported (4 or 8)`);
     const zp = c.node.inputs[3] ? c.x(3) : null;
     if (zp && zp.dtype !== 'uint8') c.g.fail('MatMulNBits gradient: only packed uint8 zero points are supported');
-    return [dxThroughWeight(c.g, dy, dequantNBits(c, c.x(1), c.x(2), zp, N, K, bs, bits))];
+    return [dxThroughWeight(c.g, dy, dequantNBits(c, dy, c.x(1), c.x(2), zp, N, K, bs, bits))];
   },
   SoftmaxCrossEntropyLoss: (c) => {
     // scores [N, V], labels [N] int64; outputs loss (reduction 'sum' or 'none') and log_prob [N, V].

@@ -170,8 +170,8 @@ function dxThroughTable(g: Graph, d: Value, head: TableWeight, V: number, C: num
   let acc: Value | null = null;
   for (let v0 = 0; v0 < V; v0 += chunk) {
     const v1 = Math.min(V, v0 + chunk);
-    let ids = g.slice(vocabIds(), 0, v0, v1, v1 - v0);
-    if (acc) ids = g.add(ids, fenceI64(g, acc)); // one slice of the table dequantized at a time
+    // Each slice waits for the previous one's product (the first for d), so one [Vc, C] float slice exists at a time.
+    const ids = g.add(g.slice(vocabIds(), 0, v0, v1, v1 - v0), fenceI64(g, acc ?? d));
     const w = tableRows(g, head, ids, C); // [Vc, C]
     const part = g.matmul(g.slice(d, 1, v0, v1, v1 - v0), w); // [M, C]
     acc = acc ? g.add(acc, part) : part;
