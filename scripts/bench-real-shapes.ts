@@ -7,7 +7,8 @@
 // only one runs at a time. The machine is shared: figures are noisy. Writes bench-results/real-shapes.json.
 //
 // BENCH_PRESETS (default "qwen2.5-0.5b,llama-3.2-1b"), BENCH_FORMATS ("int4,nf4"), BENCH_EMBEDDINGS ("int8,float"),
-// BENCH_FT_STEPS (3, first untimed), BENCH_FT=0 skips fine-tuning, BENCH_GEN=0 skips generation.
+// BENCH_FT_STEPS (3, first untimed), BENCH_FT=0 skips fine-tuning, BENCH_GEN=0 skips generation, BENCH_TAG=x writes
+// real-shapes-x.json (runs split over subsets keep each other's results), BENCH_FT_EMBEDDINGS limits the fine-tunes to those tables.
 import os from 'node:os';
 import path from 'node:path';
 import { existsSync, promises as fs, mkdtempSync } from 'node:fs';
@@ -173,7 +174,7 @@ async function main(): Promise<void> {
           Object.assign(row, g, { gen_plan_mib: plan.mib, gen_plan_err: plan.mib / g.peak_rss_mib - 1 });
           plans[`${key} generate`] = plan.items;
         }
-        if (doFt) {
+        if (doFt && list<EmbeddingFormat>(process.env.BENCH_FT_EMBEDDINGS, tables.join(',')).includes(embeddings)) {
           process.stderr.write(`${key}: fine-tune r16 all-linear 1 × ${FT_SEQ} --recompute, ${FT_STEPS} steps…\n`);
           const f = await runChild<FtSample>(bundle, ['--ft', dir, data]);
           Object.assign(row, { ft_tok_s: f.ft_tok_s, ft_s_per_step: f.ft_s_per_step, ft_peak_rss_mib: f.ft_peak_rss_mib, ft_plan_mib: f.ft_plan_mib, ft_plan_err: f.ft_plan_mib / f.ft_peak_rss_mib - 1 });
@@ -206,7 +207,7 @@ async function main(): Promise<void> {
     qwen_gen_peak_vs_disk_plus_70: n(q8, 'peak_rss_mib') / (n(q8, 'disk_mib') + BASELINE_MIB),
   };
   process.stdout.write(`\nratios: ${JSON.stringify(ratios)}\ntargets: ${JSON.stringify(targets)}\n`);
-  const file = await writeJson('real-shapes.json', { prompt_tokens: PROMPT_TOKENS, new_tokens: NEW_TOKENS, ft: { rank: 16, targets: 'all-linear', batch: 1, seq_len: FT_SEQ, steps: FT_STEPS, recompute: true }, rows, plans, ratios, targets });
+  const file = await writeJson(process.env.BENCH_TAG ? `real-shapes-${process.env.BENCH_TAG}.json` : 'real-shapes.json', { prompt_tokens: PROMPT_TOKENS, new_tokens: NEW_TOKENS, ft: { rank: 16, targets: 'all-linear', batch: 1, seq_len: FT_SEQ, steps: FT_STEPS, recompute: true }, rows, plans, ratios, targets });
   process.stdout.write(`wrote ${file}\n`);
 }
 

@@ -232,7 +232,9 @@ function chunkedLoss(
       loss = loss ? g.add(loss, nll!) : nll!;
       const isIgn = g.equal(t, ign);
       const keep = g.cast(g.node('Not', [isIgn], [{ dtype: 'bool', shape: [Tc] }])[0]!, 'float32');
-      const safe = g.where(isIgn, g.constI64([0], [1]), t);
+      // Fenced behind this chunk's log-probabilities: the one-hot targets depend only on a graph input, and ORT
+      // would otherwise build every chunk's [Tc, V] one-hot at the start of the step.
+      const safe = g.add(g.where(isIgn, g.constI64([0], [1]), t), fenceI64(g, logp!));
       const onehot = g.node('OneHot', [safe, g.constI64([V], [1]), g.constF32([0, 1], [2])], [{ dtype: 'float32', shape: [Tc, V] }], { axis: { kind: 'int', value: -1 } })[0]!;
       const d = g.mul(g.sub(g.exp(logp!), onehot), g.mul(g.unsqueeze(keep, [1]), lossScale)); // [Tc, V]
       prev = dxThroughTable(g, d, head, V, C, vocabIds, sizes.tableRows); // [Tc, C]

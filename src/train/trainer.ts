@@ -20,7 +20,7 @@ import { EdgeloraError } from '../util/errors.js';
 import { Rng } from '../util/rng.js';
 import { writeDirAtomic, writeFileAtomic } from '../util/atomic.js';
 import { TrainSession, paramKey, countLabelTokens, type LoraParam, type LoraGrad, type MicroBatch } from './session.js';
-import type { LoraTarget } from './graph.js';
+import { LOSS_CHUNK, type LoraTarget } from './graph.js';
 import { optimizerUpdate, learningRate, clipByGlobalNorm, initLora, type OptimizerKind, type ScheduleKind, type TensorState } from './optim.js';
 import { estimateTrainingMemory, type TrainMemoryEstimate } from './memory.js';
 import { checkpointDir, hasCheckpoint, loadCheckpoint, saveCheckpoint, CHECKPOINT_FORMAT, type CheckpointState, type LogEntry } from './checkpoint.js';
@@ -205,7 +205,7 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
   let dequantBytes = 0;
   if (manifest.quant.format !== 'fp32') for (const p of LINEAR_PROJS) { const { N, K } = linearShape(cfg, p); dequantBytes = Math.max(dequantBytes, 12 * N * K); }
   const longest = Math.max(...examples.map((e) => e.inputIds.length));
-  const memory = estimateTrainingMemory({ cfg, baseBytes, dequantBytes, batch: Math.min(batchSize, examples.length), seqLen: Math.min(seqLen, longest), targets, dropout: dropoutP > 0, optimizer, recompute: o.recompute ?? false });
+  const memory = estimateTrainingMemory({ cfg, baseBytes, dequantBytes, batch: Math.min(batchSize, examples.length), seqLen: Math.min(seqLen, longest), targets, dropout: dropoutP > 0, optimizer, recompute: o.recompute ?? false, lossChunkRows: LOSS_CHUNK });
   if (o.memoryBudget !== undefined) {
     if (memory.bytes > o.memoryBudget) {
       const biggest = Object.entries(memory.breakdown).sort((a, b) => b[1] - a[1]).slice(0, 3).map(([k, v]) => `${k} ${formatBytes(v)}`).join(', ');
