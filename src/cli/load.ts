@@ -60,6 +60,8 @@ export function modelMemoryPlan(
         intermediate: cfg.intermediateSize,
         tiedEmbeddings: cfg.tieWordEmbeddings,
         prefillTokens: job.prefillTokens,
+        ...(manifest.quant.embeddings ? { embeddings: manifest.quant.embeddings } : {}),
+        ...(manifest.quant.embeddingBlockSize ? { embeddingBlockSize: manifest.quant.embeddingBlockSize } : {}),
       },
     },
     opts,

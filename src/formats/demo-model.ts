@@ -1,7 +1,9 @@
 // Demo checkpoints: a deterministic random-init Llama model in Hugging Face layout (config.json,
 // model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json), so every command
 // can be tried and tested without downloading weights. The tokenizer is byte-level BPE whose merges are
-// learned (deterministically) from a small built-in English text.
+// learned (deterministically) from a small built-in English text. The real-shape presets (qwen2.5-0.5b,
+// llama-3.2-1b, smollm2-360m) have the published shapes, in bf16 as Hugging Face ships them, with random weights:
+// they exist for benchmarks and memory tests, and their text is noise.
 // Dimension letters: C hidden, H heads, G kv heads, D head dim, F intermediate, V vocab.
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
@@ -12,9 +14,21 @@ import { writeDirAtomic, writeFileAtomic } from '../util/atomic.js';
 import { EdgeloraError } from '../util/errors.js';
 import { Rng } from '../util/rng.js';
 
-export type DemoPreset = 'tiny' | 'small';
+export type DemoPreset = 'tiny' | 'small' | 'qwen2.5-0.5b' | 'llama-3.2-1b' | 'smollm2-360m';
 
 export interface DemoPresetSpec {
+  /** config.json architectures[0]; default LlamaForCausalLM. Qwen2 implies q/k/v biases. */
+  architecture?: 'LlamaForCausalLM' | 'Qwen2ForCausalLM';
+  /** D; default C / H. */
+  headDim?: number;
+  /** Default 10000. */
+  ropeTheta?: number;
+  /** Default 1e-5. */
+  rmsNormEps?: number;
+  /** Llama 3's rope_scaling block, verbatim; default null. */
+  ropeScaling?: Record<string, number | string> | null;
+  /** Stored dtype of model.safetensors; default F32. */
+  dtype?: 'F32' | 'BF16';
   hiddenSize: number; // C
   numLayers: number;
   numHeads: number; // H
@@ -51,7 +65,55 @@ export const DEMO_PRESETS: Readonly<Record<DemoPreset, DemoPresetSpec>> = Object
     maxPositionEmbeddings: 2048,
     tieWordEmbeddings: true,
   },
+  // The published configs (Qwen/Qwen2.5-0.5B, meta-llama/Llama-3.2-1B, HuggingFaceTB/SmolLM2-360M), shapes only.
+  'qwen2.5-0.5b': {
+    architecture: 'Qwen2ForCausalLM',
+    hiddenSize: 896,
+    numLayers: 24,
+    numHeads: 14,
+    numKvHeads: 2,
+    headDim: 64,
+    intermediateSize: 4864,
+    vocabSize: 151936,
+    maxPositionEmbeddings: 32768,
+    tieWordEmbeddings: true,
+    ropeTheta: 1000000.0,
+    rmsNormEps: 1e-6,
+    dtype: 'BF16',
+  },
+  'llama-3.2-1b': {
+    hiddenSize: 2048,
+    numLayers: 16,
+    numHeads: 32,
+    numKvHeads: 8,
+    headDim: 64,
+    intermediateSize: 8192,
+    vocabSize: 128256,
+    maxPositionEmbeddings: 131072,
+    tieWordEmbeddings: true,
+    ropeTheta: 500000.0,
+    rmsNormEps: 1e-5,
+    ropeScaling: { factor: 32.0, high_freq_factor: 4.0, low_freq_factor: 1.0, original_max_position_embeddings: 8192, rope_type: 'llama3' },
+    dtype: 'BF16',
+  },
+  'smollm2-360m': {
+    hiddenSize: 960,
+    numLayers: 32,
+    numHeads: 15,
+    numKvHeads: 5,
+    headDim: 64,
+    intermediateSize: 2560,
+    vocabSize: 49152,
+    maxPositionEmbeddings: 8192,
+    tieWordEmbeddings: true,
+    ropeTheta: 100000.0,
+    rmsNormEps: 1e-5,
+    dtype: 'BF16',
+  },
 });
+
+/** Presets with published shapes (bf16, random weights), for benchmarks and memory tests. */
+export const REAL_SHAPE_PRESETS: readonly DemoPreset[] = ['qwen2.5-0.5b', 'llama-3.2-1b', 'smollm2-360m'];
 
 // ---------------------------------------------------------------------------------------------
 // Tokenizer
@@ -189,6 +251,19 @@ export interface DemoTokenizerFiles {
 
 let cachedTokenizer: DemoTokenizerFiles | undefined;
 
+/**
+ * The demo tokenizer padded to `vocabSize` ids, so that every id a real-shape model can emit decodes: the
+ * extra ids are byte-level vocabulary entries ("<|x123|>", printable ASCII, so the ByteLevel decoder maps them
+ * to their own text) that no merge produces, so encoding is unchanged.
+ */
+export function buildPaddedTokenizer(vocabSize: number): DemoTokenizerFiles {
+  const tok = buildDemoTokenizer();
+  if (vocabSize < tok.size) throw new EdgeloraError(`vocab_size ${vocabSize} is below the tokenizer's ${tok.size} ids`, { where: 'demo tokenizer' });
+  const model = tok.tokenizerJson.model as { vocab: Record<string, number> };
+  for (let id = tok.size; id < vocabSize; id++) model.vocab[`<|x${id}|>`] = id;
+  return { ...tok, size: vocabSize };
+}
+
 /** The demo tokenizer's tokenizer.json and tokenizer_config.json contents (deterministic). */
 export function buildDemoTokenizer(): DemoTokenizerFiles {
   if (cachedTokenizer) return structuredClone(cachedTokenizer);
@@ -282,21 +357,22 @@ export function demoConfigJson(preset: DemoPreset): Record<string, unknown> {
   const tok = buildDemoTokenizer();
   const vocab = p.vocabSize === 'tokenizer' ? Math.ceil(tok.size / 64) * 64 : p.vocabSize;
   if (vocab < tok.size) throw new EdgeloraError(`vocab_size ${vocab} is below the tokenizer's ${tok.size} ids`, { where: `demo preset ${preset}` });
+  const arch = p.architecture ?? 'LlamaForCausalLM';
   return {
-    architectures: ['LlamaForCausalLM'],
-    model_type: 'llama',
+    architectures: [arch],
+    model_type: arch === 'Qwen2ForCausalLM' ? 'qwen2' : 'llama',
     hidden_size: p.hiddenSize,
     intermediate_size: p.intermediateSize,
     num_hidden_layers: p.numLayers,
     num_attention_heads: p.numHeads,
     num_key_value_heads: p.numKvHeads,
-    head_dim: p.hiddenSize / p.numHeads,
+    head_dim: p.headDim ?? p.hiddenSize / p.numHeads,
     hidden_act: 'silu',
     max_position_embeddings: p.maxPositionEmbeddings,
     initializer_range: 0.02,
-    rms_norm_eps: 1e-5,
-    rope_theta: 10000.0,
-    rope_scaling: null,
+    rms_norm_eps: p.rmsNormEps ?? 1e-5,
+    rope_theta: p.ropeTheta ?? 10000.0,
+    rope_scaling: p.ropeScaling ?? null,
     attention_bias: false,
     attention_dropout: 0.0,
     mlp_bias: false,
@@ -305,7 +381,7 @@ export function demoConfigJson(preset: DemoPreset): Record<string, unknown> {
     bos_token_id: tok.ids.bos,
     eos_token_id: [tok.ids.eos, tok.ids.endOfTurn],
     pad_token_id: tok.ids.pad,
-    torch_dtype: 'float32',
+    torch_dtype: p.dtype === 'BF16' ? 'bfloat16' : 'float32',
     use_cache: true,
   };
 }
@@ -339,7 +415,10 @@ export async function makeDemoModel(
   }
   const configJson = demoConfigJson(preset);
   const cfg = parseHfConfig(configJson, 'demo config.json');
-  const tok = buildDemoTokenizer();
+  const spec = DEMO_PRESETS[preset];
+  // Real-shape vocabularies are far larger than the demo tokenizer: pad it so every id is valid.
+  const tok = spec.vocabSize === 'tokenizer' ? buildDemoTokenizer() : buildPaddedTokenizer(cfg.vocabSize);
+  const dtype = spec.dtype ?? 'F32';
   const shapes = expectedWeightShapes(cfg);
   const rng = new Rng(seed);
   let params = 0;
@@ -351,7 +430,7 @@ export async function makeDemoModel(
     // Producers run one at a time, in this order, so the single Rng stream is deterministic.
     entries.push({
       name,
-      dtype: 'F32',
+      dtype,
       shape,
       data: async () => {
         const w = new Float32Array(n);

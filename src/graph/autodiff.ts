@@ -37,6 +37,11 @@ export interface AutodiffOptions {
   readonly segmentOf?: (node: Node) => string | null;
   /** Gradient output name for a differentiated value; default `grad.<name>`. */
   readonly gradName?: (name: string) => string;
+  /**
+   * The gradient of `loss` when it is not a scalar loss but an intermediate value whose gradient the caller
+   * computed itself (same shape), e.g. the hidden state under a chunked lm_head + loss. Default: 1.
+   */
+  readonly seed?: Value;
 }
 
 export interface RuntimeFeed {
@@ -135,12 +140,25 @@ function dxThroughWeight(g: Graph, dy: Value, w: Value): Value {
   return g.matmul(dy, w);
 }
 
-/** Dequantizes one bitsandbytes 4-bit weight to float [N, K] inside the graph. */
-function dequantBnb4(c: RuleContext, packed: Value, absmax: Value, N: number, K: number, blockSize: number, quantType: number): Value {
+/**
+ * `packed` again, but only once `dy` exists (Where on a condition computed from dy, both branches `packed`). A
+ * dequantizer starts from initializers and runtime feeds only, so ORT may run it as early as it likes: every
+ * layer's float weight (and its int32 codes) would then sit in memory from the start of the step to its use in the
+ * backward. Fenced, each float copy lives from its dequantization to its one MatMul.
+ */
+function afterGradient(g: Graph, packed: Value, dy: Value): Value {
+  const first = g.reshape(g.slice(g.reshape(dy, ['n*']), 0, 0, 1, 1), [1]);
+  const cond = g.node('IsNaN', [first], [{ dtype: 'bool', shape: [1] }])[0]!;
+  return g.node('Where', [cond, packed, packed], [{ dtype: packed.dtype, shape: [...packed.shape] }])[0]!;
+}
+
+/** Dequantizes one bitsandbytes 4-bit weight to float [N, K] inside the graph, once `dy` exists. */
+function dequantBnb4(c: RuleContext, dy: Value, stored: Value, absmax: Value, N: number, K: number, blockSize: number, quantType: number): Value {
   const { g } = c;
   const four = c.feed('autodiff.u8_4', 'uint8', [1], Uint8Array.of(4));
   const fifteen = c.feed('autodiff.u8_15', 'uint8', [1], Uint8Array.of(15));
   const code = quantType === 1 ? c.feed('autodiff.nf4_code', 'float32', [16], Float32Array.from(NF4_CODE)) : c.feed('autodiff.fp4_code', 'float32', [16], Float32Array.from(FP4_CODE));
+  const packed = afterGradient(g, stored, dy);
   const P = packed.shape[0] as number;
   const hi = g.node('BitShift', [packed, four], [{ dtype: 'uint8', shape: [P] }], { direction: { kind: 'string', value: 'RIGHT' } })[0]!;
   const lo = g.node('BitwiseAnd', [packed, fifteen], [{ dtype: 'uint8', shape: [P] }])[0]!;
@@ -162,11 +180,13 @@ function dequantBnb4(c: RuleContext, packed: Value, absmax: Value, N: number, K:
 }
 
 /**
- * Dequantizes one MatMulNBits weight to float [N, K] inside the graph: 4 bits (two codes a byte) or 8
- * bits (GGUF Q8_0 / Q6_K), zero points packed uint8 or float32 [N·kb] (GGUF Q4_K's mins).
+ * Dequantizes one MatMulNBits weight to float [N, K] inside the graph, once `dy` exists: 4 bits (two codes
+ * a byte) or 8 bits (GGUF Q8_0 / Q6_K, quantized vocabulary tables), zero points packed uint8 or float32
+ * [N·kb] (GGUF Q4_K's mins).
  */
-function dequantNBits(c: RuleContext, packed: Value, scales: Value, zp: Value | null, N: number, K: number, blockSize: number, bits: number): Value {
+function dequantNBits(c: RuleContext, dy: Value, stored: Value, scales: Value, zp: Value | null, N: number, K: number, blockSize: number, bits: number): Value {
   const { g } = c;
+  const packed = afterGradient(g, stored, dy);
   const four = c.feed('autodiff.u8_4', 'uint8', [1], Uint8Array.of(4));
   const fifteen = c.feed('autodiff.u8_15', 'uint8', [1], Uint8Array.of(15));
   const levels = c.feed('autodiff.u4_levels', 'float32', [16], Float32Array.from([...Array(16).keys()]));
@@ -344,7 +364,7 @@ export const RULES: Record<string, GradRule> = {
       // Y = A·dequant(B) with B [N, K]: dY [.., N] → dX [.., K]. CUDA EP only.
       return [g.contrib('MatMulBnb4', [dy, c.x(1), c.x(2)], dy.dtype, [...dy.shape.slice(0, -1), K], { K: int(K), N: int(N), block_size: int(bs), quant_type: int(qt), transB: int(0) })];
     }
-    return [dxThroughWeight(g, dy, dequantBnb4(c, c.x(1), c.x(2), N, K, bs, qt))];
+    return [dxThroughWeight(g, dy, dequantBnb4(c, dy, c.x(1), c.x(2), N, K, bs, qt))];
   },
   MatMulNBits: (c) => {
     const dy = c.dy(0);
@@ -357,7 +377,7 @@ export const RULES: Record<string, GradRule> = {
     if (bits !== 4 && bits !== 8) c.g.fail(`MatMulNBits gradient: bits=${bits} (4 and 8 are supported)`);
     const zp = c.node.inputs[3] ? c.x(3) : null;
     if (zp && zp.dtype !== 'uint8' && zp.dtype !== 'float32') c.g.fail(`MatMulNBits gradient: ${zp.dtype} zero points (uint8 or float32 are supported)`);
-    return [dxThroughWeight(c.g, dy, dequantNBits(c, c.x(1), c.x(2), zp, N, K, bs, bits))];
+    return [dxThroughWeight(c.g, dy, dequantNBits(c, dy, c.x(1), c.x(2), zp, N, K, bs, bits))];
   },
   SoftmaxCrossEntropyLoss: (c) => {
     // scores [N, V], labels [N] int64; outputs loss (reduction 'sum' or 'none') and log_prob [N, V].
@@ -419,7 +439,7 @@ export function differentiate(g: Graph, loss: Value, wrt: readonly Value[], opts
   const forward = [...g.nodes];
   const producer = new Map<string, number>();
   forward.forEach((n, i) => n.outputs.forEach((o) => producer.set(o, i)));
-  if (numel(loss.shape.map((d) => (isNum(d) ? d : 2))) !== 1) g.fail(`loss ${loss.name} must be a single element, shape [${loss.shape}]`);
+  if (!opts.seed && numel(loss.shape.map((d) => (isNum(d) ? d : 2))) !== 1) g.fail(`loss ${loss.name} must be a single element, shape [${loss.shape}]`);
 
   // Values that depend on a wanted value (forward sweep) ...
   const dep = new Set(wrt.map((v) => v.name));
@@ -459,7 +479,7 @@ export function differentiate(g: Graph, loss: Value, wrt: readonly Value[], opts
     pending.set(name, [s]);
     return s;
   };
-  pushGrad(loss.name, g.withScope('grad', () => g.constF32([1], loss.shape.map(() => 1))));
+  pushGrad(loss.name, opts.seed ?? g.withScope('grad', () => g.constF32([1], loss.shape.map(() => 1))));
 
   // Recomputation: per segment, a map from original value names to recomputed ones.
   const segOf = (i: number) => opts.segmentOf?.(forward[i]!) ?? null;

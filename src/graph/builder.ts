@@ -165,6 +165,22 @@ export class Graph {
     return this.define({ name, dtype, shape });
   }
 
+  /**
+   * A second initializer over the same stored bytes as `source` (another name, possibly another shape with as
+   * many elements). ORT maps external data per initializer: a kernel that prepacks one and releases it (MatMulNBits)
+   * leaves the other's mapping untouched, so a kernel reading only a few rows of the other (GatherBlockQuantized)
+   * keeps only those pages resident. An embedded source is copied (small tensors only).
+   */
+  aliasInitializer(source: string, name: string, shape: number[]): Value {
+    if (this.values.has(name)) return this.value(name);
+    const src = this.initializers.get(source);
+    if (!src) return this.fail(`aliasInitializer: ${source} is not an initializer`);
+    if (numel(shape) !== numel(src.shape)) this.fail(`aliasInitializer ${name}: [${shape}] does not hold the ${numel(src.shape)} elements of ${source}`);
+    const init: Initializer = src.external ? { name, dtype: src.dtype, shape, external: src.external } : { name, dtype: src.dtype, shape, raw: src.raw! };
+    this.initializers.set(name, init);
+    return this.define({ name, dtype: src.dtype, shape });
+  }
+
   /** A small float32 constant (deduplicated). */
   constF32(values: number[] | Float32Array, shape: number[] = [values.length]): Value {
     return this.constant('float32', shape, Float32Array.from(values));

@@ -8,6 +8,7 @@
 import type { Graph, Value, Dim } from '../graph/builder.js';
 import { int } from '../graph/builder.js';
 import type { ModelConfig } from '../formats/hf-config.js';
+import { int4Layout } from '../quant/int4.js';
 
 export const LINEAR_PROJS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
 export type Proj = (typeof LINEAR_PROJS)[number];
@@ -50,19 +51,64 @@ export type BaseWeight =
   /** bitsandbytes layout for com.microsoft.MatMulBnb4: packed [(N·K+1)/2] uint8, absmax [ceil(N·K/bs)]. */
   | { kind: 'bnb4'; quantType: 'nf4' | 'fp4'; blockSize: number; packed: Value; absmax: Value }
   /**
-   * ORT int4 for com.microsoft.MatMulNBits: packed [N, K/bs, bs·bits/8], scales [N·K/bs], zero points packed
-   * uint8 (or float32 [N·K/bs], GGUF Q4_K's mins). bits 4 (default layout) or 8 (GGUF Q8_0 / Q6_K).
-   * accuracyLevel 4 quantizes activations to int8 inside the kernel (the fast CPU path); 0 keeps
-   * them float32 (exact against a float reference).
+   * ORT int4 (or int8) for com.microsoft.MatMulNBits: packed [N, K/bs, bs·bits/8], scales [N·K/bs], zero
+   * points packed uint8 (or float32 [N·K/bs], GGUF Q4_K's mins). bits 4 (default layout) or 8 (GGUF Q8_0 /
+   * Q6_K): MatMulNBits' bits attribute. accuracyLevel 4 quantizes activations to int8 inside the kernel (the
+   * fast CPU path); 0 keeps them float32 (exact against a float reference).
    */
   | { kind: 'int4'; bits: 4 | 8; blockSize: number; packed: Value; scales: Value; zeroPoints: Value | null; accuracyLevel: number };
+
+/**
+ * How a vocabulary table [V, C] (the embedding, and the lm_head: the same one when tied) sits in the graph.
+ * 'float': Gather for the lookup, Gemm(transB) for the lm_head (today's bitsandbytes-exact configuration).
+ * 'quantized': symmetric blockwise along C in MatMulNBits' layout, packed [V, C/bs, bs·bits/8] uint8 and scales
+ * [V, C/bs]; the lookup is com.microsoft.GatherBlockQuantized and the lm_head MatMulNBits, both reading the SAME
+ * stored bytes (one copy in model.onnx.data). The lookup names them through alias initializers (see
+ * Graph.aliasInitializer): ORT prepacks the lm_head's and releases it, while the lookup's mapping only ever touches
+ * the rows it reads, so ORT holds one copy, not the prepacked one plus the original (measured: 130 MiB less RSS for
+ * Qwen2.5-0.5B's int8 table). The alias also gives GatherBlockQuantized its scales as [V, C/bs, 1] without a
+ * constant-folded Reshape copy.
+ */
+export type TableWeight =
+  | { kind: 'float'; w: Value }
+  | { kind: 'quantized'; bits: 4 | 8; blockSize: number; packed: Value; scales: Value; accuracyLevel: number };
 
 /** Supplies weights to the graph (from a float checkpoint while quantizing, or from a quantized model). */
 export interface WeightProvider {
   /** The base weight of one projection, added to `g` as initializers. */
   linear(g: Graph, spec: LinearSpec): Promise<BaseWeight>;
-  /** A float tensor by Hugging Face name (norms, biases, embeddings, lm_head), added to `g`. */
+  /** A float tensor by Hugging Face name (norms, biases), added to `g`. */
   float(g: Graph, name: string, shape: number[]): Promise<Value>;
+  /** A vocabulary table [V, C] by Hugging Face name (model.embed_tokens.weight, lm_head.weight), added to `g`. */
+  table(g: Graph, name: string, shape: [number, number]): Promise<TableWeight>;
+}
+
+/** The rows of `table` for `ids` [.., n] → [.., n, C] float (the lookup; also a quantized table's dequantizer). */
+export function tableRows(g: Graph, table: TableWeight, ids: Value, C: number): Value {
+  if (table.kind === 'float') return g.gather(table.w, ids);
+  const V = table.packed.shape[0] as number;
+  const kb = C / table.blockSize;
+  const packed = g.aliasInitializer(table.packed.name, `${table.packed.name}.gather`, [...(table.packed.shape as number[])]);
+  const scales = g.aliasInitializer(table.scales.name, `${table.scales.name}.gather`, [V, kb, 1]);
+  const rows = g.contrib('GatherBlockQuantized', [packed, ids, scales], 'float32', [...ids.shape, kb, table.blockSize], {
+    bits: int(table.bits),
+    block_size: int(table.blockSize),
+    gather_axis: int(0),
+    quantize_axis: int(2),
+  }); // [B, T, C/bs, bs]
+  return g.reshape(rows, [...ids.shape, C]);
+}
+
+/** logits = x · tableᵀ: x [M, C] → [M, V], reading the table in its stored layout (never a transposed copy). */
+export function lmHead(g: Graph, x: Value, table: TableWeight, V: number, C: number): Value {
+  if (table.kind === 'float') return g.gemm(x, table.w, { transB: true });
+  return g.contrib('MatMulNBits', [x, table.packed, table.scales], 'float32', [x.shape[0]!, V], {
+    K: int(C),
+    N: int(V),
+    bits: int(table.bits),
+    block_size: int(table.blockSize),
+    accuracy_level: int(table.accuracyLevel),
+  });
 }
 
 /** LoRA operands of one linear: aT [K, R], bT [R, N] with the adapter scale already folded into bT. */
@@ -166,10 +212,17 @@ export interface BuildOptions {
   readonly inferLora?: boolean;
   /** Training: which projections get LoRA inputs and with what rank dimension. */
   readonly lora?: (layer: number, proj: Proj) => { rank: Dim; dropout?: boolean } | null;
+  /** Emit the lm_head and the logits output (default true); the trainer computes them chunk by chunk itself. */
+  readonly lmHead?: boolean;
 }
 
 export interface LlamaGraph {
-  readonly logits: Value; // [B, T, V]
+  /** [B, T, V] (inference: [B, L, V]); null when built with lmHead false. */
+  readonly logits: Value | null;
+  /** The final normed hidden state [B, T, C], the lm_head's input. */
+  readonly hidden: Value;
+  /** The lm_head's table (the embedding when tied). */
+  readonly head: TableWeight;
   /** LoRA graph inputs by "layer.proj" key (training) or "layer.group" key (inference). */
   readonly loraInputs: Map<string, { aT: Value; bT: Value; dropout?: Value; rowMask?: Value }>;
 }
@@ -263,8 +316,8 @@ function fuseBases(g: Graph, specs: LinearSpec[], bases: BaseWeight[]): BaseWeig
         (b.zeroPoints !== null) === zp && b.zeroPoints?.dtype === zpType);
       if (ws.length !== bases.length) return null;
       const kb = Math.ceil(specs[0]!.K / first.blockSize);
-      // Zero points: packed uint8 rows of ceil(kb·bits/8) bytes, or one float per block.
-      const zpRow = zpType === 'uint8' ? Math.ceil((kb * first.bits) / 8) : kb;
+      // Zero points: packed uint8 (two a byte at 4 bits, one at 8), or one float per block.
+      const { zpRow } = int4Layout(first.bits, first.blockSize, kb, zpType === 'float32');
       return {
         kind: 'int4',
         bits: first.bits,
@@ -284,22 +337,24 @@ export async function buildLlama(g: Graph, cfg: ModelConfig, weights: WeightProv
   if (H % G !== 0) g.fail(`num_attention_heads ${H} is not a multiple of num_key_value_heads ${G}`);
   const loraInputs = new Map<string, { aT: Value; bT: Value; dropout?: Value }>();
   const ids = g.input(INPUT.ids, 'int64', ['B', 'T']);
-  let h = g.gather(await weights.float(g, 'model.embed_tokens.weight', [V, C]), ids); // [B, T, C]
+  const embTable = await weights.table(g, 'model.embed_tokens.weight', [V, C]);
+  const h = tableRows(g, embTable, ids, C); // [B, T, C]
   const normW = (name: string) => weights.float(g, name, [C]);
   let hn: Value;
   if (opts.mode === 'infer') hn = await inferLayers(g, cfg, weights, h, normW, opts.inferLora === false ? null : loraInputs);
   else hn = await trainLayers(g, cfg, weights, h, normW, opts, loraInputs);
 
-  const head = cfg.tieWordEmbeddings ? g.value('model.embed_tokens.weight') : await weights.float(g, 'lm_head.weight', [V, C]);
+  const head = cfg.tieWordEmbeddings ? embTable : await weights.table(g, 'lm_head.weight', [V, C]);
+  if (opts.lmHead === false) return { logits: null, hidden: hn, head, loraInputs };
   // Inference computes logits only at the positions asked for (generation needs the last one).
   const rows = opts.mode === 'infer' ? g.gather(hn, g.input(INPUT.logitPositions, 'int64', ['L']), 1) : hn; // [B, L, C]
   const L = opts.mode === 'infer' ? 'L' : 'T';
-  // lm_head in the Hugging Face layout [V, C] via Gemm(transB), so a tied embedding is not copied.
+  // lm_head in the Hugging Face layout [V, C], so a tied embedding is not copied.
   const flat = g.reshape(rows, ['BL', C]);
   const outShape = g.concat([g.shapeOf(rows, 0, 2), g.constI64([V])], 0, 3); // [B, L, V] at run time
-  const logits = g.reshapeTo(g.gemm(flat, head, { transB: true }), outShape, ['B', L, V]);
+  const logits = g.reshapeTo(lmHead(g, flat, head, V, C), outShape, ['B', L, V]);
   const out = g.output(logits, OUTPUT.logits);
-  return { logits: out, loraInputs };
+  return { logits: out, hidden: hn, head, loraInputs };
 }
 
 /** The bias of a projection, if the architecture has one. */

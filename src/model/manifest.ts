@@ -23,6 +23,10 @@ export const manifestSchema = z.object({
     source: z.enum(['float', 'bnb-4bit', 'gguf']),
     /** MatMulNBits accuracy_level (int4 only). */
     int4AccuracyLevel: z.number().int().min(0).max(4).optional(),
+    /** The vocabulary table(s): float32, or symmetric 8/4-bit blocks (GatherBlockQuantized + MatMulNBits). Absent: float. */
+    embeddings: z.enum(['float', 'int8', 'int4']).optional(),
+    /** Elements of C per table scale (quantized tables only). */
+    embeddingBlockSize: z.number().int().positive().optional(),
   }),
   /** The GGUF file a model was imported from (`edgelora import-gguf`): its name, sha256 and tensor types. */
   gguf: z

@@ -11,7 +11,7 @@ import { loadHfConfig, checkWeightShapes, expectedWeightShapes } from '../format
 import { EdgeloraError } from '../util/errors.js';
 import { writeDirAtomic } from '../util/atomic.js';
 import { buildLlama } from './llama.js';
-import { CheckpointWeights, startFingerprint, type QuantOptions } from './weights.js';
+import { CheckpointWeights, DEFAULT_EMBEDDING_BLOCK_SIZE, startFingerprint, type QuantOptions } from './weights.js';
 import { DATA_FILE, MANIFEST_FILE, MODEL_FILE, MODEL_FORMAT, type Manifest } from './manifest.js';
 
 /** Files copied verbatim from the source checkpoint when present. */
@@ -55,7 +55,15 @@ export async function quantizeModel(
       outDir,
       async (tmp) => {
         const sink = new FileDataSink(path.join(tmp, DATA_FILE), DATA_FILE, 1024);
-        const hash = startFingerprint(raw, { format: opts.format, blockSize: opts.blockSize, doubleQuant: opts.doubleQuant });
+        const embeddings = opts.embeddings ?? 'float';
+        const embeddingBlockSize = embeddings === 'float' ? undefined : (opts.embeddingBlockSize ?? DEFAULT_EMBEDDING_BLOCK_SIZE);
+        // The table's format is part of the fingerprint; a float table leaves it as it was before tables could be quantized.
+        const hash = startFingerprint(raw, {
+          format: opts.format,
+          blockSize: opts.blockSize,
+          doubleQuant: opts.doubleQuant,
+          ...(embeddings === 'float' ? {} : { embeddings, embeddingBlockSize }),
+        });
         const int4AccuracyLevel = opts.format === 'int4' ? (opts.int4AccuracyLevel ?? 4) : undefined;
         const weights = new CheckpointWeights(reader, opts, hash, (name) => opts.onTensor?.(name, ++index, total));
         const g = new Graph({ external: sink });
@@ -85,6 +93,8 @@ export async function quantizeModel(
             doubleQuant: opts.doubleQuant,
             source: sources.has('bnb-4bit') ? 'bnb-4bit' : 'float',
             ...(int4AccuracyLevel === undefined ? {} : { int4AccuracyLevel }),
+            embeddings,
+            ...(embeddingBlockSize === undefined ? {} : { embeddingBlockSize }),
           },
           fingerprint: hash.digest('hex'),
           sourceConfig: raw,

@@ -12,13 +12,18 @@ import type { ModelConfig } from '../formats/hf-config.js';
 import { EdgeloraError } from '../util/errors.js';
 import { canonicalJson } from '../util/canonical-json.js';
 import { quantizeBnb4, dequantizeBnb4, nestAbsmax, denestAbsmax } from '../quant/bnb4.js';
-import { quantizeInt4, dequantizeInt4 } from '../quant/int4.js';
+import { quantizeInt4, dequantizeInt4, int4Layout } from '../quant/int4.js';
 import { readBnbWeight } from '../quant/bnb-checkpoint.js';
-import { linearWeightName, type BaseWeight, type LinearSpec, type WeightProvider, linearShape, type Proj } from './llama.js';
+import { linearWeightName, type BaseWeight, type LinearSpec, type TableWeight, type WeightProvider, linearShape, type Proj } from './llama.js';
 import { DATA_FILE, type Manifest } from './manifest.js';
 
 export type QuantFormat = 'fp32' | 'nf4' | 'fp4' | 'int4';
 export const QUANT_FORMATS: readonly QuantFormat[] = ['fp32', 'nf4', 'fp4', 'int4'];
+/** How the vocabulary table(s) are stored: float32 (bitsandbytes-exact), or symmetric 8/4-bit blocks along C. */
+export type EmbeddingFormat = 'float' | 'int8' | 'int4';
+export const EMBEDDING_FORMATS: readonly EmbeddingFormat[] = ['float', 'int8', 'int4'];
+/** Elements of C per table scale (llama.cpp's Q8_0/Q4_0 use 32 too). */
+export const DEFAULT_EMBEDDING_BLOCK_SIZE = 32;
 
 export interface QuantOptions {
   readonly format: QuantFormat;
@@ -28,6 +33,10 @@ export interface QuantOptions {
   readonly doubleQuant: boolean;
   /** MatMulNBits accuracy_level for int4: 4 = int8 activations (fast CPU path, default), 0 = float. */
   readonly int4AccuracyLevel?: number;
+  /** The vocabulary table(s): default 'float'. */
+  readonly embeddings?: EmbeddingFormat;
+  /** Elements of C per table scale (quantized tables only), a power of two ≥ 16 dividing C; default 32. */
+  readonly embeddingBlockSize?: number;
 }
 
 /** Initializer names of a projection's base weight in the graph (suffixes on the HF weight name). */
@@ -38,6 +47,8 @@ export const WEIGHT_SUFFIX = {
   int4: '.int4', // uint8 [N, K/bs, bs/2]
   scales: '.scales', // float32 [N·K/bs]
   zeroPoints: '.zero_points', // uint8 [N·ceil((K/bs)/2)]
+  table: '.qtable', // uint8 [V, C/bs, bs·bits/8]: a quantized vocabulary table (MatMulNBits layout, symmetric)
+  tableScales: '.qscales', // float32 [V, C/bs]
 };
 
 /** Adds an initializer and folds it into the fingerprint hash (name, dtype, shape, bytes). */
@@ -139,7 +150,7 @@ export class CheckpointWeights implements WeightProvider {
           kind: 'int4',
           bits: 4,
           blockSize: bs,
-          packed: addHashed(g, this.hash, name + WEIGHT_SUFFIX.int4, 'uint8', [N, kb, bs / 2], q.packed),
+          packed: addHashed(g, this.hash, name + WEIGHT_SUFFIX.int4, 'uint8', [N, kb, int4Layout(4, bs, kb).blob], q.packed),
           scales: addHashed(g, this.hash, name + WEIGHT_SUFFIX.scales, 'float32', [N * kb], q.scales),
           zeroPoints: q.zeroPoints ? addHashed(g, this.hash, name + WEIGHT_SUFFIX.zeroPoints, 'uint8', [q.zeroPoints.length], q.zeroPoints) : null,
           accuracyLevel: this.opts.int4AccuracyLevel ?? 4,
@@ -153,7 +164,40 @@ export class CheckpointWeights implements WeightProvider {
     this.onTensor?.(name);
     return addHashed(g, this.hash, name, 'float32', shape, await this.readFloat(name, shape));
   }
+
+  async table(g: Graph, name: string, shape: [number, number]): Promise<TableWeight> {
+    const fmt = this.opts.embeddings ?? 'float';
+    if (fmt === 'float') return { kind: 'float', w: await this.float(g, name, shape) };
+    const [V, C] = shape;
+    const bs = this.opts.embeddingBlockSize ?? DEFAULT_EMBEDDING_BLOCK_SIZE;
+    if (bs < 16 || (bs & (bs - 1)) !== 0 || C % bs !== 0) {
+      // GatherBlockQuantized returns whole blocks: a padded last block would not reshape to [.., C].
+      throw new EdgeloraError(`embedding block size ${bs} does not divide hidden size ${C} (or is not a power of two ≥ 16)`, {
+        where: name,
+        hint: `pick a power of two that divides ${C}, or --embeddings float`,
+      });
+    }
+    this.onTensor?.(name);
+    const bits = fmt === 'int8' ? 8 : 4;
+    // Symmetric: GatherBlockQuantized and MatMulNBits then agree on the implicit zero point 2^(bits−1) (checked
+    // against ORT in test/quant/ort-kernels.test.ts), and no zero-point tensor needs sharing.
+    const q = quantizeInt4(await this.readFloat(name, shape), V, C, { blockSize: bs, bits, symmetric: true });
+    return {
+      kind: 'quantized',
+      bits,
+      blockSize: bs,
+      packed: addHashed(g, this.hash, name + WEIGHT_SUFFIX.table, 'uint8', [V, q.kBlocks, int4Layout(bits, bs, q.kBlocks).blob], q.packed),
+      scales: addHashed(g, this.hash, name + WEIGHT_SUFFIX.tableScales, 'float32', [V, q.kBlocks], q.scales),
+      accuracyLevel: TABLE_ACCURACY_LEVEL,
+    };
+  }
 }
+
+/**
+ * MatMulNBits accuracy_level of a quantized lm_head: 4 (int8 activations). At 0 the CPU kernel has no 8-bit
+ * path and dequantizes the whole table per call (measured ~1 s per token for a 151,936 × 896 table).
+ */
+const TABLE_ACCURACY_LEVEL = 4;
 
 /** Starts the fingerprint hash with the canonical (sorted-key) config. */
 export function startFingerprint(rawConfig: Record<string, unknown>, quant: QuantOptions): Hash {
@@ -314,14 +358,14 @@ export class QuantizedWeights implements WeightProvider {
    * Bits and block size of a MatMulNBits weight from its packed shape [N, kBlocks, blockSize·bits/8]:
    * the bits are the ones for which kBlocks blocks cover K (a GGUF import mixes 4- and 8-bit weights).
    */
-  private nbitsLayout(name: string, K: number): { bits: 4 | 8; blockSize: number } {
-    const shape = this.tensors.get(name + WEIGHT_SUFFIX.int4)?.shape ?? [];
+  private nbitsLayout(name: string, K: number, suffix: string = WEIGHT_SUFFIX.int4): { bits: 4 | 8; blockSize: number } {
+    const shape = this.tensors.get(name + suffix)?.shape ?? [];
     const [kBlocks, blob] = [shape[1] ?? 0, shape[2] ?? 0];
     for (const bits of [4, 8] as const) {
       const blockSize = (blob * 8) / bits;
       if (blockSize >= 16 && Math.ceil(K / blockSize) === kBlocks) return { bits, blockSize };
     }
-    throw new EdgeloraError(`${name}: packed shape [${shape}] fits neither 4 nor 8 bits for K=${K}`, { where: this.dir, hint: 're-run `edgelora quantize`' });
+    throw new EdgeloraError(`${name}${suffix}: packed shape [${shape}] fits neither 4 nor 8 bits for K=${K}`, { where: this.dir, hint: 're-run `edgelora quantize`' });
   }
 
   /**
@@ -340,6 +384,39 @@ export class QuantizedWeights implements WeightProvider {
 
   async float(g: Graph, name: string, _shape: number[]): Promise<Value> {
     return this.ref(g, name);
+  }
+
+  /** Bits and block size of a stored quantized table, from its shape [V, C/bs, bs·bits/8]; null for a float one. */
+  tableLayout(name: string, C: number): { bits: 4 | 8; blockSize: number } | null {
+    if (!this.has(name + WEIGHT_SUFFIX.table)) return null;
+    // The table has a MatMulNBits weight's layout; GatherBlockQuantized also needs whole blocks.
+    const layout = this.nbitsLayout(name, C, WEIGHT_SUFFIX.table);
+    if (C % layout.blockSize !== 0) {
+      const shape = this.tensors.get(name + WEIGHT_SUFFIX.table)!.shape;
+      throw new EdgeloraError(`${name}${WEIGHT_SUFFIX.table} has shape [${shape}], which is no 4- or 8-bit table for C=${C}`, { where: this.dir, hint: 're-run `edgelora quantize`' });
+    }
+    return layout;
+  }
+
+  async table(g: Graph, name: string, shape: [number, number]): Promise<TableWeight> {
+    const layout = this.tableLayout(name, shape[1]);
+    if (!layout) return { kind: 'float', w: this.ref(g, name) };
+    return {
+      kind: 'quantized',
+      ...layout,
+      packed: this.ref(g, name + WEIGHT_SUFFIX.table),
+      scales: this.ref(g, name + WEIGHT_SUFFIX.tableScales),
+      accuracyLevel: TABLE_ACCURACY_LEVEL,
+    };
+  }
+
+  /** A vocabulary table [V, C] as float32, dequantized when stored quantized (references, quality reports). */
+  async dequantizedTable(name: string, V: number, C: number): Promise<Float32Array> {
+    const layout = this.tableLayout(name, C);
+    if (!layout) return this.readF32(name);
+    const packed = await this.readRaw(name + WEIGHT_SUFFIX.table);
+    const scales = await this.readF32(name + WEIGHT_SUFFIX.tableScales);
+    return dequantizeInt4({ N: V, K: C, blockSize: layout.blockSize, kBlocks: C / layout.blockSize, bits: layout.bits, packed, scales });
   }
 }
 

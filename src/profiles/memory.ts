@@ -81,7 +81,21 @@ export interface InferenceMemoryInput {
     tiedEmbeddings: boolean;
     /** Tokens of the longest prefill (one forward). */
     prefillTokens: number;
+    /** The vocabulary table's storage (quantize --embeddings); default float. */
+    embeddings?: 'float' | 'int8' | 'int4';
+    /** Elements of C per table scale (quantized tables). */
+    embeddingBlockSize?: number;
   };
+}
+
+/**
+ * Bytes ORT's MatMulNBits prepacking holds for a weight whose packed codes are `data` bytes and float scales
+ * `scales` bytes (x86-64, accuracy_level 4): the codes, plus ~3.5× the scales (scales and per-block sums in its
+ * own layout). Measured on Qwen2.5-0.5B's 151,936 × 896 table: 186 MiB at 8 bits (130 + 16.2), 121 MiB at 4 bits
+ * (65 + 16.2), RSS after load less the process.
+ */
+export function prepackedNBitsBytes(data: number, scales: number): number {
+  return data + 3.5 * scales;
 }
 
 /**
@@ -104,10 +118,22 @@ function runtimeItems(input: InferenceMemoryInput, kvBytes: number): Record<stri
   const floatHead = r.vocab * r.hidden * 4; // the lm_head, float32 [V, C]
   const floats = floatHead * (r.tiedEmbeddings ? 1 : 2);
   const items: Record<string, number> = { 'runtime (Node + onnxruntime)': RUNTIME_BASE_BYTES, 'session, arena, JS heap': SESSION_OVERHEAD_BYTES };
+  const emb = r.embeddings ?? 'float';
+  if (emb !== 'float') {
+    // A quantized table: MatMulNBits prepacks the lm_head's copy and releases it; the lookup's alias mapping keeps
+    // only the rows it reads resident. So the table counts once, as its prepacked size, not as on-disk bytes.
+    const bs = r.embeddingBlockSize ?? 32;
+    const data = (r.vocab * r.hidden * (emb === 'int8' ? 8 : 4)) / 8;
+    const scales = (r.vocab * r.hidden * 4) / bs;
+    const tables = r.tiedEmbeddings ? 1 : 2;
+    items['model weights'] = -tables * (data + scales); // taken off the on-disk figure below
+    items['prepacked lm_head'] = tables * prepackedNBitsBytes(data, scales);
+    if (r.format === 'int4') items['prepacked int4 weights'] = Math.max(0, input.modelBytes - tables * (data + scales));
+  }
   // ORT prepacks the lm_head Gemm (a second copy of the float table) and, for int4, every
   // MatMulNBits weight; nf4/fp4 sessions skip prepacking (MatMulBnb4 does not use it).
-  if (r.format === 'fp32' || r.format === 'int4') items['prepacked lm_head'] = floatHead;
-  if (r.format === 'int4') items['prepacked int4 weights'] = Math.max(0, input.modelBytes - floats);
+  if (emb === 'float' && (r.format === 'fp32' || r.format === 'int4')) items['prepacked lm_head'] = floatHead;
+  if (emb === 'float' && r.format === 'int4') items['prepacked int4 weights'] = Math.max(0, input.modelBytes - floats);
   // GroupQueryAttention builds its present cache (past + new) inside the graph each forward.
   items['KV cache, in-graph copy'] = kvBytes;
   // A prefill's activations: hidden states, the q/k/v and gate/up group outputs, attention; for
@@ -129,10 +155,12 @@ export function estimateInferenceMemory(input: InferenceMemoryInput, opts: { wha
   const batch = input.batch ?? 1;
   const elem = input.kvBytesPerElement ?? 4;
   const kv = 2 * input.layers * input.kvHeads * input.headDim * input.context * elem * batch;
+  const rt = runtimeItems(input, kv);
   const breakdown: Record<string, number> = {
-    'model weights': input.modelBytes,
+    // A quantized table's on-disk bytes are replaced by its prepacked copy (runtimeItems' negative 'model weights').
+    'model weights': input.modelBytes + (rt['model weights'] ?? 0),
     [`KV cache (${input.context} tokens × ${batch})`]: kv,
-    ...runtimeItems(input, kv),
+    ...Object.fromEntries(Object.entries(rt).filter(([k]) => k !== 'model weights')),
     ...(input.extra ?? {}),
   };
   const bytes = Object.values(breakdown).reduce((a, b) => a + b, 0);

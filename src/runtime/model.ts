@@ -150,7 +150,7 @@ export class ModelRuntime {
     const manifest = await readManifest(dir);
     const cfg = parseHfConfig(manifest.sourceConfig, path.join(dir, 'manifest.json'));
     const tokenizer = await loadTokenizer(dir);
-    const session = await createSession({ kind: 'decoder', model: path.join(dir, MODEL_FILE), sessionOptions: opts.sessionOptions, format: manifest.quant.format, where: path.join(dir, MODEL_FILE) });
+    const session = await createSession({ kind: 'decoder', model: path.join(dir, MODEL_FILE), sessionOptions: opts.sessionOptions, format: manifest.quant.format, embeddings: manifest.quant.embeddings, where: path.join(dir, MODEL_FILE) });
     return new ModelRuntime(dir, manifest, cfg, tokenizer, session, opts.sessionOptions);
   }
 
@@ -174,12 +174,12 @@ export class ModelRuntime {
     if (this.loraReady) return;
     this.switching ??= (async () => {
       const bytes = await buildLoraInferenceGraph(this.dir, this.manifest, this.cfg);
-      const format = this.manifest.quant.format;
+      const { format, embeddings } = this.manifest.quant;
       await this.current.release();
       try {
-        this.current = await createSession({ kind: 'lora-twin', model: bytes, sessionOptions: this.options, externalDataDir: this.dir, format, where: this.dir });
+        this.current = await createSession({ kind: 'lora-twin', model: bytes, sessionOptions: this.options, externalDataDir: this.dir, format, embeddings, where: this.dir });
       } catch (err) {
-        this.current = await createSession({ kind: 'decoder', model: path.join(this.dir, MODEL_FILE), sessionOptions: this.options, format, where: path.join(this.dir, MODEL_FILE) });
+        this.current = await createSession({ kind: 'decoder', model: path.join(this.dir, MODEL_FILE), sessionOptions: this.options, format, embeddings, where: path.join(this.dir, MODEL_FILE) });
         throw err;
       }
       this.inputNames = new Set(this.current.inputNames);

@@ -5,7 +5,7 @@
 import ort from 'onnxruntime-node';
 import os from 'node:os';
 import path from 'node:path';
-import type { QuantFormat } from '../model/weights.js';
+import type { EmbeddingFormat, QuantFormat } from '../model/weights.js';
 import { EdgeloraError } from '../util/errors.js';
 
 export type SessionKind = 'decoder' | 'lora-twin' | 'train' | 'merge';
@@ -22,13 +22,14 @@ interface KindRule {
    * Whether ORT may prepack weights. In an nf4/fp4 graph the only kernel ORT prepacks is the lm_head
    * Gemm, and its packed copy duplicates the (tied) embedding table: on the small preset prepacking
    * cost ~100 MiB of RSS and no decode speed (bench: 445 → 348 MiB peak). int4's MatMulNBits and
-   * fp32's MatMul need it.
+   * fp32's MatMul need it, and so does a quantized vocabulary table's lm_head (MatMulNBits): unpacked it
+   * dequantizes the whole table per call (~0.9 s a token for Qwen2.5-0.5B's).
    */
-  readonly prepack: (format: QuantFormat | undefined) => boolean;
+  readonly prepack: (format: QuantFormat | undefined, embeddings: EmbeddingFormat | undefined) => boolean;
 }
 
 const CPU_ALL_CORES: SessionOptions = { executionProviders: ['cpu'], intraOpNumThreads: os.availableParallelism(), graphOptimizationLevel: 'all' };
-const inferencePrepack = (f: QuantFormat | undefined): boolean => f !== 'nf4' && f !== 'fp4';
+const inferencePrepack = (f: QuantFormat | undefined, e: EmbeddingFormat | undefined): boolean => (f !== 'nf4' && f !== 'fp4') || (e ?? 'float') !== 'float';
 
 const RULES: Readonly<Record<SessionKind, KindRule>> = {
   decoder: { what: 'the model', hint: 're-run `edgelora quantize`; the directory may be incomplete', defaults: CPU_ALL_CORES, prepack: inferencePrepack },
@@ -49,6 +50,8 @@ export interface SessionRequest {
   readonly externalDataDir?: string | undefined;
   /** The base model's quantization, which decides prepacking. */
   readonly format?: QuantFormat | undefined;
+  /** The base model's vocabulary table format (manifest `quant.embeddings`; absent = float), which also decides it. */
+  readonly embeddings?: EmbeddingFormat | undefined;
   /** Named in errors: the model directory or the job. */
   readonly where: string;
 }
@@ -62,7 +65,7 @@ export function sessionOptionsFor(req: Omit<SessionRequest, 'model' | 'where'>):
   const extra = { ...((rule.defaults.extra ?? {}) as Record<string, unknown>), ...((given.extra ?? {}) as Record<string, unknown>) };
   // Session config entries merge key by key: a profile's entries survive the ones set here.
   const session: SessionConfig = { ...((extra.session ?? {}) as SessionConfig) };
-  if (!rule.prepack(req.format)) session.disable_prepacking = '1';
+  if (!rule.prepack(req.format, req.embeddings)) session.disable_prepacking = '1';
   if (req.externalDataDir !== undefined) session.model_external_initializers_file_folder_path = path.resolve(req.externalDataDir);
   const out: SessionOptions = { ...rule.defaults, ...given };
   return Object.keys(session).length > 0 ? { ...out, extra: { ...extra, session } } : Object.keys(extra).length > 0 ? { ...out, extra } : out;

@@ -20,6 +20,8 @@ export interface TrainMemoryInput {
   readonly dropout: boolean;
   readonly optimizer: 'adamw' | 'sgd';
   readonly recompute: boolean;
+  /** Positions per chunk of the chunked lm_head + loss (src/train/graph.ts), when the graph is built chunked. */
+  readonly lossChunkRows?: number;
   /** Node.js + onnxruntime resident baseline, default 120 MB (measured on linux-x64). */
   readonly runtimeBytes?: number;
 }
@@ -52,8 +54,9 @@ export function estimateTrainingMemory(input: TrainMemoryInput): TrainMemoryEsti
   }
   const boundary = 4 * tokens * cfg.hiddenSize;
   const activations = input.recompute ? cfg.numLayers * boundary + 2 * maxLayer : all + 2 * maxLayer / cfg.numLayers;
-  // logits, log-probabilities and their gradient, [B·T, V] each.
-  const logits = 3 * 4 * tokens * cfg.vocabSize;
+  // Full: logits, log-probabilities and their gradient, [B·T, V] each. Chunked: one chunk's logits,
+  // log-probabilities, one-hot targets and gradient, [rows, V] each.
+  const logits = input.lossChunkRows ? 4 * 4 * Math.min(tokens, input.lossChunkRows) * cfg.vocabSize : 3 * 4 * tokens * cfg.vocabSize;
   let params = 0;
   for (const t of targets) params += t.rank * (t.K + t.N);
   const breakdown: Record<string, number> = {

@@ -20,6 +20,8 @@ export interface LoraParam {
   readonly r: number;
   readonly K: number;
   readonly N: number;
+  /** lora_alpha as configured (kept, not rebuilt from scale: under rsLoRA scale·r is not alpha). */
+  readonly alpha: number;
   /** alpha / r (or alpha / √r): multiplies B·A. */
   readonly scale: number;
   a: Float32Array; // [R, K]
@@ -68,6 +70,8 @@ export class TrainSession {
     private readonly session: ort.InferenceSession,
     private readonly constFeeds: Record<string, ort.Tensor>,
     readonly padTokenId: number,
+    /** The B·T bound the chunked loss was built for (undefined: not chunked, any size). */
+    readonly maxTokens: number | undefined,
   ) {
     this.inv = inverseFrequencies(cfg);
   }
@@ -79,7 +83,7 @@ export class TrainSession {
     const session = await createSession({ kind: 'train', model: tg.bytes, sessionOptions: opts.sessionOptions, externalDataDir: dir, format: manifest.quant.format, where: dir });
     const constFeeds: Record<string, ort.Tensor> = {};
     for (const [name, f] of tg.runtimeFeeds) constFeeds[name] = new ort.Tensor(f.dtype as 'float32', f.data as Float32Array, f.shape);
-    return new TrainSession(cfg, targets, opts.dropout, session, constFeeds, opts.padTokenId);
+    return new TrainSession(cfg, targets, opts.dropout, session, constFeeds, opts.padTokenId, opts.maxTokens);
   }
 
   /**
@@ -91,6 +95,9 @@ export class TrainSession {
     const B = batch.inputIds.length;
     if (B === 0) throw new EdgeloraError('empty micro-batch');
     const T = Math.max(...batch.inputIds.map((r) => r.length));
+    if (this.maxTokens !== undefined && B * T > this.maxTokens) {
+      throw new EdgeloraError(`micro-batch of ${B} × ${T} tokens exceeds the ${this.maxTokens} the training graph was built for`, { where: 'TrainSession.step', hint: 'build the session with maxTokens ≥ batch size × seq-len' });
+    }
     const D = this.cfg.headDim;
     const ids = new BigInt64Array(B * T);
     const targets = new BigInt64Array(B * T).fill(BigInt(IGNORE));

@@ -20,7 +20,7 @@ import { EdgeloraError } from '../util/errors.js';
 import { Rng } from '../util/rng.js';
 import { writeDirAtomic, writeFileAtomic } from '../util/atomic.js';
 import { TrainSession, paramKey, countLabelTokens, type LoraParam, type LoraGrad, type MicroBatch } from './session.js';
-import type { LoraTarget } from './graph.js';
+import { LOSS_CHUNK, type LoraTarget } from './graph.js';
 import { optimizerUpdate, learningRate, clipByGlobalNorm, initLora, type OptimizerKind, type ScheduleKind, type TensorState } from './optim.js';
 import { estimateTrainingMemory, type TrainMemoryEstimate } from './memory.js';
 import { checkpointDir, hasCheckpoint, loadCheckpoint, saveCheckpoint, CHECKPOINT_FORMAT, type CheckpointState, type LogEntry } from './checkpoint.js';
@@ -177,7 +177,7 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
     if (o.loraDropout !== undefined) config = { ...config, lora_dropout: o.loraDropout };
     for (const m of ad.modules.values()) {
       const { N, K } = linearShape(cfg, m.proj);
-      params.set(paramKey(m.layer, m.proj), { layer: m.layer, proj: m.proj, r: m.r, K, N, scale: m.scale, a: Float32Array.from(m.a), b: Float32Array.from(m.b) });
+      params.set(paramKey(m.layer, m.proj), { layer: m.layer, proj: m.proj, r: m.r, K, N, alpha: m.alpha, scale: m.scale, a: Float32Array.from(m.a), b: Float32Array.from(m.b) });
     }
   } else {
     const rank = o.rank ?? 8;
@@ -190,7 +190,7 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
       for (const proj of LINEAR_PROJS.filter((p) => projs.includes(p))) {
         const { N, K } = linearShape(cfg, proj);
         const { a, b } = initLora(rng, rank, K, N);
-        params.set(paramKey(layer, proj), { layer, proj, r: rank, K, N, scale: loraScale(alpha, rank, false), a, b });
+        params.set(paramKey(layer, proj), { layer, proj, r: rank, K, N, alpha, scale: loraScale(alpha, rank, false), a, b });
       }
     }
   }
@@ -205,7 +205,7 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
   let dequantBytes = 0;
   if (manifest.quant.format !== 'fp32') for (const p of LINEAR_PROJS) { const { N, K } = linearShape(cfg, p); dequantBytes = Math.max(dequantBytes, 12 * N * K); }
   const longest = Math.max(...examples.map((e) => e.inputIds.length));
-  const memory = estimateTrainingMemory({ cfg, baseBytes, dequantBytes, batch: Math.min(batchSize, examples.length), seqLen: Math.min(seqLen, longest), targets, dropout: dropoutP > 0, optimizer, recompute: o.recompute ?? false });
+  const memory = estimateTrainingMemory({ cfg, baseBytes, dequantBytes, batch: Math.min(batchSize, examples.length), seqLen: Math.min(seqLen, longest), targets, dropout: dropoutP > 0, optimizer, recompute: o.recompute ?? false, lossChunkRows: LOSS_CHUNK });
   if (o.memoryBudget !== undefined) {
     if (memory.bytes > o.memoryBudget) {
       const biggest = Object.entries(memory.breakdown).sort((a, b) => b[1] - a[1]).slice(0, 3).map(([k, v]) => `${k} ${formatBytes(v)}`).join(', ');
@@ -273,6 +273,8 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
     dropout: dropoutP > 0,
     recompute: o.recompute ?? false,
     bnb4Backward: o.bnb4Backward ?? 'dequantize',
+    // Every micro-batch (training and eval) is at most batchSize rows of at most seqLen tokens.
+    maxTokens: batchSize * seqLen,
     padTokenId: tok.padTokenId,
     ...(o.sessionOptions ? { sessionOptions: o.sessionOptions } : {}),
   });
@@ -354,7 +356,7 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
 
   // --- output ---
   if (!interrupted) {
-    const modules: LoraModule[] = [...params.values()].map((p) => ({ layer: p.layer, proj: p.proj, r: p.r, alpha: p.scale * p.r, scale: p.scale, a: p.a, b: p.b }));
+    const modules: LoraModule[] = [...params.values()].map((p) => ({ layer: p.layer, proj: p.proj, r: p.r, alpha: p.alpha, scale: p.scale, a: p.a, b: p.b }));
     await writeDirAtomic(out, async (tmp) => {
       const inner = path.join(tmp, 'adapter');
       await saveAdapter(inner, { config, modules, baseFingerprint: manifest.fingerprint }, { dtype: o.dtype ?? 'F32' });

@@ -39,7 +39,11 @@ export async function dequantizedWeights(dir: string): Promise<{ cfg: ModelConfi
   const cfg = parseHfConfig(manifest.sourceConfig, dir);
   const qw = await QuantizedWeights.open(dir, manifest);
   const map = new Map<string, Float32Array>();
-  for (const t of qw.tensors.values()) if (t.dtype === 'float32' && !t.name.startsWith('const_') && !/\.(T|absmax|scales)$/.test(t.name)) map.set(t.name, await qw.readF32(t.name));
+  for (const t of qw.tensors.values()) if (t.dtype === 'float32' && !t.name.startsWith('const_') && !/\.(T|absmax|scales|qscales)$/.test(t.name)) map.set(t.name, await qw.readF32(t.name));
+  // A quantized vocabulary table, dequantized (a float one was read above).
+  for (const name of ['model.embed_tokens.weight', 'lm_head.weight']) {
+    if (qw.tableLayout(name, cfg.hiddenSize)) map.set(name, await qw.dequantizedTable(name, cfg.vocabSize, cfg.hiddenSize));
+  }
   for (let l = 0; l < cfg.numLayers; l++) for (const p of LINEAR_PROJS) map.set(linearWeightName(l, p), await qw.dequantizedLinear(cfg, l, p));
   return {
     cfg,

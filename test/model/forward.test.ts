@@ -84,6 +84,15 @@ test(`int4 (accuracy_level 4, int8 activations) stays within ${TOL_INT4_ACC4} of
   await checkAgainstReference(await quantized(hf, tmp.dir, 'm-int4-a4', { format: 'int4' }), TOL_INT4_ACC4, 'int4 acc4');
 });
 
+// A quantized vocabulary table: the lookup (GatherBlockQuantized) and the lm_head (MatMulNBits at accuracy_level 4,
+// int8 activations) against the reference forward on the dequantized table.
+for (const [format, embeddings] of [['nf4', 'int8'], ['int4', 'int8'], ['int4', 'int4'], ['fp32', 'int8']] as const) {
+  test(`${format} with an ${embeddings} table stays within ${TOL_INT4_ACC4} of the reference on the dequantized table`, async () => {
+    const dir = await quantized(hf, tmp.dir, `m-${format}-${embeddings}`, { format, embeddings });
+    await checkAgainstReference(dir, TOL_INT4_ACC4, `${format} + ${embeddings} table`);
+  });
+}
+
 test('decode with the KV cache equals recomputing the whole sequence', async () => {
   const dir = await quantized(hf, tmp.dir, 'm-kv', { format: 'nf4' });
   const rt = await ModelRuntime.load(dir);

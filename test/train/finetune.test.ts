@@ -85,7 +85,7 @@ test('one SGD step from a given adapter equals adapter − lr·gradient', async 
   const params = new Map<string, LoraParam>();
   for (const m of modules) {
     const { N, K } = linearShape(cfg, m.proj);
-    params.set(paramKey(m.layer, m.proj), { layer: m.layer, proj: m.proj, r: m.r, K, N, scale: m.scale, a: m.a, b: m.b });
+    params.set(paramKey(m.layer, m.proj), { layer: m.layer, proj: m.proj, r: m.r, K, N, alpha: m.alpha, scale: m.scale, a: m.a, b: m.b });
   }
   const targets = [...params.values()].map((p) => ({ layer: p.layer, proj: p.proj, rank: p.r, K: p.K, N: p.N }));
   const session = await TrainSession.create(model, manifest, cfg, targets, { dropout: false, padTokenId: tok.padTokenId });

@@ -50,7 +50,7 @@ function randomParams(cfg: ModelConfig, seed: number): Map<string, LoraParam> {
   const params = new Map<string, LoraParam>();
   for (const t of loraTargets(cfg, LINEAR_PROJS, () => RANK)) {
     params.set(paramKey(t.layer, t.proj), {
-      layer: t.layer, proj: t.proj, r: RANK, K: t.K, N: t.N, scale: 1.5,
+      layer: t.layer, proj: t.proj, r: RANK, K: t.K, N: t.N, alpha: 1.5 * RANK, scale: 1.5,
       a: Float32Array.from({ length: RANK * t.K }, () => 0.1 * rng.normal()),
       b: Float32Array.from({ length: RANK * t.N }, () => 0.1 * rng.normal()),
     });
@@ -176,3 +176,41 @@ test('recomputing layer activations in backward gives the same gradients', async
   assert.equal(a.loss, b.loss);
   assert.ok(maxDiff / scale < TOL_RECOMPUTE, `recompute changed gradients by ${maxDiff} (relative ${maxDiff / scale})`);
 });
+
+/** The chunked lm_head + loss must give the full-logits gradients up to float32 reordering. */
+const TOL_CHUNKED = 1e-6;
+
+// Chunks of 5 positions over 16 (4 chunks, the last padded), and a quantized table dequantized 300 rows at a time
+// (4 slices over the tiny vocabulary): both loops run more than once and end ragged.
+for (const [format, embeddings] of [['fp32', 'float'], ['int4', 'int8']] as const) {
+  test(`chunked lm_head + loss (gradient fed back per chunk) equals the full-logits graph: ${format} base, ${embeddings} table (relative ${TOL_CHUNKED})`, async () => {
+    const dir = await quantized(hf, root.dir, `m-chunk-${format}-${embeddings}`, { format, embeddings, ...(format === 'int4' ? { int4AccuracyLevel: 0 } : {}) });
+    const manifest = await readManifest(dir);
+    const cfg = parseHfConfig(manifest.sourceConfig, dir);
+    const targets = loraTargets(cfg, LINEAR_PROJS, () => RANK);
+    const params = randomParams(cfg, 17);
+    const count = countLabelTokens(BATCH.labels);
+    const full = await TrainSession.create(dir, manifest, cfg, targets, { dropout: false, padTokenId: 609 });
+    const a = await full.step(BATCH, params, 1 / count);
+    await full.release();
+    const chunked = await TrainSession.create(dir, manifest, cfg, targets, { dropout: false, padTokenId: 609, maxTokens: 16, lossChunk: 5, tableChunk: 300 });
+    const b = await chunked.step(BATCH, params, 1 / count);
+    await chunked.release();
+    const lossRel = Math.abs(a.loss - b.loss) / Math.abs(a.loss);
+    let maxDiff = 0;
+    let scale = 0;
+    for (const [key, ga] of a.grads) {
+      const gb = b.grads.get(key)!;
+      for (const which of ['a', 'b'] as const) {
+        for (let i = 0; i < ga[which].length; i++) {
+          maxDiff = Math.max(maxDiff, Math.abs(ga[which][i]! - gb[which][i]!));
+          scale = Math.max(scale, Math.abs(ga[which][i]!));
+        }
+      }
+    }
+    console.log(`${format}/${embeddings}: loss relative difference ${lossRel.toExponential(2)}, gradients max |Δ| ${maxDiff.toExponential(2)} (relative ${(maxDiff / scale).toExponential(2)})`);
+    assert.ok(scale > 0, 'gradients are all zero');
+    assert.ok(lossRel < TOL_CHUNKED, `loss: ${a.loss} vs chunked ${b.loss}`);
+    assert.ok(maxDiff / scale < TOL_CHUNKED, `chunked changed gradients by ${maxDiff} (relative ${maxDiff / scale})`);
+  });
+}

@@ -1,6 +1,7 @@
 // Personalization on the nf4 tiny base: a short fine-tune on examples/personal.jsonl (a fictional
 // user's name and city) makes greedy generation with the adapter complete the personal prompts,
-// while the base without the adapter does not.
+// while the base without the adapter does not. Run with the float table (the bitsandbytes-exact
+// configuration) and with the int8 table `quantize` defaults to: the personal answers must hold on both.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
@@ -20,16 +21,16 @@ const PROBES: [string, string][] = [
 const STEPS = 150;
 
 let root: { dir: string; cleanup: () => void };
-let model: string;
+let hf: string;
 before(async () => {
   root = tempDir('edgelora-personal-');
-  const hf = await tinyCheckpoint(root.dir, 1);
-  model = await quantized(hf, root.dir, 'nf4', { format: 'nf4', blockSize: 64 });
+  hf = await tinyCheckpoint(root.dir, 1);
 });
 after(() => root.cleanup());
 
-test(`≤${STEPS} steps on a few personal rows teach the nf4 tiny base the user's name and city`, async () => {
-  const out = path.join(root.dir, 'personal-adapter');
+for (const embeddings of ['float', 'int8'] as const) test(`≤${STEPS} steps on a few personal rows teach the nf4 tiny base (${embeddings} table) the user's name and city`, async () => {
+  const model = await quantized(hf, root.dir, `nf4-${embeddings}`, { format: 'nf4', blockSize: 64, embeddings });
+  const out = path.join(root.dir, `personal-adapter-${embeddings}`);
   const res = await finetune({ model, data: DATA, out, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], rank: 16, alpha: 32, lr: 1e-2, schedule: 'constant', steps: STEPS, batchSize: 8, loraDropout: 0, seed: 0 });
   console.log(`loss ${res.losses[0]!.toFixed(3)} → ${res.finalLoss.toFixed(3)} in ${res.steps} steps, ${res.tokensPerSecond.toFixed(0)} tok/s`);
   assert.ok(res.steps <= STEPS);

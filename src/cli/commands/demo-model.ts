@@ -6,7 +6,7 @@ import { makeDemoModel, DEMO_PRESETS, type DemoPreset } from '../../formats/demo
 
 const help = `Usage: edgelora demo-model <out-dir> [flags]
 
-Writes a random-init Llama model (config.json, model.safetensors in float32, byte-level BPE
+Writes a random-init Llama model (config.json, model.safetensors, byte-level BPE
 tokenizer.json, tokenizer_config.json with a chat template, generation_config.json).
 Same preset and seed give byte-identical files. Weights are random: the text it generates is noise.
 
@@ -14,9 +14,14 @@ Presets:
   tiny    ~0.9M parameters: hidden 128, 4 layers, 4 heads / 2 KV heads, MLP 384, tied embeddings (~3.5 MB)
   small   ~100M parameters: hidden 768, 12 layers, 12 heads / 4 KV heads, MLP 2048, vocab 32000,
           tied embeddings (~400 MB)
+  qwen2.5-0.5b, llama-3.2-1b, smollm2-360m
+          the published shapes of Qwen2.5-0.5B (Qwen2 q/k/v biases, vocab 151936), Llama-3.2-1B
+          (llama3 rope_scaling, vocab 128256) and SmolLM2-360M, tied, in bf16 (~1.0 / 2.5 / 0.7 GB),
+          with the tokenizer padded to the whole vocabulary. RANDOM weights: for benchmarks and
+          memory tests only. tiny and small are float32.
 
 Flags:
-  --preset NAME   tiny or small (default tiny)
+  --preset NAME   one of the presets above (default tiny)
   --seed N        random seed, an integer (default 0)
   --force         replace <out-dir> if it exists
   --json          print {"dir", "preset", "seed", "params"} as JSON

@@ -2,7 +2,7 @@
 import type { Command } from '../command.js';
 import { parseFlags, numberFlag, requirePositional, choiceFlag, checkOutputPath } from '../command.js';
 import { quantizeModel, DEFAULT_BLOCK_SIZE } from '../../model/quantize.js';
-import { QUANT_FORMATS, type QuantFormat } from '../../model/weights.js';
+import { EMBEDDING_FORMATS, QUANT_FORMATS, type EmbeddingFormat, type QuantFormat } from '../../model/weights.js';
 import { EdgeloraError } from '../../util/errors.js';
 import { Progress } from '../../util/progress.js';
 import { expectDir } from '../../formats/dir-kind.js';
@@ -12,13 +12,19 @@ const help = `Usage: edgelora quantize <hf-dir> <out-dir> [flags]
 Quantizes the seven projections of every layer (q, k, v, o, gate, up, down) of a Llama-family
 Hugging Face checkpoint (or converts a pre-quantized bitsandbytes *-bnb-4bit checkpoint without
 re-quantizing) and writes model.onnx (+ model.onnx.data) and manifest.json to <out-dir>.
-Embeddings, norms and lm_head stay float32.
+Norms and biases stay float32. The vocabulary table (the embedding and, tied or not, the lm_head) is
+stored as --embeddings says: int8/int4 keep ONE block-quantized copy that the token lookup
+(GatherBlockQuantized) and the lm_head (MatMulNBits) both read; float keeps today's float32 table
+(the bitsandbytes-exact configuration).
 
 Flags:
   --format nf4|fp4|int4|fp32  nf4/fp4: bitsandbytes layout, run by MatMulBnb4; int4: MatMulNBits
                               (fastest on CPU); fp32: plain MatMul baseline. Default nf4.
   --block-size N              elements per quantization block (default 64 for nf4/fp4, 32 for int4)
   --double-quant              store absmax with bitsandbytes' nested 8-bit quantization (nf4/fp4)
+  --embeddings int8|int4|float
+                              the vocabulary table(s): symmetric 8- or 4-bit blocks of 32 along the
+                              hidden size, or float32. Default int8 for nf4/fp4/int4, float for fp32
   --int4-accuracy 0|4         MatMulNBits accuracy_level: 4 quantizes activations to int8 (fast on
                               CPU, default), 0 keeps them float32
   --force                     replace <out-dir> if it exists
@@ -36,6 +42,7 @@ export const quantizeCommand: Command = {
       'double-quant': { type: 'boolean' },
       force: { type: 'boolean' },
       'int4-accuracy': { type: 'string' },
+      embeddings: { type: 'string' },
       json: { type: 'boolean' },
     }, { positionals: ['hf-dir', 'out-dir'] });
     if (h) {
@@ -51,6 +58,7 @@ export const quantizeCommand: Command = {
     const blockSize = numberFlag('block-size', values['block-size'], DEFAULT_BLOCK_SIZE[format], { integer: true, min: 16 });
     if ((blockSize & (blockSize - 1)) !== 0) throw new EdgeloraError(`must be a power of two (16, 32, 64, …), not ${blockSize}`, { where: '--block-size' });
     const int4AccuracyLevel = numberFlag('int4-accuracy', values['int4-accuracy'], 4, { integer: true, min: 0, max: 4 });
+    const embeddings: EmbeddingFormat = choiceFlag('embeddings', values.embeddings, EMBEDDING_FORMATS) ?? (format === 'fp32' ? 'float' : 'int8');
     if (values['double-quant'] && !(format === 'nf4' || format === 'fp4')) {
       throw new EdgeloraError(`applies to nf4/fp4, not ${format}`, { where: '--double-quant', hint: 'drop --double-quant, or pass --format nf4' });
     }
@@ -62,6 +70,7 @@ export const quantizeCommand: Command = {
       format,
       blockSize,
       doubleQuant: Boolean(values['double-quant']),
+      embeddings,
       int4AccuracyLevel,
       force: Boolean(values.force),
       onTensor: (name, i, total) => {
@@ -74,7 +83,7 @@ export const quantizeCommand: Command = {
     } else {
       const m = res.manifest;
       process.stdout.write(
-        `wrote ${res.dir}: ${m.quant.format} (block ${m.quant.blockSize}${m.quant.doubleQuant ? ', double-quant' : ''}, from ${m.quant.source}), ` +
+        `wrote ${res.dir}: ${m.quant.format} (block ${m.quant.blockSize}${m.quant.doubleQuant ? ', double-quant' : ''}, from ${m.quant.source}), ${m.quant.embeddings ?? 'float'} embeddings, ` +
           `${(m.parameters / 1e6).toFixed(2)}M parameters, ${((m.bytes.model + m.bytes.data) / 2 ** 20).toFixed(1)} MiB, ` +
           `fingerprint ${m.fingerprint.slice(0, 16)}…, ${res.seconds.toFixed(1)} s\n`,
       );

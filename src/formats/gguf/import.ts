@@ -11,8 +11,9 @@ import { toOnnxBytes, FileDataSink } from '../../graph/onnx.js';
 import { parseHfConfig, expectedWeightShapes, type ModelConfig } from '../hf-config.js';
 import { EdgeloraError } from '../../util/errors.js';
 import { writeDirAtomic } from '../../util/atomic.js';
-import { buildLlama, linearWeightName, type BaseWeight, type LinearSpec, type WeightProvider } from '../../model/llama.js';
+import { buildLlama, linearWeightName, type BaseWeight, type LinearSpec, type TableWeight, type WeightProvider } from '../../model/llama.js';
 import { addHashed, startFingerprint, WEIGHT_SUFFIX } from '../../model/weights.js';
+import { int4Layout } from '../../quant/int4.js';
 import { DATA_FILE, MANIFEST_FILE, MODEL_FILE, MODEL_FORMAT, type Manifest } from '../../model/manifest.js';
 import { GgufReader } from './reader.js';
 import { BLOCK, type SupportedType } from './spec.js';
@@ -87,7 +88,7 @@ class GgufWeights implements WeightProvider {
       for (let n = 0; n < N; n++) for (let k = 0; k < K; k++) t[k * N + n] = w[n * K + k]!;
       return { kind: 'fp32', wT: addHashed(g, this.hash, name + WEIGHT_SUFFIX.fp32T, 'float32', [K, N], t) };
     }
-    const blob = (nb.blockSize * nb.bits) / 8;
+    const { blob } = int4Layout(nb.bits, nb.blockSize, nb.kBlocks);
     return {
       kind: 'int4',
       bits: nb.bits,
@@ -109,6 +110,11 @@ class GgufWeights implements WeightProvider {
     const heads = bias ? permutedHeads(this.arch, bias[1] === 'q' ? 'q_proj' : 'k_proj', this.cfg.numHeads, this.cfg.numKvHeads) : null;
     const { type, raw } = this.rows(ggName, shape, heads);
     return addHashed(g, this.hash, name, 'float32', shape, dequantizeGguf(type, raw, shape.reduce((a, b) => a * b, 1), ggName));
+  }
+
+  /** The vocabulary table stays float32 (dequantized from its GGUF type), as the import always kept it. */
+  async table(g: Graph, name: string, shape: [number, number]): Promise<TableWeight> {
+    return { kind: 'float', w: await this.float(g, name, shape) };
   }
 }
 
