@@ -159,6 +159,28 @@ test('export of an asymmetric int4 model as q4_0 says what it re-quantized', asy
   assert.equal(rep.requantized, rep.tensors - 4 * 2 - 1, 'every linear and the q8_0 table re-quantized; norms exact');
 });
 
+test('export of a model with a quantized vocabulary table (quantize --embeddings int8) writes the table it serves', async () => {
+  const root = path.join(tmp.dir, 'qtable');
+  const hf = await tinyCheckpoint(root, 3);
+  const m = await quantized(hf, root, 'int4-qtable', { format: 'int4', embeddings: 'int8' });
+  const qw = await QuantizedWeights.open(m, await readManifest(m));
+  const cfg = JSON.parse(readFileSync(path.join(hf, 'config.json'), 'utf8')) as { vocab_size: number; hidden_size: number };
+  const [V, C] = [cfg.vocab_size, cfg.hidden_size];
+  assert.ok(qw.tableLayout('model.embed_tokens.weight', C), 'the table is stored quantized');
+  const g2 = path.join(root, 'int4-qtable.gguf');
+  await exportGgufBase(m, g2, { type: 'q4_0', tableType: 'f32' });
+  const r = GgufReader.open(g2);
+  try {
+    const raw = r.readRaw('token_embd.weight');
+    const got = new Float32Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
+    const want = await qw.dequantizedTable('model.embed_tokens.weight', V, C);
+    assert.equal(got.length, V * C);
+    assert.equal(maxDiff(got, want), 0, 'f32 holds the dequantized table exactly');
+  } finally {
+    r.close();
+  }
+});
+
 async function refuses(file: string, out: string, re: RegExp, mention: string[]): Promise<void> {
   await assert.rejects(importGguf(file, out), (err: unknown) => {
     assert.ok(err instanceof EdgeloraError, `EdgeloraError, got ${String(err)}`);

@@ -135,7 +135,22 @@ export async function exportGgufBase(modelDir: string, outFile: string, opts: Ex
     },
   });
   if (tableType !== 'f32' && C % 32 !== 0) throw new EdgeloraError(`hidden size ${C} is not a multiple of 32, which a ${tableType} table needs`, { hint: 'use --table-type f32' });
-  tensors.push(floatTensor('token_embd.weight', 'model.embed_tokens.weight', [C, V], tableType));
+  // A vocabulary table stored block-quantized (`quantize --embeddings int8|int4`) has no float tensor: its
+  // dequantized values are written (f32 holds them exactly; a block type re-quantizes them).
+  const tableTensor = (ggName: string, hfName: string): GgufTensorOut => {
+    if (!qw.tableLayout(hfName, C)) return floatTensor(ggName, hfName, [C, V], tableType);
+    return {
+      name: ggName,
+      dims: [C, V],
+      type: GGML_OF[tableType],
+      data: async () => {
+        const raw = encode(tableType, await qw.dequantizedTable(hfName, V, C));
+        counts[tableType === 'f32' ? 'exact' : 'requantized']++;
+        return raw;
+      },
+    };
+  };
+  tensors.push(tableTensor('token_embd.weight', 'model.embed_tokens.weight'));
   for (let l = 0; l < cfg.numLayers; l++) {
     tensors.push(floatTensor(`blk.${l}.attn_norm.weight`, `model.layers.${l}.input_layernorm.weight`, [C]));
     for (const proj of LINEAR_PROJS) {
@@ -169,7 +184,7 @@ export async function exportGgufBase(modelDir: string, outFile: string, opts: Ex
       },
     });
   }
-  if (!cfg.tieWordEmbeddings) tensors.push(floatTensor('output.weight', 'lm_head.weight', [C, V], tableType));
+  if (!cfg.tieWordEmbeddings) tensors.push(tableTensor('output.weight', 'lm_head.weight'));
   const bytes = await writeGguf(outFile, metadata, tensors);
   return { file: outFile, bytes, tensors: tensors.length, exact: counts.exact, scalesRounded: counts.scales, requantized: counts.requantized };
 }
