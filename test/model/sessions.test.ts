@@ -57,3 +57,16 @@ test('no file in src/ but the factory creates an ORT session', async () => {
   await walk('src');
   assert.deepEqual(offenders, [], `sessions created outside src/runtime/sessions.ts: ${offenders.join(', ')}`);
 });
+
+test('a quantized vocabulary table keeps prepacking on for nf4/fp4 inference (its lm_head is MatMulNBits)', () => {
+  const prepackOff = (kind: 'decoder' | 'lora-twin', format: 'nf4' | 'fp4', embeddings: 'float' | 'int8' | 'int4' | undefined) =>
+    (sessionOptionsFor({ kind, format, embeddings }).extra as { session?: Record<string, string> } | undefined)?.session?.disable_prepacking === '1';
+  for (const kind of ['decoder', 'lora-twin'] as const) {
+    for (const format of ['nf4', 'fp4'] as const) {
+      assert.equal(prepackOff(kind, format, 'int8'), false);
+      assert.equal(prepackOff(kind, format, 'int4'), false);
+      assert.equal(prepackOff(kind, format, 'float'), true);
+      assert.equal(prepackOff(kind, format, undefined), true, 'a manifest from before tables were quantized is a float table');
+    }
+  }
+});
