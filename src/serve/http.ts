@@ -9,12 +9,15 @@ import { ServeEngine, ServeError, type CompletionRequest, type CompletionResult 
 import type { ServeMetrics } from './metrics.js';
 import { chatCompletionBody, completionBody, loadAdapterBody, messageText, describeZodError, type ChatCompletionBody, type CompletionBody } from './schemas.js';
 import { EdgeloraError } from '../util/errors.js';
+import type { FleetInfo } from './fleet.js';
 
 /** What the routes see of the process: the engine once the base is loaded, or why it is not. */
 export interface ServeState {
   engine: ServeEngine | null;
   failed: Error | null;
   readonly created: number; // unix seconds, for the model objects
+  /** With the in-process fleet agent: which adapter is active and what the bare base id serves. */
+  fleet: (() => FleetInfo) | null;
 }
 
 export interface AppOptions {
@@ -111,7 +114,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   });
 
   app.get('/health', async (_req, reply) => {
-    if (state.engine) return { status: 'ok' };
+    if (state.engine) return { status: 'ok', ...(state.fleet ? { fleet: state.fleet() } : {}) };
     if (state.failed) return reply.code(503).send({ status: 'error', message: state.failed.message });
     return reply.code(503).send({ status: 'loading' });
   });
@@ -125,7 +128,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     { id: engine.modelId, object: 'model', created: state.created, owned_by: 'edgelora', root: engine.modelId, parent: null },
     ...engine.adapterInfo().map((a) => ({ id: `${engine.modelId}:${a.id}`, object: 'model', created: state.created, owned_by: 'edgelora', root: engine.modelId, parent: engine.modelId })),
   ];
-  app.get('/v1/models', async () => ({ object: 'list', data: modelObjects(ready()) }));
+  // Extension: with the fleet agent, the list also says which adapter the bare base id serves.
+  app.get('/v1/models', async () => ({ object: 'list', data: modelObjects(ready()), ...(state.fleet ? { fleet: state.fleet() } : {}) }));
   app.get<{ Params: { id: string } }>('/v1/models/:id', async (req) => {
     const m = modelObjects(ready()).find((x) => x.id === req.params.id);
     if (!m) throw new ServeError(`the model "${req.params.id}" does not exist`, 404, 'model_not_found', 'model');

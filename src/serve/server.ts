@@ -8,6 +8,8 @@ import { ServeEngine, type EngineObserver } from './engine.js';
 import { ServeMetrics } from './metrics.js';
 import { buildApp, type ServeState } from './http.js';
 import { EdgeloraError } from '../util/errors.js';
+import { Agent, type AgentOptions } from '../sync/agent/agent.js';
+import { EngineActivator, type DefaultAdapterMode } from './fleet.js';
 
 export interface ServeOptions {
   readonly modelDir: string;
@@ -26,6 +28,12 @@ export interface ServeOptions {
   readonly bodyLimit?: number;
   readonly jsonLog?: boolean;
   readonly sessionOptions?: ort.InferenceSession.SessionOptions;
+  /**
+   * Runs the fleet agent in this process over the loaded base: pushed adapters are installed into
+   * the engine (src/serve/fleet.ts). `defaultAdapter` (default "fleet") says what a request for the
+   * bare base id gets: the fleet's active adapter, or the base alone.
+   */
+  readonly fleet?: { readonly agent: Omit<AgentOptions, 'activator' | 'modelFingerprint'>; readonly defaultAdapter?: DefaultAdapterMode };
   /** Also told what the scheduler reports (besides the metrics), e.g. by bench:serve. */
   readonly observer?: EngineObserver;
 }
@@ -37,6 +45,8 @@ export interface RunningServer {
   /** Resolves once the base and the --adapter list are loaded (rejects if loading failed). */
   readonly ready: Promise<ServeEngine>;
   readonly metrics: ServeMetrics;
+  /** The in-process fleet agent once ready (with the `fleet` option), else null. */
+  agent(): Agent | null;
   /** Stops accepting, finishes or cancels rows within `graceMs` (default 10 s), releases the model. */
   close(graceMs?: number): Promise<void>;
 }
@@ -69,7 +79,8 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
       hint: 'give --api-key-file FILE (clients send "Authorization: Bearer <key>"), or bind 127.0.0.1',
     });
   }
-  const state: ServeState = { engine: null, failed: null, created: Math.floor(Date.now() / 1000) };
+  const state: ServeState = { engine: null, failed: null, created: Math.floor(Date.now() / 1000), fleet: null };
+  let agent: Agent | null = null;
   const metrics = new ServeMetrics({
     queueDepth: () => state.engine?.queueDepth ?? 0,
     running: () => state.engine?.runningRows ?? 0,
@@ -95,6 +106,20 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
       await engine.shutdown(0);
       throw err;
     }
+    if (o.fleet) {
+      const activator = new EngineActivator(engine, o.fleet.defaultAdapter ?? 'fleet', o.fleet.agent.log);
+      const a = new Agent({ ...o.fleet.agent, activator, modelFingerprint: engine.model.manifest.fingerprint });
+      try {
+        // start() re-activates the adapter that was active before a restart, then connects.
+        await a.start();
+      } catch (err) {
+        await a.stop().catch(() => undefined);
+        await engine.shutdown(0);
+        throw err;
+      }
+      agent = a;
+      state.fleet = () => activator.info();
+    }
     state.engine = engine;
     return engine;
   })();
@@ -106,9 +131,11 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
     app,
     ready,
     metrics,
+    agent: () => agent,
     async close(graceMs = 10_000) {
       const closing = app.close(); // stops accepting now; resolves when the last response ends
       const engine = await ready.catch(() => null);
+      await agent?.stop();
       await engine?.shutdown(graceMs);
       await closing;
     },
