@@ -10,6 +10,8 @@ import type { ServeMetrics } from './metrics.js';
 import { chatCompletionBody, completionBody, loadAdapterBody, messageText, describeZodError, type ChatCompletionBody, type CompletionBody } from './schemas.js';
 import { EdgeloraError } from '../util/errors.js';
 import type { FleetInfo } from './fleet.js';
+import type { FineTuningJobs } from './jobs.js';
+import { registerJobRoutes } from './jobs-routes.js';
 
 /** What the routes see of the process: the engine once the base is loaded, or why it is not. */
 export interface ServeState {
@@ -18,6 +20,8 @@ export interface ServeState {
   readonly created: number; // unix seconds, for the model objects
   /** With the in-process fleet agent: which adapter is active and what the bare base id serves. */
   fleet: (() => FleetInfo) | null;
+  /** Fine-tuning jobs (with --state), once the base is loaded. */
+  jobs: FineTuningJobs | null;
 }
 
 export interface AppOptions {
@@ -59,7 +63,7 @@ function keyMatches(given: string, keys: readonly string[]): boolean {
   return ok;
 }
 
-function parseBody<S extends z.ZodType>(schema: S, body: unknown): z.infer<S> {
+export function parseBody<S extends z.ZodType>(schema: S, body: unknown): z.infer<S> {
   const r = schema.safeParse(body);
   if (!r.success) {
     const { message, param } = describeZodError(r.error);
@@ -163,6 +167,11 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     return { id: req.params.id, object: 'adapter', deleted: true };
   });
 
+  registerJobRoutes(app, () => {
+    ready();
+    if (state.jobs) return state.jobs;
+    throw new ServeError('fine-tuning jobs need a state directory', 404, 'fine_tuning_unavailable', null, { hint: 'start serve with --state DIR' });
+  });
   app.post('/v1/chat/completions', (req, reply) => completion('chat', req, reply));
   app.post('/v1/completions', (req, reply) => completion('text', req, reply));
 

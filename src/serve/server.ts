@@ -10,6 +10,7 @@ import { buildApp, type ServeState } from './http.js';
 import { EdgeloraError } from '../util/errors.js';
 import { Agent, type AgentOptions } from '../sync/agent/agent.js';
 import { EngineActivator, type DefaultAdapterMode } from './fleet.js';
+import { FineTuningJobs, type JobsOptions } from './jobs.js';
 
 export interface ServeOptions {
   readonly modelDir: string;
@@ -34,6 +35,11 @@ export interface ServeOptions {
    * bare base id gets: the fleet's active adapter, or the base alone.
    */
   readonly fleet?: { readonly agent: Omit<AgentOptions, 'activator' | 'modelFingerprint'>; readonly defaultAdapter?: DefaultAdapterMode };
+  /**
+   * Fine-tuning jobs over HTTP, persisted under `stateDir` (the fleet agent's state directory when
+   * both run); the job trains over this process's base model directory.
+   */
+  readonly jobs?: Omit<JobsOptions, 'modelDir' | 'upload'>;
   /** Also told what the scheduler reports (besides the metrics), e.g. by bench:serve. */
   readonly observer?: EngineObserver;
 }
@@ -79,7 +85,7 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
       hint: 'give --api-key-file FILE (clients send "Authorization: Bearer <key>"), or bind 127.0.0.1',
     });
   }
-  const state: ServeState = { engine: null, failed: null, created: Math.floor(Date.now() / 1000), fleet: null };
+  const state: ServeState = { engine: null, failed: null, created: Math.floor(Date.now() / 1000), fleet: null, jobs: null };
   let agent: Agent | null = null;
   const metrics = new ServeMetrics({
     queueDepth: () => state.engine?.queueDepth ?? 0,
@@ -120,6 +126,10 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
       agent = a;
       state.fleet = () => activator.info();
     }
+    if (o.jobs) {
+      const up = agent;
+      state.jobs = await FineTuningJobs.open(engine, { ...o.jobs, modelDir: o.modelDir, upload: up ? (dir, name) => up.uploadDir(dir, name) : null });
+    }
     state.engine = engine;
     return engine;
   })();
@@ -135,6 +145,7 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
     async close(graceMs = 10_000) {
       const closing = app.close(); // stops accepting now; resolves when the last response ends
       const engine = await ready.catch(() => null);
+      await state.jobs?.stop();
       await agent?.stop();
       await engine?.shutdown(graceMs);
       await closing;

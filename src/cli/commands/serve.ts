@@ -47,7 +47,11 @@ the same set):
   --fleet NAME             fleet to follow (required with --broker)
   --group NAME             group to follow (optional)
   --trust FILE             the hub's public key (.pub from \`edgelora keygen\`; required with --broker)
-  --state DIR              agent state directory (required with --broker; created when missing)
+  --state DIR              state directory (required with --broker; created when missing): the
+                           agent's state, and fine-tuning files and jobs (POST /v1/files,
+                           /v1/fine_tuning/jobs; without --state there are no jobs). A job runs in
+                           this process while serving continues (both slower); a killed server
+                           resumes an unfinished job from its checkpoint on the next start
   --default-adapter fleet|none
                            what a request for the bare model id gets: the fleet's active adapter
                            (default fleet) or the base alone; /health and /v1/models say which
@@ -71,7 +75,7 @@ async function fleetOptions(v: Values, jsonLog: boolean): Promise<NonNullable<Pa
   const mode = str('default-adapter') ?? 'fleet';
   if (mode !== 'fleet' && mode !== 'none') throw new EdgeloraError(`--default-adapter ${mode}: expected fleet or none`, { where: '--default-adapter' });
   if (v.broker === undefined) {
-    const stray = ['device-id', 'fleet', 'group', 'trust', 'state', 'default-adapter'].find((k) => v[k] !== undefined);
+    const stray = ['device-id', 'fleet', 'group', 'trust', 'default-adapter'].find((k) => v[k] !== undefined);
     if (stray) throw new EdgeloraError(`--${stray} needs --broker`, { where: `--${stray}`, hint: 'give --broker mqtt://host:1883 to run the fleet agent in this server' });
     return null;
   }
@@ -126,12 +130,14 @@ export const serveCommand: Command = {
     const apiKeys = v['api-key-file'] ? await readApiKeys(v['api-key-file'] as string) : [];
     const jsonLog = Boolean(v['json-log']);
     const fleet = await fleetOptions(v, jsonLog);
+    const stateDir = v.state as string | undefined;
 
     const manifest = await readManifest(dir);
     const cfg = parseHfConfig(manifest.sourceConfig, path.join(dir, 'manifest.json'));
     const ctx = numberFlag('ctx', v.ctx as string | undefined, cfg.maxPositionEmbeddings, { integer: true, min: 2, max: cfg.maxPositionEmbeddings });
     const profile = await resolveProfile({ profile: (v.profile as string | undefined) ?? 'auto', overrides: parseProfileSets((v['profile-set'] as string[] | undefined) ?? []) });
     // The batch's KV slots hold max-batch rows of ctx tokens at most: that is the plan to check.
+    const servingPlan = modelMemoryPlan(manifest, cfg, { context: ctx, prefillTokens: ctx, batch: maxBatch });
     profile.checkMemoryPlan(modelMemoryPlan(manifest, cfg, { context: ctx, prefillTokens: ctx, batch: maxBatch }, { what: path.basename(path.resolve(dir)), lower: ['--ctx', '--max-batch'] }));
 
     const server = await startServe({
@@ -147,6 +153,7 @@ export const serveCommand: Command = {
       bodyLimit,
       jsonLog,
       ...(fleet ? { fleet } : {}),
+      ...(stateDir ? { jobs: { stateDir, budgetBytes: profile.memoryBudgetBytes, servingBytes: servingPlan.bytes, profileId: profile.profile.id, sessionOptions: profile.sessionOptions({ graphOptimizationLevel: 'all', enableCpuMemArena: false }), log: (line: string) => process.stderr.write((jsonLog ? JSON.stringify({ event: 'fine-tuning', message: line }) : line) + '\n') } } : {}),
       sessionOptions: profile.sessionOptions({ graphOptimizationLevel: 'all' }),
     });
     const say = (event: string, fields: Record<string, unknown>, text: string) =>
