@@ -87,6 +87,7 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
   }
   const state: ServeState = { engine: null, failed: null, created: Math.floor(Date.now() / 1000), fleet: null, jobs: null };
   let agent: Agent | null = null;
+  let closed = false;
   const metrics = new ServeMetrics({
     queueDepth: () => state.engine?.queueDepth ?? 0,
     running: () => state.engine?.runningRows ?? 0,
@@ -114,21 +115,36 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
     }
     if (o.fleet) {
       const activator = new EngineActivator(engine, o.fleet.defaultAdapter ?? 'fleet', o.fleet.agent.log);
-      const a = new Agent({ ...o.fleet.agent, activator, modelFingerprint: engine.model.manifest.fingerprint });
-      try {
-        // start() re-activates the adapter that was active before a restart, then connects.
-        await a.start();
-      } catch (err) {
-        await a.stop().catch(() => undefined);
-        await engine.shutdown(0);
-        throw err;
+      const fleet = o.fleet;
+      // start() re-activates the adapter that was active before a restart, then connects. A device
+      // must keep serving while its broker is unreachable: on failure the agent is retried in the
+      // background (every 5 s) and serving starts on the adapter re-activated from --state.
+      const tryStart = async (): Promise<boolean> => {
+        const a = new Agent({ ...fleet.agent, activator, modelFingerprint: engine.model.manifest.fingerprint });
+        try {
+          await a.start();
+          agent = a;
+          return true;
+        } catch (err) {
+          await a.stop().catch(() => undefined);
+          fleet.agent.log?.(`fleet agent: ${err instanceof EdgeloraError ? err.describe() : (err as Error).message}; serving continues, retrying in 5 s`);
+          return false;
+        }
+      };
+      if (!(await tryStart())) {
+        void (async () => {
+          while (!closed && !(await tryStart())) await new Promise((r) => setTimeout(r, 5000));
+        })();
       }
-      agent = a;
       state.fleet = () => activator.info();
     }
     if (o.jobs) {
-      const up = agent;
-      state.jobs = await FineTuningJobs.open(engine, { ...o.jobs, modelDir: o.modelDir, upload: up ? (dir, name) => up.uploadDir(dir, name) : null });
+      const upload = async (dir: string, name: string): Promise<string> => {
+        const a = agent as Agent | null; // set by tryStart, maybe later than now
+        if (!a) throw new EdgeloraError('the fleet agent is not connected to the broker yet', { hint: 'check --broker; the agent retries every 5 s' });
+        return a.uploadDir(dir, name);
+      };
+      state.jobs = await FineTuningJobs.open(engine, { ...o.jobs, modelDir: o.modelDir, upload: o.fleet ? upload : null });
     }
     state.engine = engine;
     return engine;
@@ -143,6 +159,7 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
     metrics,
     agent: () => agent,
     async close(graceMs = 10_000) {
+      closed = true;
       const closing = app.close(); // stops accepting now; resolves when the last response ends
       const engine = await ready.catch(() => null);
       await state.jobs?.stop();
