@@ -113,6 +113,8 @@ export class ServeEngine {
   private stopping = false;
   private readonly betweenBatches: (() => Promise<void> | void)[] = [];
   private readonly defaultScales = new Map<string, number>();
+  /** What a request for the bare base id gets: an adapter id (the fleet's active one), or null (the base alone). */
+  private baseDefault: string | null = null;
 
   private constructor(
     readonly model: ModelRuntime,
@@ -176,7 +178,9 @@ export class ServeEngine {
    */
   resolveAdapters(model: string, extra: readonly { id: string; scale?: number | undefined }[] = []): { id: string; scale: number }[] {
     const out: { id: string; scale: number }[] = [];
-    if (model !== this.modelId) {
+    if (model === this.modelId && this.baseDefault !== null && this.adapters.has(this.baseDefault)) {
+      out.push({ id: this.baseDefault, scale: this.defaultScales.get(this.baseDefault) ?? 1 });
+    } else if (model !== this.modelId) {
       const prefix = `${this.modelId}:`;
       const id = model.startsWith(prefix) ? model.slice(prefix.length) : null;
       if (id === null || !this.adapters.has(id)) {
@@ -191,11 +195,25 @@ export class ServeEngine {
     return out;
   }
 
+  /**
+   * Sets what a request for the bare base id gets (null: the base alone). Requests already
+   * submitted keep the set they resolved; call it inside between() to swap at a token boundary.
+   */
+  setBaseDefault(id: string | null): void {
+    if (id !== null && !this.adapters.has(id)) throw new EdgeloraError(`no loaded adapter "${id}" to serve as the base default`);
+    this.baseDefault = id;
+  }
+
+  get baseDefaultAdapter(): string | null {
+    return this.baseDefault;
+  }
+
   /** Unloads an adapter; rows already running with it finish with the data they started with. */
   unloadAdapter(id: string): void {
     if (!this.adapters.has(id)) throw new ServeError(`no loaded adapter "${id}"`, 404, 'adapter_not_found', 'id');
     this.adapters.unload(id);
     this.defaultScales.delete(id);
+    if (this.baseDefault === id) this.baseDefault = null;
   }
 
   /** Runs `fn` at the next token boundary, with no forward in flight (for swaps that need it). */

@@ -9,12 +9,19 @@ import { ServeEngine, ServeError, type CompletionRequest, type CompletionResult 
 import type { ServeMetrics } from './metrics.js';
 import { chatCompletionBody, completionBody, loadAdapterBody, messageText, describeZodError, type ChatCompletionBody, type CompletionBody } from './schemas.js';
 import { EdgeloraError } from '../util/errors.js';
+import type { FleetInfo } from './fleet.js';
+import type { FineTuningJobs } from './jobs.js';
+import { registerJobRoutes } from './jobs-routes.js';
 
 /** What the routes see of the process: the engine once the base is loaded, or why it is not. */
 export interface ServeState {
   engine: ServeEngine | null;
   failed: Error | null;
   readonly created: number; // unix seconds, for the model objects
+  /** With the in-process fleet agent: which adapter is active and what the bare base id serves. */
+  fleet: (() => FleetInfo) | null;
+  /** Fine-tuning jobs (with --state), once the base is loaded. */
+  jobs: FineTuningJobs | null;
 }
 
 export interface AppOptions {
@@ -56,7 +63,7 @@ function keyMatches(given: string, keys: readonly string[]): boolean {
   return ok;
 }
 
-function parseBody<S extends z.ZodType>(schema: S, body: unknown): z.infer<S> {
+export function parseBody<S extends z.ZodType>(schema: S, body: unknown): z.infer<S> {
   const r = schema.safeParse(body);
   if (!r.success) {
     const { message, param } = describeZodError(r.error);
@@ -111,7 +118,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   });
 
   app.get('/health', async (_req, reply) => {
-    if (state.engine) return { status: 'ok' };
+    if (state.engine) return { status: 'ok', ...(state.fleet ? { fleet: state.fleet() } : {}) };
     if (state.failed) return reply.code(503).send({ status: 'error', message: state.failed.message });
     return reply.code(503).send({ status: 'loading' });
   });
@@ -125,7 +132,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     { id: engine.modelId, object: 'model', created: state.created, owned_by: 'edgelora', root: engine.modelId, parent: null },
     ...engine.adapterInfo().map((a) => ({ id: `${engine.modelId}:${a.id}`, object: 'model', created: state.created, owned_by: 'edgelora', root: engine.modelId, parent: engine.modelId })),
   ];
-  app.get('/v1/models', async () => ({ object: 'list', data: modelObjects(ready()) }));
+  // Extension: with the fleet agent, the list also says which adapter the bare base id serves.
+  app.get('/v1/models', async () => ({ object: 'list', data: modelObjects(ready()), ...(state.fleet ? { fleet: state.fleet() } : {}) }));
   app.get<{ Params: { id: string } }>('/v1/models/:id', async (req) => {
     const m = modelObjects(ready()).find((x) => x.id === req.params.id);
     if (!m) throw new ServeError(`the model "${req.params.id}" does not exist`, 404, 'model_not_found', 'model');
@@ -159,6 +167,11 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     return { id: req.params.id, object: 'adapter', deleted: true };
   });
 
+  registerJobRoutes(app, () => {
+    ready();
+    if (state.jobs) return state.jobs;
+    throw new ServeError('fine-tuning jobs need a state directory', 404, 'fine_tuning_unavailable', null, { hint: 'start serve with --state DIR' });
+  });
   app.post('/v1/chat/completions', (req, reply) => completion('chat', req, reply));
   app.post('/v1/completions', (req, reply) => completion('text', req, reply));
 

@@ -8,6 +8,9 @@ import { ServeEngine, type EngineObserver } from './engine.js';
 import { ServeMetrics } from './metrics.js';
 import { buildApp, type ServeState } from './http.js';
 import { EdgeloraError } from '../util/errors.js';
+import { Agent, type AgentOptions } from '../sync/agent/agent.js';
+import { EngineActivator, type DefaultAdapterMode } from './fleet.js';
+import { FineTuningJobs, type JobsOptions } from './jobs.js';
 
 export interface ServeOptions {
   readonly modelDir: string;
@@ -26,6 +29,17 @@ export interface ServeOptions {
   readonly bodyLimit?: number;
   readonly jsonLog?: boolean;
   readonly sessionOptions?: ort.InferenceSession.SessionOptions;
+  /**
+   * Runs the fleet agent in this process over the loaded base: pushed adapters are installed into
+   * the engine (src/serve/fleet.ts). `defaultAdapter` (default "fleet") says what a request for the
+   * bare base id gets: the fleet's active adapter, or the base alone.
+   */
+  readonly fleet?: { readonly agent: Omit<AgentOptions, 'activator' | 'modelFingerprint'>; readonly defaultAdapter?: DefaultAdapterMode };
+  /**
+   * Fine-tuning jobs over HTTP, persisted under `stateDir` (the fleet agent's state directory when
+   * both run); the job trains over this process's base model directory.
+   */
+  readonly jobs?: Omit<JobsOptions, 'modelDir' | 'upload'>;
   /** Also told what the scheduler reports (besides the metrics), e.g. by bench:serve. */
   readonly observer?: EngineObserver;
 }
@@ -37,6 +51,8 @@ export interface RunningServer {
   /** Resolves once the base and the --adapter list are loaded (rejects if loading failed). */
   readonly ready: Promise<ServeEngine>;
   readonly metrics: ServeMetrics;
+  /** The in-process fleet agent once ready (with the `fleet` option), else null. */
+  agent(): Agent | null;
   /** Stops accepting, finishes or cancels rows within `graceMs` (default 10 s), releases the model. */
   close(graceMs?: number): Promise<void>;
 }
@@ -69,7 +85,9 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
       hint: 'give --api-key-file FILE (clients send "Authorization: Bearer <key>"), or bind 127.0.0.1',
     });
   }
-  const state: ServeState = { engine: null, failed: null, created: Math.floor(Date.now() / 1000) };
+  const state: ServeState = { engine: null, failed: null, created: Math.floor(Date.now() / 1000), fleet: null, jobs: null };
+  let agent: Agent | null = null;
+  let closed = false;
   const metrics = new ServeMetrics({
     queueDepth: () => state.engine?.queueDepth ?? 0,
     running: () => state.engine?.runningRows ?? 0,
@@ -95,6 +113,39 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
       await engine.shutdown(0);
       throw err;
     }
+    if (o.fleet) {
+      const activator = new EngineActivator(engine, o.fleet.defaultAdapter ?? 'fleet', o.fleet.agent.log);
+      const fleet = o.fleet;
+      // start() re-activates the adapter that was active before a restart, then connects. A device
+      // must keep serving while its broker is unreachable: on failure the agent is retried in the
+      // background (every 5 s) and serving starts on the adapter re-activated from --state.
+      const tryStart = async (): Promise<boolean> => {
+        const a = new Agent({ ...fleet.agent, activator, modelFingerprint: engine.model.manifest.fingerprint });
+        try {
+          await a.start();
+          agent = a;
+          return true;
+        } catch (err) {
+          await a.stop().catch(() => undefined);
+          fleet.agent.log?.(`fleet agent: ${err instanceof EdgeloraError ? err.describe() : (err as Error).message}; serving continues, retrying in 5 s`);
+          return false;
+        }
+      };
+      if (!(await tryStart())) {
+        void (async () => {
+          while (!closed && !(await tryStart())) await new Promise((r) => setTimeout(r, 5000));
+        })();
+      }
+      state.fleet = () => activator.info();
+    }
+    if (o.jobs) {
+      const upload = async (dir: string, name: string): Promise<string> => {
+        const a = agent as Agent | null; // set by tryStart, maybe later than now
+        if (!a) throw new EdgeloraError('the fleet agent is not connected to the broker yet', { hint: 'check --broker; the agent retries every 5 s' });
+        return a.uploadDir(dir, name);
+      };
+      state.jobs = await FineTuningJobs.open(engine, { ...o.jobs, modelDir: o.modelDir, upload: o.fleet ? upload : null });
+    }
     state.engine = engine;
     return engine;
   })();
@@ -106,9 +157,13 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
     app,
     ready,
     metrics,
+    agent: () => agent,
     async close(graceMs = 10_000) {
+      closed = true;
       const closing = app.close(); // stops accepting now; resolves when the last response ends
       const engine = await ready.catch(() => null);
+      await state.jobs?.stop();
+      await agent?.stop();
       await engine?.shutdown(graceMs);
       await closing;
     },

@@ -64,8 +64,21 @@ export interface FinetuneOptions {
   readonly evalData?: string;
   /** Write a checkpoint every N steps; 0 = never. Default 0. */
   readonly saveEvery?: number;
-  /** Continue from `<out>.checkpoint` when it exists. */
-  readonly resume?: boolean;
+  /**
+   * Write a checkpoint when this many seconds passed since the last one (or the start), at a step
+   * boundary; 0 = never. Default 0 (the CLI defaults to 300: at most ~5 minutes of work lost).
+   */
+  readonly saveEverySeconds?: number;
+  /**
+   * Continue from `<out>.checkpoint`. true: the checkpoint must exist (else an error);
+   * 'if-present': start from step 0 when there is none.
+   */
+  readonly resume?: boolean | 'if-present';
+  /**
+   * Aborting stops at the next step boundary: a checkpoint is written there (whatever the cadence)
+   * and the result says interrupted (no adapter written). SIGINT/SIGTERM in the CLI.
+   */
+  readonly signal?: AbortSignal;
   /** Seed of the init, data order and dropout masks; default 0. */
   readonly seed?: number;
   /** Refuse plans whose estimated peak exceeds this many bytes. */
@@ -95,7 +108,7 @@ export interface FinetuneOptions {
 
 export interface FinetuneResult {
   readonly out: string;
-  /** true when stopped by stopAfterStep (no adapter written). */
+  /** true when stopped by stopAfterStep or the abort signal (a checkpoint, no adapter, written). */
   readonly interrupted: boolean;
   readonly steps: number;
   readonly resumedFrom: number;
@@ -137,6 +150,8 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
   const gradAccum = checkInt('grad-accum', o.gradAccum ?? 1, 1);
   const maxGradNorm = checkNum('max-grad-norm', o.maxGradNorm ?? 1.0, (x) => x >= 0, 'must be ≥ 0 (0 disables clipping)');
   const saveEvery = checkInt('save-every', o.saveEvery ?? 0, 0);
+  const saveEverySeconds = o.saveEverySeconds ?? 0;
+  if (!(Number.isFinite(saveEverySeconds) && saveEverySeconds >= 0)) throw new EdgeloraError(`saveEverySeconds ${saveEverySeconds}: must be a number ≥ 0`, { where: '--save-interval' });
   const seed = checkInt('seed', o.seed ?? 0, 0);
   const warmup = checkInt('warmup', o.warmup ?? 0, 0);
   const weightDecay = checkNum('weight-decay', o.weightDecay ?? 0, (x) => x >= 0, 'must be ≥ 0');
@@ -264,8 +279,8 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
     startStep = st.step;
     log = st.log;
     tokens = st.tokens;
-  } else if (o.resume) {
-    warn(`no checkpoint at ${ckDir}; starting from step 0`);
+  } else if (o.resume === true) {
+    throw new EdgeloraError(`--resume: there is no checkpoint at ${ckDir}`, { where: ckDir, hint: 'run without --resume to start from step 0 (or with --resume-or-start), or check --out' });
   }
 
   // --- train ---
@@ -288,6 +303,7 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
     };
   };
   const trainStart = performance.now();
+  let lastSave = trainStart;
   let trainTokens = 0;
   let interrupted = false;
   let trainSeconds = 0;
@@ -327,7 +343,10 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
       const entry: LogEntry = { step: step + 1, loss, lr: lrNow, grad_norm: norm, tokens: stepTokens, seconds: (performance.now() - ts) / 1000 };
       log.push(entry);
       o.onStep?.(entry, totalSteps);
-      if (saveEvery > 0 && (step + 1) % saveEvery === 0 && step + 1 < totalSteps) {
+      const aborted = o.signal?.aborted === true && step + 1 < totalSteps;
+      const timeDue = saveEverySeconds > 0 && performance.now() - lastSave >= saveEverySeconds * 1000;
+      if ((aborted || timeDue || (saveEvery > 0 && (step + 1) % saveEvery === 0)) && step + 1 < totalSteps) {
+        lastSave = performance.now();
         const st: CheckpointState = {
           format: CHECKPOINT_FORMAT,
           step: step + 1,
@@ -341,7 +360,7 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
         };
         await saveCheckpoint(ckDir, st, params, opt);
       }
-      if (o.stopAfterStep !== undefined && step + 1 >= o.stopAfterStep && step + 1 < totalSteps) {
+      if (aborted || (o.stopAfterStep !== undefined && step + 1 >= o.stopAfterStep && step + 1 < totalSteps)) {
         interrupted = true;
         break;
       }

@@ -13,6 +13,10 @@ export interface ProgressOptions {
   plainIntervalMs?: number;
   /** Clock (ms), injected for tests; default Date.now. */
   now?: () => number;
+  /** When the work began, on the `now` clock (default: when the Progress is made). */
+  startedAt?: number;
+  /** Units already done before `startedAt` (a resumed run): the rate counts only the units done since. */
+  from?: number;
 }
 
 export class Progress {
@@ -23,7 +27,7 @@ export class Progress {
   private readonly now: () => number;
   constructor(private readonly opts: ProgressOptions) {
     this.now = opts.now ?? Date.now;
-    this.start = this.now();
+    this.start = opts.startedAt ?? this.now();
     this.stream = opts.stream ?? process.stderr;
     this.tty = Boolean(this.stream.isTTY);
   }
@@ -32,7 +36,8 @@ export class Progress {
     if (this.opts.silent) return;
     const elapsed = (this.now() - this.start) / 1000;
     const frac = this.opts.total > 0 ? Math.min(1, done / this.opts.total) : 1;
-    const eta = frac > 0 ? (elapsed / frac) * (1 - frac) : NaN;
+    const doneHere = done - (this.opts.from ?? 0);
+    const eta = doneHere > 0 && elapsed > 0 ? (elapsed / doneHere) * Math.max(0, this.opts.total - done) : NaN;
     const extra = Object.entries(fields)
       .map(([k, v]) => `${k} ${typeof v === 'number' ? fmt(v) : v}`)
       .join('  ');

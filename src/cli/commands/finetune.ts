@@ -8,6 +8,7 @@ import { parseHfConfig } from '../../formats/hf-config.js';
 import { readPeftConfig } from '../../adapters/peft.js';
 import type { FinetuneDefaults } from '../../profiles/schema.js';
 import { finetune, type FinetuneOptions } from '../../train/trainer.js';
+import { checkpointDir } from '../../train/checkpoint.js';
 import { LINEAR_PROJS, type Proj } from '../../model/llama.js';
 import { EdgeloraError } from '../../util/errors.js';
 import { Progress } from '../../util/progress.js';
@@ -48,8 +49,15 @@ Flags:
   --schedule NAME        cosine, linear or constant after warmup (default linear)
   --init-adapter DIR     continue from this adapter (its rank, alpha and targets are kept)
   --eval-data FILE       JSONL data scored (mean NLL) after training
-  --save-every N         checkpoint every N steps into <out>.checkpoint (default 0 = never)
-  --resume               continue from <out>.checkpoint (same flags as the interrupted run)
+  --save-every N         checkpoint every N steps into <out>.checkpoint (default 0 = by time only)
+  --save-interval S      also checkpoint when S seconds passed since the last one (default 300;
+                         0 = never), so a crash loses at most about S seconds of training.
+                         SIGINT/SIGTERM (Ctrl-C) stop at the next step boundary, write a
+                         checkpoint whatever the cadence, print how to resume and exit 130/143;
+                         a second signal exits at once
+  --resume               continue from <out>.checkpoint (same flags as the interrupted run); an
+                         error when there is no checkpoint
+  --resume-or-start      continue from <out>.checkpoint when there is one, else start at step 0
   --seed S               seed of the init, data order and dropout (default 0)
 ${PROFILE_HELP}
   --memory-budget SIZE   refuse plans whose estimated peak exceeds SIZE (bytes, or e.g. 4GiB, 512MB)
@@ -165,6 +173,8 @@ export const finetuneCommand: Command = {
       'eval-data': { type: 'string' },
       'save-every': { type: 'string' },
       resume: { type: 'boolean' },
+      'resume-or-start': { type: 'boolean' },
+      'save-interval': { type: 'string' },
       seed: { type: 'string' },
       'memory-budget': { type: 'string' },
       ...PROFILE_FLAGS,
@@ -204,6 +214,17 @@ export const finetuneCommand: Command = {
     const settings = await finetuneSettings(model, flagged, rp.finetuneDefaults, Boolean(s('init-adapter')));
     if (!json) process.stderr.write(`${describeSettings(settings, rp.profile.id)}\n`);
     let progress: Progress | null = null;
+    // SIGINT/SIGTERM: stop at the next step boundary with a checkpoint; a second one exits at once.
+    const stopper = new AbortController();
+    let signalName: NodeJS.Signals | null = null;
+    const onSignal = (sig: NodeJS.Signals) => {
+      if (signalName) process.exit(sig === 'SIGTERM' ? 143 : 130);
+      signalName = sig;
+      process.stderr.write(`\n${sig}: stopping after this step and writing a checkpoint (${sig} again to exit at once, losing the step)\n`);
+      stopper.abort();
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
     const opts: FinetuneOptions = {
       model,
       data,
@@ -227,7 +248,9 @@ export const finetuneCommand: Command = {
       ...(s('init-adapter') ? { initAdapter: s('init-adapter')! } : {}),
       ...(s('eval-data') ? { evalData: s('eval-data')! } : {}),
       ...(num('save-every', { integer: true, min: 0 }) !== undefined ? { saveEvery: num('save-every')! } : {}),
-      ...(v.resume ? { resume: true } : {}),
+      ...(v.resume ? { resume: true } : v['resume-or-start'] ? { resume: 'if-present' as const } : {}),
+      saveEverySeconds: numberFlag('save-interval', s('save-interval'), 300, { min: 0 }),
+      signal: stopper.signal,
       ...(num('seed', { integer: true, min: 0 }) !== undefined ? { seed: num('seed')! } : {}),
       ...(memoryBudget !== undefined ? { memoryBudget } : {}),
       profile: { id: rp.profile.id, memoryBudgetBytes: rp.memoryBudgetBytes },
@@ -235,11 +258,25 @@ export const finetuneCommand: Command = {
       ...(dtype ? { dtype: dtype.toUpperCase() as StDType } : {}),
       onWarning: (m) => process.stderr.write(`warning: ${m}\n`),
       onStep: (e, total) => {
-        progress ??= new Progress({ total, label: 'finetune', silent: json });
+        // The rate counts this run's steps from when its first step began (a resumed run starts at e.step - 1).
+        progress ??= new Progress({ total, label: 'finetune', silent: json, startedAt: Date.now() - e.seconds * 1000, from: e.step - 1 });
         progress.update(e.step, { loss: e.loss, 'tok/s': Math.round(e.tokens / Math.max(e.seconds, 1e-9)) });
       },
     };
-    const res = await finetune(opts);
+    let res: Awaited<ReturnType<typeof finetune>>;
+    try {
+      res = await finetune(opts);
+    } finally {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    }
+    if (res.interrupted) {
+      const again = ['edgelora', 'finetune', ...argv.filter((a) => a !== '--resume' && a !== '--resume-or-start'), '--resume'].map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, "'\\''")}'`)).join(' ');
+      const where = checkpointDir(res.out);
+      if (json) process.stdout.write(JSON.stringify({ interrupted: true, signal: signalName, steps_done: res.steps, checkpoint: where, resume: again }) + '\n');
+      process.stderr.write(`${signalName ?? 'stopped'} at step ${res.steps}: checkpoint written to ${where}\nresume with: ${again}\n`);
+      return signalName === 'SIGTERM' ? 143 : 130;
+    }
     if (json) {
       // The adapter's own config is the truth for rank/alpha/targets/dropout (with --init-adapter
       // they come from the adapter continued); the rest is what was passed to the trainer.

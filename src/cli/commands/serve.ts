@@ -9,6 +9,9 @@ import { parseHfConfig } from '../../formats/hf-config.js';
 import { resolveProfile, parseProfileSets } from '../../profiles/index.js';
 import { startServe, readApiKeys } from '../../serve/server.js';
 import { EdgeloraError } from '../../util/errors.js';
+import { brokerFlags, brokerHelp, brokerOptions } from '../broker-flags.js';
+import { loadPublicKey } from '../../sync/protocol/signing.js';
+import type { DefaultAdapterMode } from '../../serve/fleet.js';
 
 const help = `Usage: edgelora serve --model <quantized-dir> [flags]
 
@@ -36,6 +39,23 @@ Flags:
   --body-limit BYTES       largest request body (default 1048576); larger gets 413
   --shutdown-timeout S     seconds running requests may take to finish on SIGTERM (default 10)
 ${PROFILE_HELP}
+Fleet (with --broker: the device agent runs in this process over the loaded base; pushed adapters
+are verified, installed under --state and served as "<model-id>:<adapter-id>", swapped at a token
+boundary: a request in flight keeps its adapters; hub commands rollback/activate/deactivate act on
+the same set):
+  --device-id ID           this device's id (required with --broker)
+  --fleet NAME             fleet to follow (required with --broker)
+  --group NAME             group to follow (optional)
+  --trust FILE             the hub's public key (.pub from \`edgelora keygen\`; required with --broker)
+  --state DIR              state directory (required with --broker; created when missing): the
+                           agent's state, and fine-tuning files and jobs (POST /v1/files,
+                           /v1/fine_tuning/jobs; without --state there are no jobs). A job runs in
+                           this process while serving continues (both slower); a killed server
+                           resumes an unfinished job from its checkpoint on the next start
+  --default-adapter fleet|none
+                           what a request for the bare model id gets: the fleet's active adapter
+                           (default fleet) or the base alone; /health and /v1/models say which
+${brokerHelp}
   --json-log               one JSON log line per request on stderr; the start line is JSON too
   -h, --help               this text`;
 
@@ -45,6 +65,28 @@ function parseServeAdapter(spec: string): { id: string; dir: string; scale: numb
   if (eq <= 0) throw new EdgeloraError(`--adapter ${spec}: expected ID=DIR[:SCALE]`, { where: '--adapter', hint: 'e.g. --adapter kiosk=./adapters/kiosk:0.8' });
   const { dir, scale } = parseAdapterSpec(spec.slice(eq + 1));
   return { id: spec.slice(0, eq), dir, scale };
+}
+
+type Values = Record<string, string | boolean | string[] | undefined>;
+
+/** The in-process agent's options from --broker and friends; null without --broker. All checked before the model loads. */
+async function fleetOptions(v: Values, jsonLog: boolean): Promise<NonNullable<Parameters<typeof startServe>[0]['fleet']> | null> {
+  const str = (k: string) => v[k] as string | undefined;
+  const mode = str('default-adapter') ?? 'fleet';
+  if (mode !== 'fleet' && mode !== 'none') throw new EdgeloraError(`--default-adapter ${mode}: expected fleet or none`, { where: '--default-adapter' });
+  if (v.broker === undefined) {
+    const stray = ['device-id', 'fleet', 'group', 'trust', 'default-adapter'].find((k) => v[k] !== undefined);
+    if (stray) throw new EdgeloraError(`--${stray} needs --broker`, { where: `--${stray}`, hint: 'give --broker mqtt://host:1883 to run the fleet agent in this server' });
+    return null;
+  }
+  const deviceId = requireFlag('serve', 'device-id', str('device-id'));
+  const fleet = requireFlag('serve', 'fleet', str('fleet'));
+  const stateDir = requireFlag('serve', 'state', str('state'));
+  const trustedKey = await loadPublicKey(requireFlag('serve', 'trust', str('trust')));
+  const broker = brokerOptions('serve', v as Parameters<typeof brokerOptions>[1]);
+  const log = (line: string) => process.stderr.write((jsonLog ? JSON.stringify({ event: 'fleet', message: line }) : line) + '\n');
+  const group = str('group');
+  return { agent: { broker, deviceId, fleet, ...(group ? { group } : {}), stateDir, trustedKey, log }, defaultAdapter: mode as DefaultAdapterMode };
 }
 
 export const serveCommand: Command = {
@@ -65,6 +107,13 @@ export const serveCommand: Command = {
       'body-limit': { type: 'string' },
       'shutdown-timeout': { type: 'string' },
       ...PROFILE_FLAGS,
+      ...brokerFlags,
+      'device-id': { type: 'string' },
+      fleet: { type: 'string' },
+      group: { type: 'string' },
+      trust: { type: 'string' },
+      state: { type: 'string' },
+      'default-adapter': { type: 'string' },
       'json-log': { type: 'boolean' },
     });
     if (h) {
@@ -80,12 +129,15 @@ export const serveCommand: Command = {
     const adapters = ((v.adapter as string[] | undefined) ?? []).map(parseServeAdapter);
     const apiKeys = v['api-key-file'] ? await readApiKeys(v['api-key-file'] as string) : [];
     const jsonLog = Boolean(v['json-log']);
+    const fleet = await fleetOptions(v, jsonLog);
+    const stateDir = v.state as string | undefined;
 
     const manifest = await readManifest(dir);
     const cfg = parseHfConfig(manifest.sourceConfig, path.join(dir, 'manifest.json'));
     const ctx = numberFlag('ctx', v.ctx as string | undefined, cfg.maxPositionEmbeddings, { integer: true, min: 2, max: cfg.maxPositionEmbeddings });
     const profile = await resolveProfile({ profile: (v.profile as string | undefined) ?? 'auto', overrides: parseProfileSets((v['profile-set'] as string[] | undefined) ?? []) });
     // The batch's KV slots hold max-batch rows of ctx tokens at most: that is the plan to check.
+    const servingPlan = modelMemoryPlan(manifest, cfg, { context: ctx, prefillTokens: ctx, batch: maxBatch });
     profile.checkMemoryPlan(modelMemoryPlan(manifest, cfg, { context: ctx, prefillTokens: ctx, batch: maxBatch }, { what: path.basename(path.resolve(dir)), lower: ['--ctx', '--max-batch'] }));
 
     const server = await startServe({
@@ -100,6 +152,8 @@ export const serveCommand: Command = {
       apiKeys,
       bodyLimit,
       jsonLog,
+      ...(fleet ? { fleet } : {}),
+      ...(stateDir ? { jobs: { stateDir, budgetBytes: profile.memoryBudgetBytes, servingBytes: servingPlan.bytes, profileId: profile.profile.id, sessionOptions: profile.sessionOptions({ graphOptimizationLevel: 'all', enableCpuMemArena: false }), log: (line: string) => process.stderr.write((jsonLog ? JSON.stringify({ event: 'fine-tuning', message: line }) : line) + '\n') } } : {}),
       sessionOptions: profile.sessionOptions({ graphOptimizationLevel: 'all' }),
     });
     const say = (event: string, fields: Record<string, unknown>, text: string) =>
