@@ -15,6 +15,7 @@ import { fleetStatusCommand } from './fleet-status.js';
 import { fleetCommandCommand } from './fleet-command.js';
 import { keygenCommand } from './keygen.js';
 import { serveCommand } from './serve.js';
+import { rolloutStartCommand, rolloutStatusCommand, rolloutPauseCommand, rolloutResumeCommand, rolloutAbortCommand } from './rollout.js';
 
 export const commands: Command[] = [
   demoCommand,
@@ -33,4 +34,9 @@ export const commands: Command[] = [
   fleetCommandCommand,
   keygenCommand,
   serveCommand,
+  rolloutStartCommand,
+  rolloutStatusCommand,
+  rolloutPauseCommand,
+  rolloutResumeCommand,
+  rolloutAbortCommand,
 ];
