@@ -12,7 +12,7 @@
  *   lastError?: { at: string, reason: string } | null }} DeviceStatus
  * @typedef {{ planned: number, pending: number, sent: number, activated: number, failed: number, rolledBack: number }} Counts
  * @typedef {{ stage: number, state: string, sentAt: string | null, doneAt: string | null, reason: string | null }} RolloutDevice
- * @typedef {{ id: string, status: string, adapter: AdapterRef, previous: AdapterRef | null, createdAt: string, stage: number,
+ * @typedef {{ id: string, status: string, adapter: AdapterRef, previous: AdapterRef | null, createdAt: string, updatedAt: string, stage: number,
  *   plan: string[][], stageStartedAt: string[], reason: string | null, devices: Record<string, RolloutDevice>,
  *   spec: { fleet: string, successThreshold: number, abortThreshold: number, abortMin: number, stageTimeoutMs: number, maxPerMinute: number | null, rollbackOnAbort: boolean },
  *   counts: Counts, stageCounts: Counts[] }} Rollout
@@ -66,7 +66,8 @@ function plot(r) {
   const svg = s('svg', { class: 'plot', width: W, height: H, viewBox: `0 0 ${W} ${H}` });
   const done = Object.values(r.devices).filter((d) => d.doneAt !== null);
   const t0 = Date.parse(r.createdAt);
-  const t1 = Math.max(t0 + 1000, Date.now(), ...done.map((d) => Date.parse(/** @type {string} */ (d.doneAt))));
+  // The hub's clock, not the browser's: the time axis ends at the rollout's last transition.
+  const t1 = Math.max(t0 + 1000, Date.parse(r.updatedAt), ...done.map((d) => Date.parse(/** @type {string} */ (d.doneAt))));
   const n = Math.max(1, Object.keys(r.devices).length);
   const x = (/** @type {number} */ t) => L + ((t - t0) / (t1 - t0)) * (W - L - 8);
   const y = (/** @type {number} */ v) => H - B - (v / n) * (H - B - 8);
