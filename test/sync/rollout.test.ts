@@ -11,9 +11,11 @@ import { Agent } from '../../src/sync/agent/agent.ts';
 import { Hub } from '../../src/sync/hub/hub.ts';
 import { Rollouts } from '../../src/sync/hub/rollout.ts';
 import { planStages, countDevices, type RolloutState } from '../../src/sync/hub/rollout-state.ts';
-import { generateSigningKey } from '../../src/sync/protocol/signing.ts';
+import { generateSigningKey, loadPublicKey, writeKeyPair } from '../../src/sync/protocol/signing.ts';
+import { HubApi } from '../../src/sync/hub/api-client.ts';
+import { spawn } from 'node:child_process';
 import { packAdapterDir, sha256Hex } from '../../src/sync/transfer/pack.ts';
-import { Mosquitto, RecordingActivator, makeAdapter, testAgentOptions, tmpDir, waitFor } from './helpers.ts';
+import { Mosquitto, REPO, RecordingActivator, makeAdapter, testAgentOptions, tmpDir, waitFor } from './helpers.ts';
 
 const key = generateSigningKey();
 let mosq: Mosquitto;
@@ -289,5 +291,63 @@ test('bad starts are refused with a clear error: thresholds, unknown fleet, empt
   } finally {
     await rollouts.close();
     await f.stop();
+  }
+});
+
+test('a hub process SIGKILLed mid-rollout and started again on its store continues the rollout', async () => {
+  const name = 'kill';
+  const root = path.join(work, name);
+  const { keyFile, pubFile } = await writeKeyPair(path.join(tmpDir('killkey'), 'hub'));
+  const trusted = await loadPublicKey(pubFile);
+  const store = path.join(root, 'store');
+  const spawnHub = async () => {
+    const p = spawn(process.execPath, ['--import', 'tsx', path.join(REPO, 'src/cli/main.ts'), 'hub', '--broker', mosq.url, '--store', store, '--key', keyFile, '--http', '127.0.0.1:0', '--chunk-size', '2048', '--quiet'], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    p.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    await waitFor('the hub serves HTTP', () => /"url":"([^"]+)"/.test(out) || p.exitCode !== null, 60_000);
+    const url = /"url":"([^"]+)"/.exec(out)?.[1];
+    return { p, url, err: () => err };
+  };
+  const agents = Array.from({ length: 6 }, (_, i) => new Agent(testAgentOptions({ url: mosq.url, stateRoot: path.join(root, 'agents'), trustedKey: trusted }, `${name}-d${i}`, name)));
+  let hub = await spawnHub();
+  let hub2: Awaited<ReturnType<typeof spawnHub>> | null = null;
+  try {
+    assert.ok(hub.url, hub.err());
+    await Promise.all(agents.map((a) => a.start()));
+    const api = new HubApi(hub.url!);
+    await waitFor('the hub lists every device', async () => ((await api.request('GET', '/api/devices')) as { devices: unknown[] }).devices.length >= 6);
+    const dirB = await makeAdapter(path.join(root, 'B'), { seed: 2, layers: 2 });
+    const up = (await api.request('POST', '/api/adapters?name=chat', { bytes: await packAdapterDir(dirB) })) as { sha256: string };
+    const st = (await api.request('POST', '/api/rollouts', { json: { adapter: up.sha256, fleet: name, stages: { kind: 'size', size: 2 }, abortMin: 1 } })) as RolloutState;
+    hub.p.kill('SIGKILL');
+    await new Promise((r) => hub.p.once('exit', r));
+    const saved = JSON.parse(await fs.readFile(path.join(store, 'rollouts', `${st.id}.json`), 'utf8')) as RolloutState;
+    assert.equal(saved.status, 'running', 'killed while running');
+    assert.ok(countDevices(saved).pending > 0, 'killed before every device was sent the adapter');
+
+    // The killed hub's store lock goes stale after 10 s: until then a new hub is refused.
+    const deadline = Date.now() + 40_000;
+    for (;;) {
+      hub2 = await spawnHub();
+      if (hub2.url) break;
+      assert.ok(Date.now() < deadline, `no hub could take the store over: ${hub2.err()}`);
+      await new Promise((r) => setTimeout(r, 2000));
+    }
+    const api2 = new HubApi(hub2.url!);
+    await waitFor('the restarted hub completes the rollout', async () => ((await api2.request('GET', `/api/rollouts/${st.id}`)) as RolloutState).status === 'succeeded', 60_000);
+    await waitFor('every agent on B', () => agents.every((a) => a.active?.sha256 === up.sha256));
+    const final = (await api2.request('GET', `/api/rollouts/${st.id}`)) as RolloutState;
+    assert.equal(final.createdAt, saved.createdAt, 'the same rollout, from its saved state');
+    assert.ok(final.events.some((e) => e.kind === 'hub-started'), 'the restart is a logged transition');
+  } finally {
+    if (hub.p.exitCode === null) hub.p.kill('SIGKILL');
+    if (hub2 && hub2.p.exitCode === null) {
+      const gone = new Promise((r) => hub2!.p.once('exit', r));
+      hub2.p.kill('SIGTERM');
+      await gone;
+    }
+    await Promise.all(agents.map((a) => a.stop()));
   }
 });

@@ -68,7 +68,11 @@ export class Rollouts extends EventEmitter<RolloutEvents> {
       this.timer = setInterval(() => void this.tick().catch((err: unknown) => this.log(`rollout: ${(err as Error).message}`)), tickMs);
       this.timer.unref();
     }
-    for (const st of this.byId.values()) if (st.status === 'running') this.log(`rollout ${st.id}: resumed at stage ${st.stage + 1}/${st.plan.length}`);
+    for (const st of this.byId.values()) {
+      if (st.status !== 'running' && st.status !== 'paused') continue;
+      this.event(st, 'hub-started', `this hub run picked the rollout up (${st.status}) at stage ${st.stage + 1}/${st.plan.length}`, { stage: st.stage });
+      await this.save(st);
+    }
     await this.tick();
   }
 
