@@ -1,7 +1,7 @@
 // Bundles the CLI into dist/cli.js with esbuild; run by scripts/edgelora.mjs when dist/ is missing or stale, and by `npm run build`.
 // onnxruntime-node stays external: it ships a native binding that cannot be bundled.
 import { build } from 'esbuild';
-import { chmod } from 'node:fs/promises';
+import { chmod, cp } from 'node:fs/promises';
 
 await build({
   entryPoints: ['src/cli/main.ts'],
@@ -18,3 +18,5 @@ await build({
   logLevel: 'warning',
 });
 await chmod('dist/cli.js', 0o755);
+// The hub dashboard's static files (served by `edgelora hub --http`), next to the bundle as the server looks for them.
+await cp('src/sync/hub/dashboard', 'dist/dashboard', { recursive: true });

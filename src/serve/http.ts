@@ -2,7 +2,7 @@
 // OpenAI error body for every refusal, server-sent events for streams, Bearer API keys compared in
 // constant time, Prometheus metrics. Routes translate; the engine decides.
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
-import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import type { ServerResponse } from 'node:http';
 import { z } from 'zod';
 import { ServeEngine, ServeError, type CompletionRequest, type CompletionResult } from './engine.js';
@@ -12,6 +12,7 @@ import { EdgeloraError } from '../util/errors.js';
 import type { FleetInfo } from './fleet.js';
 import type { FineTuningJobs } from './jobs.js';
 import { registerJobRoutes } from './jobs-routes.js';
+import { keyMatches } from '../util/http-auth.js';
 
 /** What the routes see of the process: the engine once the base is loaded, or why it is not. */
 export interface ServeState {
@@ -53,14 +54,6 @@ function errorBody(status: number, message: string, code: string | null, param: 
 
 function serveErrorBody(e: ServeError) {
   return errorBody(e.status, e.hint ? `${e.message} (${e.hint})` : e.message, e.code, e.param);
-}
-
-/** sha256 digests compare in constant time whatever the lengths; every key is compared. */
-function keyMatches(given: string, keys: readonly string[]): boolean {
-  const g = createHash('sha256').update(given).digest();
-  let ok = false;
-  for (const k of keys) ok = timingSafeEqual(g, createHash('sha256').update(k).digest()) || ok;
-  return ok;
 }
 
 export function parseBody<S extends z.ZodType>(schema: S, body: unknown): z.infer<S> {

@@ -1,7 +1,6 @@
 // Starts `edgelora serve`: listens first (GET /health says "loading"), then loads the base once and
 // the --adapter list, then says "ok". Closing stops accepting, lets rows finish within a bound,
 // cancels the rest and releases the model. The CLI, the tests and bench:serve all start it here.
-import { promises as fs } from 'node:fs';
 import type ort from 'onnxruntime-node';
 import type { FastifyInstance } from 'fastify';
 import { ServeEngine, type EngineObserver } from './engine.js';
@@ -11,6 +10,7 @@ import { EdgeloraError } from '../util/errors.js';
 import { Agent, type AgentOptions } from '../sync/agent/agent.js';
 import { EngineActivator, type DefaultAdapterMode } from './fleet.js';
 import { FineTuningJobs, type JobsOptions } from './jobs.js';
+import { checkBind } from '../util/http-auth.js';
 
 export interface ServeOptions {
   readonly modelDir: string;
@@ -57,34 +57,12 @@ export interface RunningServer {
   close(graceMs?: number): Promise<void>;
 }
 
-/** Whether binding `host` keeps the server on this machine. */
-export function isLoopback(host: string): boolean {
-  return host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host);
-}
-
-/** Keys of an API key file: one per line; blank lines and lines starting with # are skipped. */
-export async function readApiKeys(file: string): Promise<string[]> {
-  let text: string;
-  try {
-    text = await fs.readFile(file, 'utf8');
-  } catch (err) {
-    throw new EdgeloraError(`cannot read the API key file: ${(err as Error).message}`, { where: file });
-  }
-  const keys = text.split(/\r?\n/).map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('#'));
-  if (keys.length === 0) throw new EdgeloraError('the API key file holds no key', { where: file, hint: 'write one key per line' });
-  if (keys.some((k) => k.length < 16)) throw new EdgeloraError('an API key is shorter than 16 characters', { where: file, hint: 'use e.g. `openssl rand -hex 32`' });
-  return keys;
-}
+export { isLoopback, readApiKeys } from '../util/http-auth.js';
 
 export async function startServe(o: ServeOptions): Promise<RunningServer> {
   const host = o.host ?? '127.0.0.1';
   const apiKeys = o.apiKeys ?? [];
-  if (!isLoopback(host) && apiKeys.length === 0) {
-    throw new EdgeloraError(`binding ${host} would expose the API beyond this machine without authentication`, {
-      where: '--host',
-      hint: 'give --api-key-file FILE (clients send "Authorization: Bearer <key>"), or bind 127.0.0.1',
-    });
-  }
+  checkBind(host, apiKeys, { host: '--host', keyFile: '--api-key-file' });
   const state: ServeState = { engine: null, failed: null, created: Math.floor(Date.now() / 1000), fleet: null, jobs: null };
   let agent: Agent | null = null;
   let closed = false;

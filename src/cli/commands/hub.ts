@@ -6,6 +6,18 @@ import { Hub } from '../../sync/hub/hub.js';
 import { loadSigningKey } from '../../sync/protocol/signing.js';
 import { startEmbeddedBroker, type EmbeddedBroker } from '../../sync/transport/embedded-broker.js';
 import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../broker-flags.js';
+import { Rollouts } from '../../sync/hub/rollout.js';
+import { startHubHttp, type HubHttp } from '../../sync/hub/http.js';
+import { checkBind, readApiKeys } from '../../util/http-auth.js';
+import { EdgeloraError } from '../../util/errors.js';
+
+/** "HOST:PORT", "[v6]:PORT" or "PORT" (loopback). */
+export function parseHttpAddr(spec: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(spec) ?? /^()()(\d{1,5})$/.exec(spec);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || port > 65535) throw new EdgeloraError(`bad address ${JSON.stringify(spec)}`, { where: '--http', hint: 'write HOST:PORT, e.g. 127.0.0.1:8081 (port 0 picks a free one)' });
+  return { host: m[1] || m[2] || '127.0.0.1', port };
+}
 
 export const hubCommand: Command = {
   name: 'hub',
@@ -29,6 +41,11 @@ per --store: a second one is refused. Operators publish with \`edgelora publish\
                              online devices asked for it, else send it to each asker alone (default 0.5;
                              0 broadcasts every repair)
   --rate <bytes/s>           cap on broadcast chunk bytes per second (default unlimited)
+  --http <host:port>         serve the JSON API, the event stream and the dashboard (http://host:port/);
+                             staged rollouts (\`edgelora rollout\`) go through it. Loopback unless
+                             --http-token-file is given
+  --http-token-file <file>   accepted Bearer tokens, one per line (at least 16 characters); every /api
+                             route then needs "Authorization: Bearer <token>" (the page: #token=<token>)
   --quiet                    no log lines on stderr
   -h, --help                 this text
 
@@ -48,6 +65,8 @@ ${brokerHelp}`,
       'coalesce-ms': { type: 'string' },
       'repair-broadcast-share': { type: 'string' },
       rate: { type: 'string' },
+      http: { type: 'string' },
+      'http-token-file': { type: 'string' },
       quiet: { type: 'boolean' },
     }, { positionals: [] });
     if (help) {
@@ -63,6 +82,9 @@ ${brokerHelp}`,
     const coalesceMs = numberFlag('coalesce-ms', v['coalesce-ms'], 250, { min: 0 });
     const repairBroadcastShare = numberFlag('repair-broadcast-share', v['repair-broadcast-share'], 0.5, { min: 0, max: 1 });
     const port = v['embedded-broker'] === undefined ? undefined : numberFlag('embedded-broker', v['embedded-broker'], 1883, { integer: true, min: 0, max: 65535 });
+    const httpAddr = v.http === undefined ? undefined : parseHttpAddr(v.http);
+    const tokens = v['http-token-file'] ? await readApiKeys(v['http-token-file']) : [];
+    if (httpAddr) checkBind(httpAddr.host, tokens, { host: '--http', keyFile: '--http-token-file' });
     if (port === undefined) brokerOptions('hub', v); // throws on a missing or bad --broker now; with the embedded broker its URL is known only once it listens
     let embedded: EmbeddedBroker | null = null;
     if (port !== undefined) {
@@ -82,8 +104,26 @@ ${brokerHelp}`,
     });
     await hub.start();
     log?.(`hub: connected, key id ${hub.keyId}, store ${store}`);
+    // Persisted rollouts resume whether or not --http is given; starting new ones needs the API.
+    const rollouts = new Rollouts({ hub, storeDir: store, ...(log ? { log } : {}) });
+    let http: HubHttp | null = null;
+    try {
+      await rollouts.open();
+      if (httpAddr) {
+        http = await startHubHttp({ hub, rollouts, ...httpAddr, tokens });
+        log?.(`hub: dashboard and API on ${http.url}/`);
+        process.stdout.write(`${JSON.stringify({ event: 'http', url: http.url })}\n`);
+      }
+    } catch (err) {
+      await rollouts.close();
+      await hub.stop();
+      await embedded?.close();
+      throw err;
+    }
     const sig = await untilSignal();
     log?.(`hub: ${sig}, stopping`);
+    await http?.close();
+    await rollouts.close();
     await hub.stop();
     await embedded?.close();
     return 0;

@@ -16,6 +16,7 @@ import { fleetCommandCommand } from './fleet-command.js';
 import { keygenCommand } from './keygen.js';
 import { serveCommand } from './serve.js';
 import { importGgufCommand, exportGgufCommand, adapterExportGgufCommand } from './gguf.js';
+import { rolloutStartCommand, rolloutStatusCommand, rolloutPauseCommand, rolloutResumeCommand, rolloutAbortCommand } from './rollout.js';
 
 export const commands: Command[] = [
   demoCommand,
@@ -37,4 +38,9 @@ export const commands: Command[] = [
   importGgufCommand,
   exportGgufCommand,
   adapterExportGgufCommand,
+  rolloutStartCommand,
+  rolloutStatusCommand,
+  rolloutPauseCommand,
+  rolloutResumeCommand,
+  rolloutAbortCommand,
 ];

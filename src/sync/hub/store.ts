@@ -204,6 +204,10 @@ export class HubStore {
     this.index.targetDefs[key] = manifest.target;
     await this.save();
   }
+  /** Every adapter id and version blob `sha` was published under. */
+  versionsOf(sha: string): { id: string; version: number }[] {
+    return Object.entries(this.index.versions).flatMap(([id, v]) => (v[sha] === undefined ? [] : [{ id, version: v[sha] }]));
+  }
   targets(): Manifest[] {
     return Object.values(this.index.targets);
   }
