@@ -145,7 +145,7 @@ export async function runStory(o: StoryOptions): Promise<StoryReport> {
 
     const key = generateSigningKey();
     hub = await stage('hub', async () => {
-      const h = new Hub({ broker: { url: brokerUrl }, storeDir: path.join(run, 'hub-store'), key, log: process.env.EDGELORA_DEBUG ? (l) => process.stderr.write(`[hub] ${l}\n`) : () => undefined });
+      const h = new Hub({ allowPlaintext: true, broker: { url: brokerUrl }, storeDir: path.join(run, 'hub-store'), key, log: process.env.EDGELORA_DEBUG ? (l) => process.stderr.write(`[hub] ${l}\n`) : () => undefined });
       await h.start();
       o.say(`hub         signing key ${key.keyId}, store ${path.join(run, 'hub-store')}`);
       return h;
