@@ -268,3 +268,52 @@ test('an agent SIGKILLed mid-download resumes a sealed transfer', async () => {
     await hub.stop();
   }
 });
+
+function cli(args: string[], timeoutMs = 60_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, ['--import', 'tsx', path.join(REPO, 'src/cli/main.ts'), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    p.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const kill = setTimeout(() => p.kill('SIGKILL'), timeoutMs);
+    p.once('exit', (code) => {
+      clearTimeout(kill);
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+test('fleet enroll records the announced key (checked against --expect-key-id); fleet status shows unenrolled and changed keys', async () => {
+  const store = path.join(work, 'store-cli');
+  const c1 = new Agent(agentOpts('c1', 'fc'));
+  const c2 = new Agent(agentOpts('c2', 'fc'));
+  const fake = await Link.open({ url: mosq.url }, { clientId: 'fake-c1' });
+  try {
+    await Promise.all([c1.start(), c2.start()]);
+    const c1Key = c1.encKey?.keyId as string;
+    const wrong = await cli(['fleet', 'enroll', 'c1', '--store', store, '--broker', mosq.url, '--expect-key-id', '0123456789abcdef']);
+    assert.notEqual(wrong.code, 0);
+    assert.match(wrong.stderr, /announces key [0-9a-f]{16}, not 0123456789abcdef/);
+    const ok = await cli(['fleet', 'enroll', 'c1', '--store', store, '--broker', mosq.url, '--expect-key-id', c1Key]);
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.match(ok.stdout, new RegExp(`enrolled c1 in fleet fc with X25519 key ${c1Key}`));
+    const st = await cli(['fleet', 'status', '--broker', mosq.url, '--store', store, '--json']);
+    assert.equal(st.code, 0, st.stderr);
+    const keys = (JSON.parse(st.stdout) as { keys: Record<string, string> }).keys;
+    assert.deepEqual({ c1: keys.c1, c2: keys.c2 }, { c1: 'enrolled', c2: 'unenrolled' });
+    // c1's agent is replaced by something announcing another key under its id.
+    await c1.stop();
+    const other = generateEncKey();
+    await fake.waitConnected();
+    await fake.publish(topics.status('c1'), Buffer.from(JSON.stringify({ type: 'status', v: 1, deviceId: 'c1', online: true, state: 'idle', fleet: 'fc', encKey: { alg: 'x25519', keyId: other.keyId, pub: other.raw.toString('base64') } })), { retain: true });
+    const st2 = await cli(['fleet', 'status', '--broker', mosq.url, '--store', store]);
+    assert.equal(st2.code, 0, st2.stderr);
+    assert.match(st2.stdout, new RegExp(`c1 .*CHANGED ${other.keyId}`));
+    assert.match(st2.stdout, /c2 .*UNENROLLED [0-9a-f]{16}/);
+  } finally {
+    await fake.publish(topics.status('c1'), Buffer.alloc(0), { retain: true }).catch(() => undefined);
+    await fake.close();
+    await Promise.all([c1.stop(), c2.stop()]);
+  }
+});
