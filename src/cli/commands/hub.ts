@@ -23,8 +23,8 @@ per --store: a second one is refused. Operators publish with \`edgelora publish\
   --enc-key <file>           X25519 private key to open sealed uploads (default: <key prefix>.x25519.key
                              beside --key, when it exists)
   --allow-plaintext          publish in clear (signed only) to targets with no enrolled device, or with
-                             devices whose key is not enrolled, and take plaintext uploads: a migration
-                             aid; without it such a publication fails (enrol with \`edgelora fleet enroll\`)
+                             devices whose key is not enrolled: a migration aid; without it such a
+                             publication fails, or leaves those devices out (enrol: \`edgelora fleet enroll\`)
   --embedded-broker [port]   start an MQTT 3.1.1 broker (aedes) in process on 127.0.0.1:port (default 1883)
                              and connect to it; --broker is then optional
   --host <addr>              address the embedded broker listens on (default 127.0.0.1)

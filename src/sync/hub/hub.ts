@@ -84,7 +84,8 @@ export interface HubOptions {
   /**
    * Lets a publication go out in clear (signed only) when its target has no enrolled recipient,
    * or has devices the hub knows of whose key is not enrolled (a fleet migrating to keys); default
-   * false: such a publication fails, naming the devices to enrol. Also lets plaintext uploads in.
+   * false: a target with no enrolled device fails, naming what to do; other devices are left out.
+   * (Unsealed uploads are taken either way: `edgelora publish` uploads in clear in this version.)
    */
   allowPlaintext?: boolean;
   /** Clock, injected for tests. */
@@ -139,6 +140,8 @@ export class Hub extends EventEmitter<HubEvents> {
   private readonly now: () => Date;
   private readonly chunkSize: number;
   private cmdCounter = 0;
+  /** The stored plaintext blob each manifest of this run publishes (a sealed one's blob.sha256 is its ciphertext's). */
+  private readonly contentOf = new WeakMap<Manifest, string>();
   private lastHubStatus: HubStatus | null = null;
 
   constructor(readonly opts: HubOptions) {
@@ -377,6 +380,7 @@ export class Hub extends EventEmitter<HubEvents> {
       throw new EdgeloraError(`manifest of ${chunks} chunks${sealed ? ` and ${sealed.recipients.length} recipients` : ''} exceeds ${MAX_JSON_BYTES} bytes`, { where: 'chunkSize', hint: 'use a larger chunk size, or publish to groups instead of one large fleet' });
     }
     if (sealed) await store.putSealed(blob);
+    this.contentOf.set(manifest, entry.sha256);
     const key = targetKey(target);
     await store.setTarget(key, manifest, entry.sha256);
     await this.publishManifest(manifest);
@@ -512,7 +516,7 @@ export class Hub extends EventEmitter<HubEvents> {
     const r = d.value;
     try {
       const m = await this.publish(r.sha256, r.target, r.name);
-      await this.reply(r.clientId, { requestId: r.requestId, ok: true, manifest: { adapter: m.adapter, seq: m.seq, sha256: m.blob.sha256, target: m.target } });
+      await this.reply(r.clientId, { requestId: r.requestId, ok: true, manifest: { adapter: m.adapter, seq: m.seq, sha256: this.contentOf.get(m) ?? m.blob.sha256, target: m.target } });
     } catch (err) {
       await this.reply(r.clientId, { requestId: r.requestId, ok: false, error: (err as Error).message }).catch(() => undefined);
     }
