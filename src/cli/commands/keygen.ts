@@ -67,9 +67,10 @@ so that it is never committed by accident.
     const dir = path.dirname(path.resolve(keyFile));
     await fs.mkdir(dir, { recursive: true, mode: 0o700 });
     const tree = gitWorkTree(dir);
-    if (tree !== null && !values['allow-work-tree'] && !gitIgnores(path.resolve(keyFile))) {
+    const unignored = tree === null ? undefined : [keyFile, `${prefix}.x25519.key`].find((f) => !gitIgnores(path.resolve(f)));
+    if (tree !== null && !values['allow-work-tree'] && unignored !== undefined) {
       throw new EdgeloraError(`would write the hub's private key inside the git work tree ${tree}, where git does not ignore it`, {
-        where: keyFile,
+        where: unignored,
         hint: 'write it outside the repository (e.g. ~/.config/edgelora/hub), add *.key to .gitignore, or pass --allow-work-tree',
       });
     }

@@ -349,6 +349,9 @@ export class Hub extends EventEmitter<HubEvents> {
     const blob = sealed ? sealed.data : plain;
     const size = sealed ? sealed.data.length : plain.length;
     const wireChunk = sealed ? sealed.chunkSize : chunkSize;
+    if (wireChunk > this.maxChunkForBroker()) {
+      throw new EdgeloraError(`sealed chunk size ${wireChunk} (${chunkSize} + 16-byte tag) does not fit the broker's packet limit`, { where: 'chunkSize', hint: `use at most ${this.maxChunkForBroker() - 16} bytes` });
+    }
     const chunks = Math.ceil(size / wireChunk);
     const chunkSha256: string[] = [];
     for (let i = 0; i < chunks; i++) chunkSha256.push(createHash('sha256').update(blob.subarray(i * wireChunk, Math.min(size, (i + 1) * wireChunk))).digest('hex'));
