@@ -34,7 +34,8 @@ export async function openSealedFile(src: SealedSource, contentKey: Buffer, nonc
     }
     const got = h.digest('hex');
     if (got !== plainSha256) throw new EdgeloraError(`decrypted blob hashes to ${got}, the sealed content key says ${plainSha256}`);
-    await out.sync();
+    // Not fsynced: the file is read back at once, and a crash before the install only means
+    // opening the (durable) sealed part file again. The hub's store.adoptFile fsyncs what it keeps.
   } catch (err) {
     await out.close();
     await fs.rm(outFile, { force: true });
