@@ -7,7 +7,6 @@ import { existsSync, promises as fs } from 'node:fs';
 import { EdgeloraError } from '../../util/errors.js';
 import { writeFileAtomic } from '../../util/atomic.js';
 
-export const ENC_ALG = 'x25519-hkdf-sha256-aes256gcm/1';
 export const TAG_BYTES = 16;
 export const NONCE_PREFIX_BYTES = 8;
 /** Wrapped payload: content key (32) || sha256 of the plaintext blob (32), sealed: + 16-byte tag. */
