@@ -104,7 +104,7 @@ async function adapter(dir: string, seed: number): Promise<void> {
 }
 const keys = await writeKeyPair(path.join(work, 'hub'));
 const mosq = await Mosquitto.start();
-const hub = start(['hub', '--broker', mosq.url, '--store', path.join(work, 'store'), '--key', keys.keyFile, '--coalesce-ms', '50', '--quiet']);
+const hub = start(['hub', '--broker', mosq.url, '--store', path.join(work, 'store'), '--key', keys.keyFile, '--allow-plaintext', '--coalesce-ms', '50', '--quiet']);
 const s2 = await startServe(['--model', model, '--ctx', '256', '--max-batch', '8', '--broker', mosq.url, '--device-id', 'dev-1', '--fleet', 'bench', '--trust', keys.pubFile, '--state', path.join(work, 'state-push'), '--profile', 'generic-x86-64']);
 const base = path.basename(model);
 const fleetActive = async () => ((await (await fetch(`${s2.url}/health`)).json()) as { fleet: { fleet_active: string | null; swaps_with_rows_in_flight: number } }).fleet;

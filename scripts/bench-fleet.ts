@@ -151,6 +151,7 @@ async function run(n: number, scenario: Scenario, system: System): Promise<Row> 
   const t0wall = Date.now();
   const fleet = `b${++runNo}`;
   const hub = new Hub({
+    allowPlaintext: true,
     broker: { url: mosq.url },
     storeDir: path.join(work, `store-${fleet}`),
     key,

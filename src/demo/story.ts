@@ -14,6 +14,8 @@ import { ADAPTER_CONFIG, ADAPTER_WEIGHTS } from '../adapters/peft.js';
 import { generate } from '../runtime/generate.js';
 import { finetune } from '../train/trainer.js';
 import { Hub, Agent, startEmbeddedBroker, generateSigningKey, type EmbeddedBroker } from '../sync/index.js';
+import { generateEncKey } from '../sync/protocol/envelope.js';
+import { enroll, enrolmentFromStatus } from '../sync/hub/enrolment.js';
 import { EdgeloraError } from '../util/errors.js';
 import { Progress } from '../util/progress.js';
 import { LINEAR_PROJS, type Proj } from '../model/llama.js';
@@ -144,8 +146,10 @@ export async function runStory(o: StoryOptions): Promise<StoryReport> {
     });
 
     const key = generateSigningKey();
+    // The hub's X25519 key: device-a seals its upload to it; the devices' keys are enrolled below.
+    const encKey = generateEncKey();
     hub = await stage('hub', async () => {
-      const h = new Hub({ broker: { url: brokerUrl }, storeDir: path.join(run, 'hub-store'), key, log: process.env.EDGELORA_DEBUG ? (l) => process.stderr.write(`[hub] ${l}\n`) : () => undefined });
+      const h = new Hub({ broker: { url: brokerUrl }, storeDir: path.join(run, 'hub-store'), key, encKey, log: process.env.EDGELORA_DEBUG ? (l) => process.stderr.write(`[hub] ${l}\n`) : () => undefined });
       await h.start();
       o.say(`hub         signing key ${key.keyId}, store ${path.join(run, 'hub-store')}`);
       return h;
@@ -164,6 +168,7 @@ export async function runStory(o: StoryOptions): Promise<StoryReport> {
           fleet: 'demo',
           stateDir,
           trustedKey: key.publicKey,
+          hubEncKey: { raw: encKey.raw, keyId: encKey.keyId },
           modelFingerprint: model.manifest.fingerprint,
           activator,
           quietMs: 500,
@@ -172,7 +177,12 @@ export async function runStory(o: StoryOptions): Promise<StoryReport> {
         await agent.start();
         devices.push({ id, agent, model, adapters, activator, stateDir });
       }
-      o.say(`devices     ${devices.map((d) => d.id).join(', ')} (fleet "demo")`);
+      // What `edgelora fleet enroll <id>` does: trust the key each device announced.
+      for (const d of devices) {
+        await waitFor(`${d.id}'s status at the hub`, 30_000, () => (hub!.devices.get(d.id)?.encKey ? true : null));
+        await enroll(path.join(run, 'hub-store'), enrolmentFromStatus(hub!.devices.get(d.id)!));
+      }
+      o.say(`devices     ${devices.map((d) => d.id).join(', ')} (fleet "demo"; X25519 keys enrolled: ${devices.map((d) => d.agent.encKey?.keyId ?? '?').join(', ')})`);
     });
 
     const ask = async (d: Device, withAdapter: boolean) => {
@@ -225,12 +235,12 @@ export async function runStory(o: StoryOptions): Promise<StoryReport> {
 
     await stage('sign + publish (hub → fleet)', async () => {
       const m = await hub!.publish(sha, { kind: 'fleet', name: 'demo' }, 'personal');
-      o.say(`hub signed and published ${m.adapter.id} v${m.adapter.version} to fleet "demo" (${m.blob.chunks} chunk${m.blob.chunks === 1 ? '' : 's'})`);
+      o.say(`hub signed and published ${m.adapter.id} v${m.adapter.version} to fleet "demo" (${m.blob.chunks} chunk${m.blob.chunks === 1 ? '' : 's'}, ${m.enc ? `sealed for ${m.enc.recipients.length} enrolled devices` : 'in clear'})`);
     });
 
     await stage('rollout (verify + activate)', async () => {
       await waitFor('every device to activate the adapter', 60_000, () => (devices.every((d) => d.agent.active?.sha256 === sha) ? true : null));
-      for (const d of devices) o.say(`  ${d.id}: verified signature, sha256 and base fingerprint; activated`);
+      for (const d of devices) o.say(`  ${d.id}: verified signature, sha256 and base fingerprint; decrypted; activated`);
     });
 
     const reports = await stage('personalized answers', async () => {

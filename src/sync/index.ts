@@ -13,3 +13,5 @@ export { HubStore, type BlobEntry } from './hub/store.js';
 export { packAdapterDir, unpack, readModelFingerprint } from './transfer/pack.js';
 export { topics, parseTarget, targetKey, type Target } from './protocol/topics.js';
 export * as messages from './protocol/messages.js';
+export { generateEncKey, loadEncKey, loadEncPublicKey, writeEncKeyPair, encKeyIdOf, sealBlob, unwrap, openChunk, type EncKey, type Recipient } from './protocol/envelope.js';
+export { enroll, unenroll, readEnrolments, recipientsFor, enrolmentFromStatus, keyState, type Enrolment, type KeyState } from './hub/enrolment.js';

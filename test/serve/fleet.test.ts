@@ -102,7 +102,7 @@ before(async () => {
   }
   keys = await writeKeyPair(path.join(tmp.dir, 'hub'));
   mosq = await Mosquitto.start();
-  hub = start(['hub', '--broker', mosq.url, '--store', path.join(tmp.dir, 'store'), '--key', keys.keyFile, '--coalesce-ms', '50']);
+  hub = start(['hub', '--broker', mosq.url, '--store', path.join(tmp.dir, 'store'), '--key', keys.keyFile, '--allow-plaintext', '--coalesce-ms', '50']);
   serve = start(['serve', '--model', modelDir, '--port', '0', '--ctx', '128', '--broker', mosq.url, '--device-id', DEVICE, '--fleet', FLEET, '--trust', keys.pubFile, '--state', path.join(tmp.dir, 'state')]);
   await waitFor('serve listening', () => /listening on (http:\S+)/.test(serve.out) || serve.child.exitCode !== null, 30_000);
   baseUrl = /listening on (http:\S+)/.exec(serve.out)?.[1] ?? assert.fail(`serve did not start: ${serve.err}`);

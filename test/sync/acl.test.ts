@@ -46,10 +46,10 @@ test('the flow works under the shipped ACL, and the ACL stops a device forging f
   assert.equal((JSON.parse(kg.stdout) as { keyId: string }).keyId, key.keyId);
 
   const broker = (u: keyof typeof users) => ({ url: mosq.url, username: u, password: users[u], reconnectMs: 200 });
-  const hub = new Hub({ broker: broker('hub'), storeDir: path.join(work, 'store'), key, chunkSize: 2048, coalesceMs: 50 });
+  const hub = new Hub({ allowPlaintext: true, broker: broker('hub'), storeDir: path.join(work, 'store'), key, chunkSize: 2048, coalesceMs: 50 });
   await hub.start();
   const agents = (['dev1', 'dev2'] as const).map(
-    (id) => new Agent({ broker: broker(id), deviceId: id, fleet: 'fx', stateDir: path.join(work, id), trustedKey: key.publicKey, modelFingerprint: BASE_FP, quietMs: 300, activator: new RecordingActivator() }),
+    (id) => new Agent({ broker: broker(id), deviceId: id, fleet: 'fx', stateDir: path.join(work, id), trustedKey: key.publicKey, modelFingerprint: BASE_FP, quietMs: 300, allowPlaintext: true, activator: new RecordingActivator() }),
   );
   const [dev1, dev2] = agents as [Agent, Agent];
   let evil: Link | null = null;

@@ -28,7 +28,7 @@ after(async () => {
 });
 
 test('forged, foreign, malformed and oversize messages are refused with a reason', async () => {
-  const hub = await new Hub({ broker: { url: mosq.url }, storeDir: path.join(work, 'store'), key, chunkSize: 2048, coalesceMs: 50 });
+  const hub = await new Hub({ allowPlaintext: true, broker: { url: mosq.url }, storeDir: path.join(work, 'store'), key, chunkSize: 2048, coalesceMs: 50 });
   await hub.start();
   const agent = new Agent({
     broker: { url: mosq.url },
@@ -131,7 +131,7 @@ test('forged, foreign, malformed and oversize messages are refused with a reason
 });
 
 test('activation failure rolls back to the last adapter that worked', async () => {
-  const hub = new Hub({ broker: { url: mosq.url }, storeDir: path.join(work, 'store-rb'), key, chunkSize: 2048, coalesceMs: 50 });
+  const hub = new Hub({ allowPlaintext: true, broker: { url: mosq.url }, storeDir: path.join(work, 'store-rb'), key, chunkSize: 2048, coalesceMs: 50 });
   await hub.start();
   const activator = new RecordingActivator();
   const agent = new Agent({ broker: { url: mosq.url }, deviceId: 'rb1', fleet: 'frb', stateDir: path.join(work, 'rb1'), trustedKey: key.publicKey, modelFingerprint: BASE_FP, quietMs: 300, activator });

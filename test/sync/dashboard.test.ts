@@ -45,7 +45,7 @@ async function cli(args: string[]): Promise<{ code: number; stdout: string; stde
 
 async function fleet(name: string, n: number) {
   const store = path.join(work, name, 'store');
-  const hub = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: store, key, chunkSize: 2048, coalesceMs: 50 });
+  const hub = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: store, key, chunkSize: 2048, coalesceMs: 50, allowPlaintext: true });
   await hub.start();
   const dirA = await makeAdapter(path.join(work, name, 'A'), { seed: 1, layers: 2 });
   const dirB = await makeAdapter(path.join(work, name, 'chat-b'), { seed: 2, layers: 2 });

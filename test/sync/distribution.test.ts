@@ -32,6 +32,7 @@ function agentOpts(url: string, deviceId: string, extra: Partial<AgentOptions> =
     trustedKey: key.publicKey,
     modelFingerprint: BASE_FP,
     quietMs: 300,
+    allowPlaintext: true,
     statusIntervalMs: 100,
     activator: new RecordingActivator(),
     ...extra,
@@ -39,7 +40,7 @@ function agentOpts(url: string, deviceId: string, extra: Partial<AgentOptions> =
 }
 
 async function startHub(url: string, store: string): Promise<Hub> {
-  const hub = new Hub({ broker: { url, reconnectMs: 200 }, storeDir: store, key, chunkSize: 2048, coalesceMs: 100 });
+  const hub = new Hub({ allowPlaintext: true, broker: { url, reconnectMs: 200 }, storeDir: store, key, chunkSize: 2048, coalesceMs: 100 });
   await hub.start();
   return hub;
 }

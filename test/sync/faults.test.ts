@@ -42,6 +42,7 @@ function agentOpts(deviceId: string, fleet: string, extra: Partial<AgentOptions>
     trustedKey: key.publicKey,
     modelFingerprint: BASE_FP,
     quietMs: 300,
+    allowPlaintext: true,
     maxRetryMs: 1500,
     statusIntervalMs: 100,
     activator: new RecordingActivator(),
@@ -50,7 +51,7 @@ function agentOpts(deviceId: string, fleet: string, extra: Partial<AgentOptions>
 }
 
 async function startHub(store: string, extra: Partial<HubOptions> = {}): Promise<Hub> {
-  const hub = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: path.join(work, store), key, chunkSize: CHUNK, coalesceMs: 100, ...extra });
+  const hub = new Hub({ allowPlaintext: true, broker: { url: mosq.url, reconnectMs: 200 }, storeDir: path.join(work, store), key, chunkSize: CHUNK, coalesceMs: 100, ...extra });
   await hub.start();
   return hub;
 }

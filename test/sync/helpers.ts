@@ -43,6 +43,8 @@ export function testAgentOptions(o: { url: string | string[]; stateRoot: string;
     quietMs: 300,
     statusIntervalMs: 200,
     activator: new RecordingActivator(),
+    // The suites from before sealed transfers upload to hubs without an X25519 key.
+    allowPlaintext: true,
     ...(process.env.EDGELORA_TEST_LOG ? { log: (l: string) => process.stderr.write(`${new Date().toISOString()} ${l}\n`) } : {}),
     ...extra,
   };

@@ -29,7 +29,7 @@ const agentOpts = (deviceId: string, fleet: string, urls: string[], extra: Parti
   testAgentOptions({ url: urls, stateRoot: path.join(work, 'agents'), trustedKey: key.publicKey }, deviceId, fleet, { quietMs: 400, maxRetryMs: 2000, ...extra });
 
 async function startHub(store: string, extra: Partial<HubOptions> = {}): Promise<Hub> {
-  const hub = new Hub({ broker: { url: [n1.url, n2.url, n3.url], reconnectMs: 200 }, storeDir: path.join(work, store), key, chunkSize: 4096, coalesceMs: 100, ...(process.env.EDGELORA_TEST_LOG ? { log: (l: string) => process.stderr.write(`${new Date().toISOString()} ${l}\n`) } : {}), ...extra });
+  const hub = new Hub({ allowPlaintext: true, broker: { url: [n1.url, n2.url, n3.url], reconnectMs: 200 }, storeDir: path.join(work, store), key, chunkSize: 4096, coalesceMs: 100, ...(process.env.EDGELORA_TEST_LOG ? { log: (l: string) => process.stderr.write(`${new Date().toISOString()} ${l}\n`) } : {}), ...extra });
   await hub.start();
   return hub;
 }

@@ -66,7 +66,7 @@ test('a refused connection fails at once, naming the broker', async () => {
 
 test('publish and fleet command fail fast when the hub is offline; publish refuses an unknown device', async () => {
   const store = path.join(work, 'store-offline');
-  const hub = new Hub({ broker: { url: mosq.url }, storeDir: store, key: await loadSigningKey(keyFile) });
+  const hub = new Hub({ allowPlaintext: true, broker: { url: mosq.url }, storeDir: store, key: await loadSigningKey(keyFile) });
   await hub.start();
   await hub.stop(); // leaves the retained status "offline"
   const src = await makeAdapter(path.join(work, 'src', 'off'), { seed: 3 });
@@ -85,7 +85,7 @@ test('publish and fleet command fail fast when the hub is offline; publish refus
 
 test('fleet command rollback from the CLI; a blob re-published under a new name is reported under it', async () => {
   const key = await loadSigningKey(keyFile);
-  const hub = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: path.join(work, 'store-cmd'), key, chunkSize: 4096, coalesceMs: 50 });
+  const hub = new Hub({ allowPlaintext: true, broker: { url: mosq.url, reconnectMs: 200 }, storeDir: path.join(work, 'store-cmd'), key, chunkSize: 4096, coalesceMs: 50 });
   await hub.start();
   const agent = new Agent(await agentOpts('oc1', 'of'));
   try {
@@ -164,7 +164,7 @@ test('a status with "group": null counts as a device without a group', async () 
 
 test('every refusal the hub documents is counted with its reason and topic, and reported in hub/status', async () => {
   const key = await loadSigningKey(keyFile);
-  const hub = new Hub({ broker: { url: mosq.url }, storeDir: path.join(work, 'store-refuse'), key, chunkSize: 1024, coalesceMs: 50 });
+  const hub = new Hub({ allowPlaintext: true, broker: { url: mosq.url }, storeDir: path.join(work, 'store-refuse'), key, chunkSize: 1024, coalesceMs: 50 });
   await hub.start();
   const peer = await Link.open({ url: mosq.url }, { clientId: 'rf1' });
   try {

@@ -45,7 +45,7 @@ const activator = (a: Agent) => a.activator as RecordingActivator;
 /** A hub, `n` agents of fleet `name` all running adapter A (published to the fleet), and adapter B stored. */
 async function fleetOn(name: string, n = 10, failB: (id: string) => boolean = () => false): Promise<Fleet> {
   const store = path.join(work, name, 'store');
-  const hub = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: store, key, chunkSize: 2048, coalesceMs: 50 });
+  const hub = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: store, key, chunkSize: 2048, coalesceMs: 50, allowPlaintext: true });
   await hub.start();
   const dirA = await makeAdapter(path.join(work, name, 'A'), { seed: 1, layers: 2 });
   const dirB = await makeAdapter(path.join(work, name, 'B'), { seed: 2, layers: 2 });
@@ -245,7 +245,7 @@ test('hub restart mid-rollout: a new hub on the same store continues from the pe
     await f.hub.stop();
 
     t += 61_000;
-    hub2 = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: f.store, key, chunkSize: 2048, coalesceMs: 50 });
+    hub2 = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: f.store, key, chunkSize: 2048, coalesceMs: 50, allowPlaintext: true });
     await hub2.start();
     await waitFor('the new hub has every status', () => f.agents.every((a) => hub2!.devices.has(a.deviceId)));
     rollouts = new Rollouts({ hub: hub2, storeDir: f.store, now, tickMs: 0 });
@@ -301,7 +301,7 @@ test('a hub process SIGKILLed mid-rollout and started again on its store continu
   const trusted = await loadPublicKey(pubFile);
   const store = path.join(root, 'store');
   const spawnHub = async () => {
-    const p = spawn(process.execPath, ['--import', 'tsx', path.join(REPO, 'src/cli/main.ts'), 'hub', '--broker', mosq.url, '--store', store, '--key', keyFile, '--http', '127.0.0.1:0', '--chunk-size', '2048', '--quiet'], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
+    const p = spawn(process.execPath, ['--import', 'tsx', path.join(REPO, 'src/cli/main.ts'), 'hub', '--broker', mosq.url, '--store', store, '--key', keyFile, '--allow-plaintext', '--http', '127.0.0.1:0', '--chunk-size', '2048', '--quiet'], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
     p.stdout.on('data', (d: Buffer) => (out += d.toString()));

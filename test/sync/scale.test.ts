@@ -34,7 +34,7 @@ const agentOpts = (deviceId: string, fleet: string, extra: Partial<AgentOptions>
 const LATE_JOINER_MAX = 1.5;
 
 test('a late joiner costs about its own bytes in broker egress ($SYS), not one blob per online device', async () => {
-  const hub = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: path.join(work, 'store-late'), key, chunkSize: 64 * 1024, coalesceMs: 100 });
+  const hub = new Hub({ allowPlaintext: true, broker: { url: mosq.url, reconnectMs: 200 }, storeDir: path.join(work, 'store-late'), key, chunkSize: 64 * 1024, coalesceMs: 100 });
   await hub.start();
   const online = Array.from({ length: 10 }, (_, i) => new Agent(agentOpts(`on${i}`, 'late')));
   const late = new Agent(agentOpts('late0', 'late'));
@@ -81,7 +81,7 @@ function dropFirst(indices: number[]): InboundHook {
 }
 
 test('chunks most devices lost are resent once to the target; a chunk one device lost goes to it alone', async () => {
-  const hub = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: path.join(work, 'store-coalesce'), key, chunkSize: 1024, coalesceMs: 300 });
+  const hub = new Hub({ allowPlaintext: true, broker: { url: mosq.url, reconnectMs: 200 }, storeDir: path.join(work, 'store-coalesce'), key, chunkSize: 1024, coalesceMs: 300 });
   await hub.start();
   // Every device loses chunks 2 and 5 (a lossy broadcast); d0 also loses chunk 7.
   const agents = Array.from({ length: 6 }, (_, i) => new Agent(agentOpts(`co${i}`, 'co', { inbound: dropFirst(i === 0 ? [2, 5, 7] : [2, 5]) })));
@@ -103,11 +103,11 @@ test('chunks most devices lost are resent once to the target; a chunk one device
 
 test('one hub per store; a second hub stopping leaves the running hub\'s status online', async () => {
   const store = path.join(work, 'store-lock');
-  const a = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: store, key, clientId: 'hub-a' });
+  const a = new Hub({ allowPlaintext: true, broker: { url: mosq.url, reconnectMs: 200 }, storeDir: store, key, clientId: 'hub-a' });
   await a.start();
-  const other = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: store, key, clientId: 'hub-a2' });
+  const other = new Hub({ allowPlaintext: true, broker: { url: mosq.url, reconnectMs: 200 }, storeDir: store, key, clientId: 'hub-a2' });
   await assert.rejects(other.start(), /store is in use by another running hub/);
-  const b = new Hub({ broker: { url: mosq.url, reconnectMs: 200 }, storeDir: path.join(work, 'store-lock-b'), key, clientId: 'hub-b' });
+  const b = new Hub({ allowPlaintext: true, broker: { url: mosq.url, reconnectMs: 200 }, storeDir: path.join(work, 'store-lock-b'), key, clientId: 'hub-b' });
   const watcher = await mqtt.connectAsync(mosq.url, { clientId: 'hubwatch', reconnectPeriod: 0 });
   let last: HubStatus | null = null;
   watcher.on('message', (t, p) => {
@@ -129,7 +129,7 @@ test('one hub per store; a second hub stopping leaves the running hub\'s status 
     await a.stop();
   }
   // Once stopped, the store is free again.
-  const again = new Hub({ broker: { url: mosq.url }, storeDir: store, key });
+  const again = new Hub({ allowPlaintext: true, broker: { url: mosq.url }, storeDir: store, key });
   await again.start();
   await again.stop();
 });

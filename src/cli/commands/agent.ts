@@ -1,4 +1,6 @@
 // `edgelora agent`: runs the device agent that receives, verifies, installs and activates adapters.
+import { existsSync } from 'node:fs';
+import { loadEncPublicKey } from '../../sync/protocol/envelope.js';
 import path from 'node:path';
 import type { Command } from '../command.js';
 import { numberFlag, parseFlags, requireFlag } from '../command.js';
@@ -17,13 +19,18 @@ export const agentCommand: Command = {
                       --state <dir> --trust <hub-public-key-file> [--model <quantized-dir>] [flags]
 
 Runs until SIGINT/SIGTERM. Installed adapters are PEFT directories under <state>/adapters/; a
-killed agent resumes its download from <state>/transfer/.
+killed agent resumes its download from <state>/transfer/. At first start the agent makes its
+X25519 key <state>/device.x25519.key (mode 0600) and announces the public key in its status; the
+hub seals adapters to it once an operator ran \`edgelora fleet enroll <device-id>\`.
 
   --device-id <id>           this device's id (with the shipped ACL also its MQTT user name)
   --fleet <name>             fleet to follow
   --group <name>             group to follow (optional)
   --state <dir>              state directory (created when missing)
   --trust <file>             the hub's public key (.pub from \`edgelora keygen\`)
+  --hub-enc-key <file>       the hub's X25519 public key, to seal --upload to (default: <trust prefix>.x25519.pub
+                             beside --trust, when it exists; upload commands from the hub carry it signed)
+  --allow-plaintext          let an upload go in clear when no hub X25519 key is known (default: refused)
   --model <dir>              quantized model directory: adapters for another base model are refused,
                              accepted ones are loaded into this model's runtime
   --upload <adapter-dir>     upload this adapter directory to the hub after connecting
@@ -42,6 +49,8 @@ ${brokerHelp}`,
       group: { type: 'string' },
       state: { type: 'string' },
       trust: { type: 'string' },
+      'hub-enc-key': { type: 'string' },
+      'allow-plaintext': { type: 'boolean' },
       model: { type: 'string' },
       upload: { type: 'string' },
       'upload-name': { type: 'string' },
@@ -57,7 +66,11 @@ ${brokerHelp}`,
     const deviceId = requireFlag('agent', 'device-id', v['device-id']);
     const fleet = requireFlag('agent', 'fleet', v.fleet);
     const stateDir = requireFlag('agent', 'state', v.state);
-    const trustedKey = await loadPublicKey(requireFlag('agent', 'trust', v.trust));
+    const trustFile = requireFlag('agent', 'trust', v.trust);
+    const trustedKey = await loadPublicKey(trustFile);
+    const besideTrust = `${trustFile.replace(/\.pub$/, '')}.x25519.pub`;
+    const hubEncFile = v['hub-enc-key'] ?? (existsSync(besideTrust) ? besideTrust : undefined);
+    const hubEncKey = hubEncFile ? await loadEncPublicKey(hubEncFile) : undefined;
     const broker = brokerOptions('agent', v);
     const quietMs = numberFlag('quiet-ms', v['quiet-ms'], 2000, { min: 10 });
     const statusIntervalMs = numberFlag('status-interval-ms', v['status-interval-ms'], 1000, { min: 0 });
@@ -72,6 +85,8 @@ ${brokerHelp}`,
       ...(v.group ? { group: v.group } : {}),
       stateDir,
       trustedKey,
+      ...(hubEncKey ? { hubEncKey: { raw: hubEncKey.raw, keyId: hubEncKey.keyId } } : {}),
+      ...(v['allow-plaintext'] ? { allowPlaintext: true } : {}),
       modelFingerprint: model ? model.manifest.fingerprint : null,
       ...(model ? { activator: new RuntimeActivator(new AdapterManager(model)) } : {}),
       quietMs,

@@ -1,5 +1,7 @@
 // `edgelora hub`: runs the fleet hub (adapter store, signed manifests, chunk broadcast, uploads),
 // optionally with an embedded MQTT 3.1.1 broker (aedes) in the same process.
+import { existsSync } from 'node:fs';
+import { loadEncKey } from '../../sync/protocol/envelope.js';
 import type { Command } from '../command.js';
 import { numberFlag, parseFlags, requireFlag } from '../command.js';
 import { Hub } from '../../sync/hub/hub.js';
@@ -30,6 +32,11 @@ per --store: a second one is refused. Operators publish with \`edgelora publish\
 
   --store <dir>              adapter store (content-addressed blobs + index.json); created when missing
   --key <file>               Ed25519 private key from \`edgelora keygen\`
+  --enc-key <file>           X25519 private key to open sealed uploads (default: <key prefix>.x25519.key
+                             beside --key, when it exists)
+  --allow-plaintext          publish in clear (signed only) to targets with no enrolled device, or with
+                             devices whose key is not enrolled: a migration aid; without it such a
+                             publication fails, or leaves those devices out (enrol: \`edgelora fleet enroll\`)
   --embedded-broker [port]   start an MQTT 3.1.1 broker (aedes) in process on 127.0.0.1:port (default 1883)
                              and connect to it; --broker is then optional
   --host <addr>              address the embedded broker listens on (default 127.0.0.1)
@@ -58,6 +65,8 @@ ${brokerHelp}`,
       ...brokerFlags,
       store: { type: 'string' },
       key: { type: 'string' },
+      'enc-key': { type: 'string' },
+      'allow-plaintext': { type: 'boolean' },
       'embedded-broker': { type: 'string' },
       host: { type: 'string' },
       'client-id': { type: 'string' },
@@ -74,7 +83,11 @@ ${brokerHelp}`,
       return 0;
     }
     const store = requireFlag('hub', 'store', v.store);
-    const key = await loadSigningKey(requireFlag('hub', 'key', v.key));
+    const keyFile = requireFlag('hub', 'key', v.key);
+    const key = await loadSigningKey(keyFile);
+    const besideKey = `${keyFile.replace(/\.key$/, '')}.x25519.key`;
+    const encFile = v['enc-key'] ?? (existsSync(besideKey) ? besideKey : undefined);
+    const encKey = encFile ? await loadEncKey(encFile) : undefined;
     const log = v.quiet ? undefined : (line: string) => process.stderr.write(`${line}\n`);
     // Every flag is checked before the embedded broker starts listening.
     const rate = v.rate === undefined ? undefined : numberFlag('rate', v.rate, 0, { positive: true });
@@ -95,6 +108,8 @@ ${brokerHelp}`,
       broker: brokerOptions('hub', v, embedded?.url),
       storeDir: store,
       key,
+      ...(encKey ? { encKey } : {}),
+      ...(v['allow-plaintext'] ? { allowPlaintext: true } : {}),
       ...(v['client-id'] ? { clientId: v['client-id'] } : {}),
       chunkSize,
       coalesceMs,
@@ -103,7 +118,7 @@ ${brokerHelp}`,
       ...(log ? { log } : {}),
     });
     await hub.start();
-    log?.(`hub: connected, key id ${hub.keyId}, store ${store}`);
+    log?.(`hub: connected, key id ${hub.keyId}, X25519 key ${encKey ? `${encKey.keyId} (${encFile})` : 'none (sealed uploads refused)'}, store ${store}${v['allow-plaintext'] ? ', --allow-plaintext' : ''}`);
     // Persisted rollouts resume whether or not --http is given; starting new ones needs the API.
     const rollouts = new Rollouts({ hub, storeDir: store, ...(log ? { log } : {}) });
     let http: HubHttp | null = null;

@@ -13,6 +13,7 @@ import { agentCommand } from './agent.js';
 import { publishCommand } from './publish.js';
 import { fleetStatusCommand } from './fleet-status.js';
 import { fleetCommandCommand } from './fleet-command.js';
+import { fleetEnrollCommand, fleetRemoveCommand } from './fleet-enroll.js';
 import { keygenCommand } from './keygen.js';
 import { serveCommand } from './serve.js';
 import { importGgufCommand, exportGgufCommand, adapterExportGgufCommand } from './gguf.js';
@@ -33,6 +34,8 @@ export const commands: Command[] = [
   publishCommand,
   fleetStatusCommand,
   fleetCommandCommand,
+  fleetEnrollCommand,
+  fleetRemoveCommand,
   keygenCommand,
   serveCommand,
   importGgufCommand,

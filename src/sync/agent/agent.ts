@@ -42,6 +42,8 @@ import { dispatch, Refusals, type Handlers } from '../protocol/inbound.js';
 import { checkSignature } from '../protocol/signing.js';
 import { checkName, targetKey, topics, type Target } from '../protocol/topics.js';
 import { uploadBlob } from '../transfer/uploader.js';
+import { loadOrCreateEncKey, unwrap, type EncKey } from '../protocol/envelope.js';
+import { openSealedFile, plainReader } from '../transfer/sealed-file.js';
 
 export interface AgentOptions {
   broker: BrokerOptions;
@@ -68,6 +70,13 @@ export interface AgentOptions {
   keepInstalled?: number;
   /** Upload segment size, bytes; default 256 KiB. */
   uploadSegmentSize?: number;
+  /**
+   * The hub's X25519 public key, for uploads not started by a signed command (which carries it).
+   * Uploads are sealed to it; with no hub key known they are refused unless allowPlaintext.
+   */
+  hubEncKey?: { raw: Buffer; keyId: string };
+  /** Lets an upload go in clear when no hub key is known; default false. */
+  allowPlaintext?: boolean;
   now?: () => Date;
   log?: (line: string) => void;
 }
@@ -119,6 +128,7 @@ export class Agent extends EventEmitter<AgentEvents> {
   readonly activator: AdapterActivator;
   private readonly now: () => Date;
   readonly deviceId: string;
+  private encKeyPair: EncKey | null = null;
   /** Counters for tests and benchmarks. */
   readonly counters = { reconnects: 0, chunksReceived: 0, chunksDuplicate: 0, chunksCorrupt: 0, missingRequests: 0, rejected: 0 };
 
@@ -153,9 +163,13 @@ export class Agent extends EventEmitter<AgentEvents> {
     await fs.mkdir(this.p('adapters'), { recursive: true });
     await fs.mkdir(this.p('transfer'), { recursive: true });
     await this.store.load();
+    // The device's X25519 key: made at first start, kept (0600) in the state directory.
+    const k = await loadOrCreateEncKey(this.p('device.x25519.key'));
+    this.encKeyPair = k.key;
+    this.log(`${k.created ? 'made' : 'loaded'} X25519 key ${k.key.keyId} (${this.p('device.x25519.key')}); the hub seals adapters to it once an operator enrolled it`);
     await this.activateAtBoot();
     await this.loadTransfer();
-    const will = encodeJson({ type: 'status', v: PROTOCOL_VERSION, deviceId: this.deviceId, online: false, state: 'offline' });
+    const will = encodeJson({ type: 'status', v: PROTOCOL_VERSION, deviceId: this.deviceId, online: false, state: 'offline', encKey: this.encKeyAnnounce });
     this.link = await Link.open(this.opts.broker, {
       clientId: this.deviceId,
       will: { topic: topics.status(this.deviceId), payload: will, retain: true },
@@ -199,7 +213,7 @@ export class Agent extends EventEmitter<AgentEvents> {
     this.link = null;
     if (link) {
       if (link.connected) {
-        const bye = link.publish(topics.status(this.deviceId), encodeJson({ type: 'status', v: PROTOCOL_VERSION, deviceId: this.deviceId, online: false, state: 'offline' }), { retain: true });
+        const bye = link.publish(topics.status(this.deviceId), encodeJson({ type: 'status', v: PROTOCOL_VERSION, deviceId: this.deviceId, online: false, state: 'offline', encKey: this.encKeyAnnounce }), { retain: true });
         await withTimeout(bye, 2000, 'offline status').catch(() => undefined);
       }
       await link.close();
@@ -279,6 +293,36 @@ export class Agent extends EventEmitter<AgentEvents> {
     }
   }
 
+  /** This device's X25519 key (after start). */
+  get encKey(): EncKey | null {
+    return this.encKeyPair;
+  }
+  private get encKeyAnnounce(): Status['encKey'] {
+    const k = this.encKeyPair;
+    return k ? { alg: 'x25519', keyId: k.keyId, pub: k.raw.toString('base64') } : null;
+  }
+
+  /**
+   * A sealed manifest's content key and plaintext sha256 for this device; a string says why this
+   * device cannot open it. A manifest in clear: its blob is the content.
+   */
+  private openManifest(m: Manifest): { contentKey: Buffer; noncePrefix: Buffer; plainSha256: string } | string {
+    if (!m.enc) return { contentKey: Buffer.alloc(0), noncePrefix: Buffer.alloc(0), plainSha256: m.blob.sha256 };
+    const me = this.encKeyPair;
+    if (!me) return 'this agent has no X25519 key yet';
+    const r = m.enc.recipients.find((x) => x.keyId === me.keyId);
+    if (!r) {
+      return `adapter ${m.adapter.id} v${m.adapter.version} is sealed for ${m.enc.recipients.length} enrolled device(s) and this device's key ${me.keyId} is not one of them: enrol it on the hub (\`edgelora fleet enroll ${this.deviceId}\`), then publish again`;
+    }
+    const noncePrefix = Buffer.from(m.enc.noncePrefix, 'base64');
+    try {
+      const k = unwrap(me, { keyId: r.keyId, epk: Buffer.from(r.epk, 'base64'), wrapped: Buffer.from(r.wrapped, 'base64') }, noncePrefix);
+      return { ...k, noncePrefix };
+    } catch (err) {
+      return `adapter ${m.adapter.id} v${m.adapter.version}: ${(err as Error).message}`;
+    }
+  }
+
   // ---- status ----
 
   status(): Status {
@@ -297,6 +341,7 @@ export class Agent extends EventEmitter<AgentEvents> {
       previous: ref(this.installed(this.state.previous)),
       transfer: t ? { adapter: t.manifest.adapter, sha256: t.manifest.blob.sha256, seq: t.manifest.seq, received: t.file.have.count(), total: t.manifest.blob.chunks } : null,
       lastError: this.lastError,
+      encKey: this.encKeyAnnounce,
       updatedAt: this.now().toISOString(),
     };
   }
@@ -409,8 +454,10 @@ export class Agent extends EventEmitter<AgentEvents> {
     if (mine && m.baseFingerprint !== mine) {
       return this.refuse(`manifest refused: adapter ${m.adapter.id} v${m.adapter.version} is for base model ${m.baseFingerprint ?? '(unspecified)'}, this device runs ${mine}`, topic);
     }
+    const opened = this.openManifest(m);
+    if (typeof opened === 'string') return this.refuse(`manifest refused: ${opened}`, topic);
     if (cur) await this.dropTransfer();
-    const already = this.installed(m.blob.sha256);
+    const already = this.installed(opened.plainSha256);
     if (already) {
       // Same bytes as an adapter we hold: no download needed. The newest manifest names it: a blob
       // re-published under another id (or version) is reported, and found by commands, under that.
@@ -600,9 +647,37 @@ export class Agent extends EventEmitter<AgentEvents> {
       await this.dropTransfer();
       if (reason) this.refuse(reason, topics.manifest(m.target));
     };
+    // A sealed blob is opened chunk by chunk into a plaintext file, whose sha256 must be the one
+    // sealed with the content key; only then is it unpacked and installed.
+    const opened = this.openManifest(m);
+    if (typeof opened === 'string') {
+      await done(`adapter ${m.adapter.id} v${m.adapter.version} refused after download: ${opened}; nothing installed`);
+      this.setState('idle');
+      return;
+    }
+    let src: { read(o: number, l: number): Promise<Buffer>; stream(o: number, l: number): AsyncGenerator<Buffer> } = t.file;
+    let plainSize = m.blob.size;
+    let closeSrc = async (): Promise<void> => undefined;
+    if (m.enc) {
+      const plainFile = this.p('transfer', `${m.blob.sha256}.plain`);
+      try {
+        await openSealedFile({ read: (o, l) => t.file.read(o, l), size: m.blob.size, chunkSize: m.blob.chunkSize }, opened.contentKey, opened.noncePrefix, opened.plainSha256, plainFile);
+      } catch (err) {
+        await done(`adapter ${m.adapter.id} v${m.adapter.version} refused after download: ${(err as Error).message}; nothing installed`);
+        this.setState('idle');
+        return;
+      } finally {
+        opened.contentKey.fill(0);
+      }
+      const r = await plainReader(plainFile);
+      src = r;
+      plainSize = r.size;
+      closeSrc = () => r.close();
+    }
+    const contentSha = opened.plainSha256;
     let entries: PackEntry[];
     try {
-      const packed = await readPackInfo((o, l) => t.file.read(o, l), m.blob.size);
+      const packed = await readPackInfo((o, l) => src.read(o, l), plainSize);
       entries = packed.entries;
       const info = packed.info;
       const mine = this.opts.modelFingerprint;
@@ -610,34 +685,39 @@ export class Agent extends EventEmitter<AgentEvents> {
         throw new EdgeloraError(`edgelora_adapter.json names base model ${info.baseFingerprint}, this device runs ${mine}`);
       }
     } catch (err) {
+      await closeSrc();
       await done(`adapter ${m.adapter.id} v${m.adapter.version} refused after download: ${(err as Error).message}`);
       this.setState('idle');
       return;
     }
-    const dirName = `${m.adapter.id}@${m.adapter.version}-${m.blob.sha256.slice(0, 12)}`;
-    await writeDirAtomic(
-      this.p('adapters', dirName),
-      async (tmp) => {
-        for (const e of entries) {
-          const out = await fs.open(path.join(tmp, e.name), 'w');
-          try {
-            let o = 0;
-            for await (const piece of t.file.stream(e.offset, e.size)) {
-              await out.write(piece, 0, piece.length, o);
-              o += piece.length;
+    const dirName = `${m.adapter.id}@${m.adapter.version}-${contentSha.slice(0, 12)}`;
+    try {
+      await writeDirAtomic(
+        this.p('adapters', dirName),
+        async (tmp) => {
+          for (const e of entries) {
+            const out = await fs.open(path.join(tmp, e.name), 'w');
+            try {
+              let o = 0;
+              for await (const piece of src.stream(e.offset, e.size)) {
+                await out.write(piece, 0, piece.length, o);
+                o += piece.length;
+              }
+            } finally {
+              await out.close();
             }
-          } finally {
-            await out.close();
           }
-        }
-      },
-      { replace: true },
-    );
-    const inst: Installed = { id: m.adapter.id, version: m.adapter.version, sha256: m.blob.sha256, seq: m.seq, dir: dirName, installedAt: this.now().toISOString() };
+        },
+        { replace: true },
+      );
+    } finally {
+      await closeSrc();
+    }
+    const inst: Installed = { id: m.adapter.id, version: m.adapter.version, sha256: contentSha, seq: m.seq, dir: dirName, installedAt: this.now().toISOString() };
     this.state.installed = this.state.installed.filter((i) => i.sha256 !== inst.sha256);
     this.state.installed.push(inst);
     await done(null);
-    this.log(`installed ${inst.id} v${inst.version} (${m.blob.size} bytes, sha256 ${inst.sha256.slice(0, 12)})`);
+    this.log(`installed ${inst.id} v${inst.version} (${plainSize} bytes${m.enc ? ', sealed' : ''}, sha256 ${inst.sha256.slice(0, 12)})`);
     await this.activateInstalled(inst, `manifest seq ${m.seq}`);
     this.setState('idle');
   }
@@ -745,7 +825,8 @@ export class Agent extends EventEmitter<AgentEvents> {
         const inst = this.store.find(cmd.adapter);
         if (!inst) return res(false, `no installed adapter ${spec}`);
         try {
-          const sha = await this.uploadDir(this.adapterDir(inst), inst.id);
+          const hk = cmd.hubEncKey;
+          const sha = await this.uploadDir(this.adapterDir(inst), inst.id, hk ? { raw: Buffer.from(hk.pub, 'base64'), keyId: hk.keyId } : undefined);
           return res(true, undefined, sha);
         } catch (err) {
           return res(false, (err as Error).message);
@@ -757,15 +838,18 @@ export class Agent extends EventEmitter<AgentEvents> {
   // ---- upload ----
 
   /** Uploads an adapter directory (e.g. one fine-tuned on this device) to the hub; resolves with its sha256. */
-  async uploadDir(dir: string, name: string): Promise<string> {
+  async uploadDir(dir: string, name: string, sealTo: { raw: Buffer; keyId: string } | undefined = this.opts.hubEncKey): Promise<string> {
     const link = this.link;
     if (!link) throw new EdgeloraError('agent not started');
+    if (!sealTo && !this.opts.allowPlaintext) {
+      throw new EdgeloraError("no hub X25519 key to seal the upload to: it would travel in clear", { where: dir, hint: 'start the hub with its --enc-key (its upload commands then carry the key), give the agent --hub-enc-key, or pass --allow-plaintext' });
+    }
     const blob = await packAdapterDir(dir);
     // Uploads run beside downloads and activations: the state says "uploading" only when nothing
     // else is going on, and is not restored over what happened meanwhile.
     if (this.agentState === 'idle') this.setState('uploading');
     try {
-      return await uploadBlob(link, blob, checkName('adapter name', name), { segmentSize: this.opts.uploadSegmentSize ?? 256 * 1024, signal: this.stopping.signal });
+      return await uploadBlob(link, blob, checkName('adapter name', name), { segmentSize: this.opts.uploadSegmentSize ?? 256 * 1024, signal: this.stopping.signal, ...(sealTo ? { sealTo } : {}) });
     } finally {
       if (this.agentState === 'uploading') this.setState('idle');
     }

@@ -17,6 +17,7 @@ import {
   ManifestSchema,
   PACK_FORMAT,
   PROTOCOL_VERSION,
+  ENC_ALG_V1,
   PublishRequestSchema,
   ReplyToSchema,
   HubStatusSchema,
@@ -37,6 +38,8 @@ import { packAdapterDir } from '../transfer/pack.js';
 import { signMessage, type SigningKey } from '../protocol/signing.js';
 import { dispatch, Refusals, type Handlers } from '../protocol/inbound.js';
 import { HubStore, type BlobEntry } from './store.js';
+import { readEnrolments, recipientsFor } from './enrolment.js';
+import { sealBlob, type EncKey } from '../protocol/envelope.js';
 import { Uploads } from './uploads.js';
 import { Broadcaster } from './broadcaster.js';
 import { checkName, targetKey, topics, type Target } from '../protocol/topics.js';
@@ -73,6 +76,18 @@ export interface HubOptions {
   rateBytesPerSec?: number;
   /** MQTT 5 expiry of chunk messages, seconds; default 600. */
   chunkExpirySec?: number;
+  /**
+   * The hub's X25519 key (`edgelora keygen` writes <prefix>.x25519.key): devices seal their uploads
+   * to it. Absent: the hub cannot open sealed uploads (it refuses them with a reason).
+   */
+  encKey?: EncKey;
+  /**
+   * Lets a publication go out in clear (signed only) when its target has no enrolled recipient,
+   * or has devices the hub knows of whose key is not enrolled (a fleet migrating to keys); default
+   * false: a target with no enrolled device fails, naming what to do; other devices are left out.
+   * (Unsealed uploads are taken either way: `edgelora publish` uploads in clear in this version.)
+   */
+  allowPlaintext?: boolean;
   /** Clock, injected for tests. */
   now?: () => Date;
   log?: (line: string) => void;
@@ -125,6 +140,8 @@ export class Hub extends EventEmitter<HubEvents> {
   private readonly now: () => Date;
   private readonly chunkSize: number;
   private cmdCounter = 0;
+  /** The stored plaintext blob each manifest of this run publishes (a sealed one's blob.sha256 is its ciphertext's). */
+  private readonly contentOf = new WeakMap<Manifest, string>();
   private lastHubStatus: HubStatus | null = null;
 
   constructor(readonly opts: HubOptions) {
@@ -201,6 +218,7 @@ export class Hub extends EventEmitter<HubEvents> {
       stored: (entry, clientId) => this.emit('upload', entry, clientId),
       log: (line) => this.log(line),
       now: () => this.now(),
+      ...(this.opts.encKey ? { encKey: this.opts.encKey } : {}),
     });
     try {
       // The will is fixed at CONNECT, so its updatedAt says when this hub connected.
@@ -326,10 +344,18 @@ export class Hub extends EventEmitter<HubEvents> {
     if (chunkSize > this.maxChunkForBroker()) {
       throw new EdgeloraError(`chunk size ${chunkSize} does not fit the broker's packet limit`, { where: 'chunkSize', hint: `use at most ${this.maxChunkForBroker()} bytes` });
     }
-    const blob = await store.readBlob(entry.sha256);
-    const chunks = Math.ceil(blob.length / chunkSize);
+    const plain = await store.readBlob(entry.sha256);
+    const sealed = await this.sealFor(target, plain, chunkSize);
+    const blob = sealed ? sealed.data : plain;
+    const size = sealed ? sealed.data.length : plain.length;
+    const wireChunk = sealed ? sealed.chunkSize : chunkSize;
+    if (wireChunk > this.maxChunkForBroker()) {
+      throw new EdgeloraError(`sealed chunk size ${wireChunk} (${chunkSize} + 16-byte tag) does not fit the broker's packet limit`, { where: 'chunkSize', hint: `use at most ${this.maxChunkForBroker() - 16} bytes` });
+    }
+    const chunks = Math.ceil(size / wireChunk);
     const chunkSha256: string[] = [];
-    for (let i = 0; i < chunks; i++) chunkSha256.push(createHash('sha256').update(blob.subarray(i * chunkSize, Math.min(blob.length, (i + 1) * chunkSize))).digest('hex'));
+    for (let i = 0; i < chunks; i++) chunkSha256.push(createHash('sha256').update(blob.subarray(i * wireChunk, Math.min(size, (i + 1) * wireChunk))).digest('hex'));
+    const blobSha = sealed ? createHash('sha256').update(blob).digest('hex') : entry.sha256;
     const id = checkName('adapter name', name ?? entry.name);
     const body: ManifestBody = {
       type: 'manifest',
@@ -337,22 +363,58 @@ export class Hub extends EventEmitter<HubEvents> {
       seq: store.nextSeq(),
       target,
       adapter: { id, version: store.versionFor(id, entry.sha256) },
-      blob: { format: PACK_FORMAT, sha256: entry.sha256, size: blob.length, chunkSize, chunks, chunkSha256 },
+      blob: { format: PACK_FORMAT, sha256: blobSha, size, chunkSize: wireChunk, chunks, chunkSha256 },
       baseFingerprint: entry.info.baseFingerprint,
       lora: { rank: entry.info.rank, alpha: entry.info.alpha, targets: entry.info.targets },
       createdAt: this.now().toISOString(),
       keyId: this.keyId,
+      ...(sealed
+        ? {
+            enc: {
+              alg: ENC_ALG_V1,
+              noncePrefix: sealed.noncePrefix.toString('base64'),
+              recipients: sealed.recipients.map((r) => ({ keyId: r.keyId, epk: r.epk.toString('base64'), wrapped: r.wrapped.toString('base64') })),
+            },
+          }
+        : {}),
     };
     const manifest = ManifestSchema.parse(signMessage(body, this.opts.key));
     if (encodeJson(manifest).length > MAX_JSON_BYTES) {
-      throw new EdgeloraError(`manifest of ${chunks} chunks exceeds ${MAX_JSON_BYTES} bytes`, { where: 'chunkSize', hint: 'use a larger chunk size' });
+      throw new EdgeloraError(`manifest of ${chunks} chunks${sealed ? ` and ${sealed.recipients.length} recipients` : ''} exceeds ${MAX_JSON_BYTES} bytes`, { where: 'chunkSize', hint: 'use a larger chunk size, or publish to groups instead of one large fleet' });
     }
+    if (sealed) await store.putSealed(blob);
+    this.contentOf.set(manifest, entry.sha256);
     const key = targetKey(target);
-    await store.setTarget(key, manifest);
+    await store.setTarget(key, manifest, entry.sha256);
     await this.publishManifest(manifest);
-    this.log(`hub: published ${id} v${manifest.adapter.version} (seq ${manifest.seq}, ${blob.length} bytes, ${chunks} chunks) to ${key}`);
+    this.log(`hub: published ${id} v${manifest.adapter.version} (seq ${manifest.seq}, ${size} bytes, ${chunks} chunks${sealed ? `, sealed for ${sealed.recipients.length} recipient(s)` : ', in clear'}) to ${key}`);
     this.broadcaster.broadcast(manifest, blob);
     return manifest;
+  }
+
+  /**
+   * Seals a publication for the target's enrolled devices, or returns null to send it in clear
+   * (only with allowPlaintext). Enrolment is re-read every time: `fleet enroll` needs no restart.
+   */
+  private async sealFor(target: Target, plain: Buffer, plainChunk: number) {
+    const enrolled = await readEnrolments(this.opts.storeDir);
+    const recips = recipientsFor(enrolled, target);
+    const key = targetKey(target);
+    // Devices the hub has heard from in this target that would not be able to read a sealed blob.
+    const inTarget = [...this.devices.values()].filter((d) => (target.kind === 'fleet' ? d.fleet === target.name : target.kind === 'group' ? d.group === target.name : d.deviceId === target.name));
+    const left = inTarget.filter((d) => !recips.some((r) => r.deviceId === d.deviceId && r.key.keyId === d.encKey?.keyId)).map((d) => d.deviceId);
+    if (recips.length === 0 || (this.opts.allowPlaintext && left.length > 0)) {
+      if (!this.opts.allowPlaintext) {
+        throw new EdgeloraError(`no enrolled device in ${key}: the adapter would go out in clear`, {
+          where: key,
+          hint: `enrol its devices (\`edgelora fleet enroll <device-id> --store ${this.opts.storeDir}\`), or start the hub with --allow-plaintext during a migration`,
+        });
+      }
+      this.log(`hub: ${key}: publishing in clear (--allow-plaintext): ${recips.length === 0 ? 'no enrolled device' : `not enrolled or key changed: ${left.slice(0, 10).join(', ')}${left.length > 10 ? ', …' : ''}`}`);
+      return null;
+    }
+    if (left.length > 0) this.log(`hub: ${key}: sealed for ${recips.length} enrolled device(s); left out (not enrolled, or announcing another key): ${left.slice(0, 10).join(', ')}`);
+    return sealBlob(plain, plainChunk, recips.map((r) => Buffer.from(r.key.pub, 'base64')));
   }
 
   // ---- commands ----
@@ -360,7 +422,18 @@ export class Hub extends EventEmitter<HubEvents> {
   /** Sends a signed command to one device; resolves with its result, or rejects after `timeoutMs`. */
   command(deviceId: string, action: CommandAction, adapter?: { id: string; version?: number }, timeoutMs = 30_000): Promise<Result> {
     const id = `c${this.now().getTime().toString(36)}-${(++this.cmdCounter).toString(36)}`;
-    const body: CommandBody = { type: 'command', v: PROTOCOL_VERSION, id, deviceId: checkName('device id', deviceId), action, ...(adapter ? { adapter } : {}), issuedAt: this.now().toISOString(), keyId: this.keyId };
+    const enc = this.opts.encKey;
+    const body: CommandBody = {
+      type: 'command',
+      v: PROTOCOL_VERSION,
+      id,
+      deviceId: checkName('device id', deviceId),
+      action,
+      ...(adapter ? { adapter } : {}),
+      issuedAt: this.now().toISOString(),
+      keyId: this.keyId,
+      ...(action === 'upload' && enc ? { hubEncKey: { alg: 'x25519' as const, keyId: enc.keyId, pub: enc.raw.toString('base64') } } : {}),
+    };
     return new Promise<Result>((resolve, reject) => {
       const t = setTimeout(() => {
         this.pendingCommands.delete(id);
@@ -446,7 +519,7 @@ export class Hub extends EventEmitter<HubEvents> {
     const r = d.value;
     try {
       const m = await this.publish(r.sha256, r.target, r.name);
-      await this.reply(r.clientId, { requestId: r.requestId, ok: true, manifest: { adapter: m.adapter, seq: m.seq, sha256: m.blob.sha256, target: m.target } });
+      await this.reply(r.clientId, { requestId: r.requestId, ok: true, manifest: { adapter: m.adapter, seq: m.seq, sha256: this.contentOf.get(m) ?? m.blob.sha256, target: m.target } });
     } catch (err) {
       await this.reply(r.clientId, { requestId: r.requestId, ok: false, error: (err as Error).message }).catch(() => undefined);
     }

@@ -182,8 +182,31 @@ export class HubStore {
   listBlobs(): BlobEntry[] {
     return Object.values(this.index.blobs);
   }
+  /** A stored plaintext blob, or else a sealed publication's ciphertext (both named by their sha256). */
   async readBlob(sha: string): Promise<Buffer> {
-    return fs.readFile(this.blobPath(sha));
+    return fs.readFile(this.blobPath(sha)).catch((err: NodeJS.ErrnoException) => {
+      if (err.code !== 'ENOENT') throw err;
+      return fs.readFile(this.sealedPath(sha));
+    });
+  }
+
+  /**
+   * Sealed publications (ciphertext) live under sealed/ while a target's current manifest names
+   * them, so that repairs after a hub restart send the same bytes; setTarget prunes the rest.
+   */
+  sealedPath(sha: string): string {
+    return path.join(this.dir, 'sealed', sha);
+  }
+  async putSealed(data: Buffer): Promise<string> {
+    const sha = sha256Hex(data);
+    await fs.mkdir(path.join(this.dir, 'sealed'), { recursive: true });
+    await writeFileAtomic(this.sealedPath(sha), data);
+    return sha;
+  }
+  private async pruneSealed(): Promise<void> {
+    const keep = new Set(Object.values(this.index.targets).filter((m) => m.enc).map((m) => m.blob.sha256));
+    const names = await fs.readdir(path.join(this.dir, 'sealed')).catch(() => [] as string[]);
+    for (const n of names) if (!keep.has(n)) await fs.rm(path.join(this.dir, 'sealed', n), { force: true });
   }
 
   /** The version of `sha` under adapter id `id`: the same content keeps its version, new content gets max + 1. */
@@ -195,14 +218,18 @@ export class HubStore {
     return this.index.seq + 1;
   }
 
-  /** Records a target's new manifest (and the seq and version it used) durably. */
-  async setTarget(key: string, manifest: Manifest): Promise<void> {
+  /**
+   * Records a target's new manifest (and the seq and version it used) durably. `contentSha`: the
+   * stored plaintext blob it publishes (a sealed manifest's blob.sha256 is its ciphertext's).
+   */
+  async setTarget(key: string, manifest: Manifest, contentSha: string = manifest.blob.sha256): Promise<void> {
     this.index.seq = Math.max(this.index.seq, manifest.seq);
     const versions = (this.index.versions[manifest.adapter.id] ??= {});
-    versions[manifest.blob.sha256] = manifest.adapter.version;
+    versions[contentSha] = manifest.adapter.version;
     this.index.targets[key] = manifest;
     this.index.targetDefs[key] = manifest.target;
     await this.save();
+    await this.pruneSealed();
   }
   /** Every adapter id and version blob `sha` was published under. */
   versionsOf(sha: string): { id: string; version: number }[] {

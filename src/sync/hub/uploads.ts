@@ -9,6 +9,9 @@ import { decodeJson, decodeSegment, UploadFinSchema, UploadInitSchema, type Uplo
 import { topics } from '../protocol/topics.js';
 import { ResumableFile } from '../transfer/resumable-file.js';
 import type { BlobEntry, HubStore } from './store.js';
+import { unwrap, type EncKey } from '../protocol/envelope.js';
+import { openSealedFile } from '../transfer/sealed-file.js';
+import { promises as fs } from 'node:fs';
 
 export interface UploadContext {
   store: HubStore;
@@ -19,6 +22,8 @@ export interface UploadContext {
   stored(entry: BlobEntry, clientId: string): void;
   log(line: string): void;
   now(): Date;
+  /** The hub's X25519 key, to open sealed uploads; absent: they are refused. */
+  encKey?: EncKey;
 }
 
 export class Uploads {
@@ -68,6 +73,15 @@ export class Uploads {
     const init = d.value;
     const n = Math.ceil(init.size / init.segmentSize);
     if (init.size > this.ctx.maxUploadBytes) return this.ctx.ack(clientId, { sha256: init.sha256, stage: 'init', ok: false, error: `upload of ${init.size} bytes exceeds the hub's limit of ${this.ctx.maxUploadBytes}` });
+    if (init.enc) {
+      const mine = this.ctx.encKey;
+      const why = !mine
+        ? 'this hub has no X25519 key to open sealed uploads (start it with --enc-key, from `edgelora keygen`)'
+        : init.enc.recipient.keyId !== mine.keyId
+          ? `the upload is sealed to key ${init.enc.recipient.keyId}, this hub's is ${mine.keyId}`
+          : null;
+      if (why) return this.ctx.ack(clientId, { sha256: init.sha256, stage: 'init', ok: false, error: why });
+    }
     if (this.ctx.store.getEntry(init.sha256)) return this.ctx.ack(clientId, { sha256: init.sha256, stage: 'init', ok: true, have: Bitmap.full(n).toBase64() });
     let f = await this.find(clientId, init.sha256);
     if (f && (f.meta.size !== init.size || f.meta.segmentSize !== init.segmentSize)) {
@@ -117,15 +131,38 @@ export class Uploads {
       await this.drop(clientId, f);
       return nack(`checksum mismatch: received bytes hash to ${got}`);
     }
+    // A sealed upload: open it chunk by chunk into a plaintext file beside the part file, check the
+    // plaintext's sha256 (sealed with the content key), and store the plaintext.
+    let file = f.partFile;
+    let contentSha = fin.sha256;
+    const enc = f.meta.enc;
+    if (enc) {
+      const mine = this.ctx.encKey;
+      if (!mine) return nack('this hub has no X25519 key to open sealed uploads');
+      file = `${f.partFile}.plain`;
+      try {
+        const noncePrefix = Buffer.from(enc.noncePrefix, 'base64');
+        const k = unwrap(mine, { keyId: enc.recipient.keyId, epk: Buffer.from(enc.recipient.epk, 'base64'), wrapped: Buffer.from(enc.recipient.wrapped, 'base64') }, noncePrefix);
+        contentSha = k.plainSha256;
+        await openSealedFile({ read: (o, l) => f.read(o, l), size: f.meta.size, chunkSize: f.meta.segmentSize }, k.contentKey, noncePrefix, k.plainSha256, file);
+        k.contentKey.fill(0);
+      } catch (err) {
+        await this.drop(clientId, f);
+        this.ctx.refuse(`sealed upload refused: ${(err as Error).message}`, topics.uploadFin(clientId));
+        return nack(`sealed upload refused: ${(err as Error).message}`);
+      }
+    }
     await f.close();
     let entry: BlobEntry;
     try {
-      entry = await this.ctx.store.adoptFile(f.partFile, fin.sha256, { name: f.meta.name, source: `upload:${clientId}`, now: this.ctx.now() });
+      entry = await this.ctx.store.adoptFile(file, contentSha, { name: f.meta.name, source: `upload:${clientId}`, now: this.ctx.now() });
     } catch (err) {
       await this.drop(clientId, f);
+      if (file !== f.partFile) await fs.rm(file, { force: true });
       return nack(`not an adapter: ${err instanceof EdgeloraError ? err.message : (err as Error).message}`);
     }
     await this.drop(clientId, f);
+    if (file !== f.partFile) await fs.rm(file, { force: true }); // left behind when the store already held it
     this.ctx.log(`hub: stored upload ${entry.name} (${entry.sha256.slice(0, 12)}, ${entry.size} bytes) from ${clientId}`);
     this.ctx.stored(entry, clientId);
     return this.ctx.ack(clientId, { sha256: fin.sha256, stage: 'fin', ok: true });

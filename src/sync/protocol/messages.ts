@@ -21,6 +21,28 @@ const requestId = z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, 'expected 1-64 char
 const isoTime = z.iso.datetime();
 const base64 = z.string().regex(/^[A-Za-z0-9+/]*={0,2}$/, 'expected base64');
 
+/** Base64 of exactly `bytes` bytes (standard alphabet, padded). */
+const b64Bytes = (bytes: number) => z.string().regex(new RegExp(`^[A-Za-z0-9+/]{${4 * Math.floor(bytes / 3)}}${bytes % 3 === 0 ? '' : bytes % 3 === 1 ? '[A-Za-z0-9+/]{2}==' : '[A-Za-z0-9+/]{3}='}$`), `expected base64 of ${bytes} bytes`);
+const keyId16 = z.string().regex(/^[0-9a-f]{16}$/, 'expected 16 lowercase hex digits (a key id)');
+export const ENC_ALG_V1 = 'x25519-hkdf-sha256-aes256gcm/1';
+
+/** An X25519 public key as announced (device status) or carried (signed command): raw 32 bytes, base64. */
+export const EncPublicKeySchema = z.strictObject({ alg: z.literal('x25519'), keyId: keyId16, pub: b64Bytes(32) });
+export type EncPublicKey = z.infer<typeof EncPublicKeySchema>;
+
+/** One recipient of a sealed blob: its key id, the ephemeral public key, the sealed content key (80 bytes). */
+export const RecipientSchema = z.strictObject({ keyId: keyId16, epk: b64Bytes(32), wrapped: b64Bytes(80) });
+export type RecipientMsg = z.infer<typeof RecipientSchema>;
+
+/** How a manifest's blob is sealed (docs/protocol.md, "Encryption"); absent: the blob is in clear. */
+export const ManifestEncSchema = z.strictObject({
+  alg: z.literal(ENC_ALG_V1),
+  /** 8 random bytes: chunk i's nonce is noncePrefix || u32 BE i. */
+  noncePrefix: b64Bytes(8),
+  recipients: z.array(RecipientSchema).min(1).max(4096),
+});
+export type ManifestEnc = z.infer<typeof ManifestEncSchema>;
+
 export const TargetSchema = z.strictObject({ kind: z.enum(['fleet', 'group', 'device']), name });
 
 /** An installed adapter as devices report it. */
@@ -50,6 +72,8 @@ const ManifestBodyObject = z.strictObject({
     createdAt: isoTime,
     /** First 16 hex digits of sha256 over the signer's raw 32-byte Ed25519 public key. */
     keyId: z.string().regex(/^[0-9a-f]{16}$/),
+    /** Present when the blob is sealed for recipients: then blob.* describe the ciphertext. */
+    enc: ManifestEncSchema.optional(),
 });
 
 function refineManifest(m: z.infer<typeof ManifestBodyObject>, ctx: z.core.$RefinementCtx): void {
@@ -58,6 +82,8 @@ function refineManifest(m: z.infer<typeof ManifestBodyObject>, ctx: z.core.$Refi
     if (m.blob.chunkSha256.length !== m.blob.chunks) {
       ctx.addIssue({ code: 'custom', message: `blob.chunkSha256 has ${m.blob.chunkSha256.length} entries for ${m.blob.chunks} chunks`, path: ['blob', 'chunkSha256'] });
     }
+    // A sealed chunk is its plaintext (at least 1 byte) + a 16-byte tag.
+    if (m.enc && m.blob.size < m.blob.chunks * 17) ctx.addIssue({ code: 'custom', message: `a sealed blob of ${m.blob.chunks} chunks has at least ${m.blob.chunks * 17} bytes`, path: ['blob', 'size'] });
 }
 
 export const ManifestBodySchema = ManifestBodyObject.superRefine(refineManifest);
@@ -98,6 +124,8 @@ export const CommandBodySchema = z.strictObject({
   adapter: z.strictObject({ id: name, version: z.number().int().positive().optional() }).optional(),
   issuedAt: isoTime,
   keyId: z.string().regex(/^[0-9a-f]{16}$/),
+  /** upload: the hub's X25519 key to seal the upload to (signed, so a device can trust it). */
+  hubEncKey: EncPublicKeySchema.optional(),
 });
 export type CommandBody = z.infer<typeof CommandBodySchema>;
 export const CommandSchema = z.strictObject({ ...CommandBodySchema.shape, signature: base64.length(88) });
@@ -136,6 +164,8 @@ export const StatusSchema = z.strictObject({
     .nullable()
     .optional(),
   lastError: z.strictObject({ at: isoTime, reason: z.string().max(2000), topic: z.string().max(512).optional() }).nullable().optional(),
+  /** The device's X25519 key: the hub seals to it only once an operator enrolled it. */
+  encKey: EncPublicKeySchema.nullable().optional(),
   updatedAt: isoTime.optional(),
 });
 export type Status = z.infer<typeof StatusSchema>;
@@ -149,6 +179,11 @@ export const UploadInitSchema = z.strictObject({
   segmentSize: z.number().int().min(MIN_CHUNK_SIZE).max(MAX_CHUNK_SIZE),
   /** A file name for the operator (the adapter id it should be published under by default). */
   name,
+  /**
+   * Present when the upload is sealed to the hub's X25519 key: then sha256/size/segmentSize
+   * describe the ciphertext (segments are sealed chunks), and the hub stores the plaintext.
+   */
+  enc: z.strictObject({ alg: z.literal(ENC_ALG_V1), noncePrefix: b64Bytes(8), recipient: RecipientSchema }).optional(),
 });
 export type UploadInit = z.infer<typeof UploadInitSchema>;
 

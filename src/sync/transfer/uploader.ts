@@ -4,7 +4,8 @@
 // resent after a timeout and after every reconnect, so an upload resumes where it stopped.
 import { EdgeloraError } from '../../util/errors.js';
 import { Bitmap } from '../protocol/bitmap.js';
-import { decodeJson, encodeJson, encodeSegment, PROTOCOL_VERSION, UploadAckSchema, type UploadAck } from '../protocol/messages.js';
+import { decodeJson, encodeJson, encodeSegment, ENC_ALG_V1, PROTOCOL_VERSION, UploadAckSchema, type UploadAck, type UploadInit } from '../protocol/messages.js';
+import { sealBlob, TAG_BYTES, type Recipient } from '../protocol/envelope.js';
 import type { Link } from '../transport/mqtt.js';
 import { sha256Hex } from './pack.js';
 import { topics } from '../protocol/topics.js';
@@ -23,18 +24,33 @@ export interface UploadOptions {
   /** Aborts the upload (e.g. the agent stops): the promise rejects and no timer is left behind. */
   signal?: AbortSignal;
   onProgress?: (acked: number, total: number) => void;
+  /**
+   * Seal the upload to this X25519 key (the hub's): a fresh content key, segments are sealed
+   * chunks of segmentSize − 16 plaintext bytes. Absent: the upload goes in clear.
+   */
+  sealTo?: { raw: Buffer; keyId: string };
 }
 
 class RestartUpload extends Error {}
 
 /**
  * Uploads `blob` under `name` through `link` (whose client id names the upload topics). Resolves
- * with the sha256 once the hub acknowledged `fin`; rejects if the hub refuses or the deadline passes.
+ * with the sha256 of the plaintext blob (what the hub stores) once the hub acknowledged `fin`; rejects if the hub refuses or the deadline passes.
  */
-export async function uploadBlob(link: Link, blob: Buffer, name: string, o: UploadOptions = {}): Promise<string> {
+export async function uploadBlob(link: Link, plainBlob: Buffer, name: string, o: UploadOptions = {}): Promise<string> {
   const id = link.clientId;
+  const plainSha = sha256Hex(plainBlob);
+  let blob = plainBlob;
+  let segSize = o.segmentSize ?? 256 * 1024;
+  let enc: UploadInit['enc'];
+  if (o.sealTo) {
+    const s = sealBlob(plainBlob, segSize - TAG_BYTES, [o.sealTo.raw]);
+    const r = s.recipients[0] as Recipient;
+    blob = s.data;
+    segSize = s.chunkSize;
+    enc = { alg: ENC_ALG_V1, noncePrefix: s.noncePrefix.toString('base64'), recipient: { keyId: r.keyId, epk: r.epk.toString('base64'), wrapped: r.wrapped.toString('base64') } };
+  }
   const sha = sha256Hex(blob);
-  const segSize = o.segmentSize ?? 256 * 1024;
   const n = Math.ceil(blob.length / segSize);
   const window = o.window ?? 4;
   const ackMs = o.ackTimeoutMs ?? 5000;
@@ -96,7 +112,7 @@ export async function uploadBlob(link: Link, blob: Buffer, name: string, o: Uplo
   try {
     for (let attempt = 0; attempt < 5; attempt++) {
       const initAck = await request('init', () =>
-        link.publish(topics.uploadInit(id), encodeJson({ type: 'upload-init', v: PROTOCOL_VERSION, sha256: sha, size: blob.length, segmentSize: segSize, name }), { contentType: 'application/json' }),
+        link.publish(topics.uploadInit(id), encodeJson({ type: 'upload-init', v: PROTOCOL_VERSION, sha256: sha, size: blob.length, segmentSize: segSize, name, ...(enc ? { enc } : {}) }), { contentType: 'application/json' }),
       );
       if (!initAck.ok) throw new EdgeloraError(`hub refused the upload: ${initAck.error ?? 'no reason given'}`, { where: topics.uploadInit(id) });
       const have = (initAck.have !== undefined ? Bitmap.fromBase64(n, initAck.have) : null) ?? new Bitmap(n);
@@ -126,7 +142,7 @@ export async function uploadBlob(link: Link, blob: Buffer, name: string, o: Uplo
       const finAck = await request('fin', () =>
         link.publish(topics.uploadFin(id), encodeJson({ type: 'upload-fin', v: PROTOCOL_VERSION, sha256: sha, size: blob.length }), { contentType: 'application/json' }),
       );
-      if (finAck.ok) return sha;
+      if (finAck.ok) return plainSha;
       // The hub lost or rejected segments (e.g. it restarted without them): start over from init.
       lastError = finAck.error ?? 'no reason given';
       if (!/missing segments|checksum|unknown upload/.test(lastError)) {
