@@ -6,6 +6,7 @@ import { createCipheriv, createDecipheriv, createHash, createPrivateKey, createP
 import { existsSync, promises as fs } from 'node:fs';
 import { EdgeloraError } from '../../util/errors.js';
 import { writeFileAtomic } from '../../util/atomic.js';
+import { writeKeyPair } from './signing.js';
 
 export const TAG_BYTES = 16;
 export const NONCE_PREFIX_BYTES = 8;
@@ -60,12 +61,7 @@ export function encKeyFromPrivateRaw(d: Uint8Array): EncKey {
 
 /** Writes `<prefix>.key` (PKCS#8 PEM, mode 0600, atomic) and `<prefix>.pub` (SPKI PEM). */
 export async function writeEncKeyPair(prefix: string, key: EncKey = generateEncKey()): Promise<{ keyFile: string; pubFile: string; keyId: string }> {
-  const keyFile = `${prefix}.key`;
-  const pubFile = `${prefix}.pub`;
-  await writeFileAtomic(keyFile, key.privateKey.export({ format: 'pem', type: 'pkcs8' }) as string, 0o600);
-  await fs.chmod(keyFile, 0o600);
-  await writeFileAtomic(pubFile, key.publicKey.export({ format: 'pem', type: 'spki' }) as string);
-  return { keyFile, pubFile, keyId: key.keyId };
+  return writeKeyPair(prefix, key);
 }
 
 export async function loadEncKey(file: string): Promise<EncKey> {

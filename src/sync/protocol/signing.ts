@@ -25,8 +25,11 @@ export function generateSigningKey(): SigningKey {
   return { privateKey, publicKey, keyId: keyIdOf(publicKey) };
 }
 
-/** Writes `<prefix>.key` (PKCS#8 PEM, mode 0600) and `<prefix>.pub` (SPKI PEM). */
-export async function writeKeyPair(prefix: string, key: SigningKey = generateSigningKey()): Promise<{ keyFile: string; pubFile: string; keyId: string }> {
+/**
+ * Writes `<prefix>.key` (PKCS#8 PEM, mode 0600, atomic) and `<prefix>.pub` (SPKI PEM): the hub's
+ * Ed25519 signing pair by default; the X25519 pairs (envelope.ts) are written the same way.
+ */
+export async function writeKeyPair(prefix: string, key: { privateKey: KeyObject; publicKey: KeyObject; keyId: string } = generateSigningKey()): Promise<{ keyFile: string; pubFile: string; keyId: string }> {
   const keyFile = `${prefix}.key`;
   const pubFile = `${prefix}.pub`;
   await writeFileAtomic(keyFile, key.privateKey.export({ format: 'pem', type: 'pkcs8' }) as string, 0o600);
