@@ -1,12 +1,10 @@
 // `edgelora agent`: runs the device agent that receives, verifies, installs and activates adapters.
-import { existsSync } from 'node:fs';
-import { loadEncPublicKey } from '../../sync/protocol/envelope.js';
 import path from 'node:path';
 import type { Command } from '../command.js';
 import { numberFlag, parseFlags, requireFlag } from '../command.js';
 import { Agent } from '../../sync/agent/agent.js';
 import { sanitizeName } from '../../sync/hub/hub.js';
-import { loadPublicKey } from '../../sync/protocol/signing.js';
+import { loadHubKeys } from '../hub-keys.js';
 import { brokerFlags, brokerHelp, brokerOptions, untilSignal } from '../broker-flags.js';
 import { ModelRuntime } from '../../runtime/model.js';
 import { AdapterManager } from '../../adapters/manager.js';
@@ -67,10 +65,7 @@ ${brokerHelp}`,
     const fleet = requireFlag('agent', 'fleet', v.fleet);
     const stateDir = requireFlag('agent', 'state', v.state);
     const trustFile = requireFlag('agent', 'trust', v.trust);
-    const trustedKey = await loadPublicKey(trustFile);
-    const besideTrust = `${trustFile.replace(/\.pub$/, '')}.x25519.pub`;
-    const hubEncFile = v['hub-enc-key'] ?? (existsSync(besideTrust) ? besideTrust : undefined);
-    const hubEncKey = hubEncFile ? await loadEncPublicKey(hubEncFile) : undefined;
+    const { trustedKey, hubEncKey } = await loadHubKeys(trustFile, v['hub-enc-key']);
     const broker = brokerOptions('agent', v);
     const quietMs = numberFlag('quiet-ms', v['quiet-ms'], 2000, { min: 10 });
     const statusIntervalMs = numberFlag('status-interval-ms', v['status-interval-ms'], 1000, { min: 0 });
@@ -85,7 +80,7 @@ ${brokerHelp}`,
       ...(v.group ? { group: v.group } : {}),
       stateDir,
       trustedKey,
-      ...(hubEncKey ? { hubEncKey: { raw: hubEncKey.raw, keyId: hubEncKey.keyId } } : {}),
+      ...(hubEncKey ? { hubEncKey } : {}),
       ...(v['allow-plaintext'] ? { allowPlaintext: true } : {}),
       modelFingerprint: model ? model.manifest.fingerprint : null,
       ...(model ? { activator: new RuntimeActivator(new AdapterManager(model)) } : {}),

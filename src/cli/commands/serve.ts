@@ -10,7 +10,7 @@ import { resolveProfile, parseProfileSets } from '../../profiles/index.js';
 import { startServe, readApiKeys } from '../../serve/server.js';
 import { EdgeloraError } from '../../util/errors.js';
 import { brokerFlags, brokerHelp, brokerOptions } from '../broker-flags.js';
-import { loadPublicKey } from '../../sync/protocol/signing.js';
+import { loadHubKeys } from '../hub-keys.js';
 import type { DefaultAdapterMode } from '../../serve/fleet.js';
 
 const help = `Usage: edgelora serve --model <quantized-dir> [flags]
@@ -46,7 +46,8 @@ the same set):
   --device-id ID           this device's id (required with --broker)
   --fleet NAME             fleet to follow (required with --broker)
   --group NAME             group to follow (optional)
-  --trust FILE             the hub's public key (.pub from \`edgelora keygen\`; required with --broker)
+  --trust FILE             the hub's public key (.pub from \`edgelora keygen\`; required with --broker); a
+                           job's upload is sealed to the hub's <prefix>.x25519.pub beside it
   --state DIR              state directory (required with --broker; created when missing): the
                            agent's state, and fine-tuning files and jobs (POST /v1/files,
                            /v1/fine_tuning/jobs; without --state there are no jobs). A job runs in
@@ -82,11 +83,12 @@ async function fleetOptions(v: Values, jsonLog: boolean): Promise<NonNullable<Pa
   const deviceId = requireFlag('serve', 'device-id', str('device-id'));
   const fleet = requireFlag('serve', 'fleet', str('fleet'));
   const stateDir = requireFlag('serve', 'state', str('state'));
-  const trustedKey = await loadPublicKey(requireFlag('serve', 'trust', str('trust')));
+  // Uploads of fine-tuned adapters are sealed to the hub's X25519 key found beside --trust, as `agent` does.
+  const { trustedKey, hubEncKey } = await loadHubKeys(requireFlag('serve', 'trust', str('trust')));
   const broker = brokerOptions('serve', v as Parameters<typeof brokerOptions>[1]);
   const log = (line: string) => process.stderr.write((jsonLog ? JSON.stringify({ event: 'fleet', message: line }) : line) + '\n');
   const group = str('group');
-  return { agent: { broker, deviceId, fleet, ...(group ? { group } : {}), stateDir, trustedKey, log }, defaultAdapter: mode as DefaultAdapterMode };
+  return { agent: { broker, deviceId, fleet, ...(group ? { group } : {}), stateDir, trustedKey, ...(hubEncKey ? { hubEncKey } : {}), log }, defaultAdapter: mode as DefaultAdapterMode };
 }
 
 export const serveCommand: Command = {
