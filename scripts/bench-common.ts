@@ -102,3 +102,41 @@ export async function dirBytes(dir: string): Promise<number> {
 export function peakRssMiB(): number {
   return process.resourceUsage().maxRSS / 1024; // maxRSS is in KiB
 }
+
+/** The deterministic prompt every generation benchmark feeds (llama.cpp's child gets the same ids). */
+export function benchPrompt(tokens: number): number[] {
+  return Array.from({ length: tokens }, (_, i) => ((i * 7919 + 13) % 250) + 3);
+}
+
+/**
+ * One generation measurement, the same in every bench child: an untimed warm-up (ORT builds kernels
+ * on the first run), the best of `prefillRepeats` prefills of `prompt`, then `newTokens` greedy
+ * decode steps. Returns the best prefill in ms and the decode time in seconds.
+ */
+export async function timeGreedyRun(
+  model: import('../src/runtime/model.js').ModelRuntime,
+  prompt: number[],
+  newTokens: number,
+  prefillRepeats = 3,
+): Promise<{ prefillMs: number; decodeS: number }> {
+  const { argmax } = await import('../src/runtime/sampling.js');
+  const V = model.cfg.vocabSize;
+  const reserve = prompt.length + newTokens;
+  await model.forward({ ids: [prompt.slice(0, 8)], logits: 'last' });
+  let prefillMs = Infinity;
+  let res = await model.forward({ ids: [prompt], logits: 'last', reserve });
+  for (let r = 0; r < prefillRepeats; r++) {
+    const t0 = performance.now();
+    res = await model.forward({ ids: [prompt], logits: 'last', reserve });
+    prefillMs = Math.min(prefillMs, performance.now() - t0);
+  }
+  let next = argmax(res.logits.subarray(0, V));
+  let cache = res.cache;
+  const t1 = performance.now();
+  for (let i = 0; i < newTokens; i++) {
+    const step = await model.forward({ ids: [[next]], cache });
+    cache = step.cache;
+    next = argmax(step.logits.subarray(0, V));
+  }
+  return { prefillMs, decodeS: (performance.now() - t1) / 1000 };
+}

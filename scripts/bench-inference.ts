@@ -6,7 +6,7 @@
 // formats alike. An extra row, int4 at block size 128, is informational: the targets are judged on
 // the defaults (int4 block 32). estimate_mib is the pre-flight memory plan for the same job, printed
 // beside the measured peak. Writes bench-results/inference.json.
-import { benchModel, bundleScript, runChild, printTable, writeJson, dirBytes, peakRssMiB } from './bench-common.js';
+import { benchModel, benchPrompt, bundleScript, runChild, printTable, writeJson, dirBytes, peakRssMiB, timeGreedyRun } from './bench-common.js';
 import type { QuantFormat } from '../src/model/weights.js';
 
 interface Sample {
@@ -29,30 +29,9 @@ const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 
 async function child(dir: string): Promise<void> {
   const { ModelRuntime } = await import('../src/runtime/model.js');
-  const { argmax } = await import('../src/runtime/sampling.js');
   const model = await ModelRuntime.load(dir);
   const rssAfterLoad = process.memoryUsage().rss / 2 ** 20;
-  const V = model.cfg.vocabSize;
-  const prompt = Array.from({ length: PROMPT_TOKENS }, (_, i) => (i * 7919 + 13) % 250 + 3);
-  const reserve = PROMPT_TOKENS + NEW_TOKENS;
-  // Warm-up (ORT builds kernels on first run), not timed.
-  await model.forward({ ids: [prompt.slice(0, 8)], logits: 'last' });
-  let prefillMs = Infinity;
-  let res = await model.forward({ ids: [prompt], logits: 'last', reserve });
-  for (let r = 0; r < 3; r++) {
-    const t0 = performance.now();
-    res = await model.forward({ ids: [prompt], logits: 'last', reserve });
-    prefillMs = Math.min(prefillMs, performance.now() - t0);
-  }
-  let next = argmax(res.logits.subarray(0, V));
-  let cache = res.cache;
-  const t1 = performance.now();
-  for (let i = 0; i < NEW_TOKENS; i++) {
-    const step = await model.forward({ ids: [[next]], cache });
-    cache = step.cache;
-    next = argmax(step.logits.subarray(0, V));
-  }
-  const decodeS = (performance.now() - t1) / 1000;
+  const { prefillMs, decodeS } = await timeGreedyRun(model, benchPrompt(PROMPT_TOKENS), NEW_TOKENS);
   const sample: Sample = {
     rss_after_load_mib: rssAfterLoad,
     peak_rss_mib: peakRssMiB(),

@@ -13,7 +13,7 @@
 import os from 'node:os';
 import path from 'node:path';
 import { existsSync, statSync } from 'node:fs';
-import { benchModel, bundleScript, runChild, printTable, writeJson, dirBytes, peakRssMiB, CACHE } from './bench-common.js';
+import { benchModel, benchPrompt, bundleScript, runChild, printTable, writeJson, dirBytes, peakRssMiB, timeGreedyRun, CACHE } from './bench-common.js';
 import { DEMO_PRESETS } from '../src/formats/demo-model.js';
 import type { QuantFormat } from '../src/model/weights.js';
 
@@ -33,30 +33,9 @@ const LLAMA_CHILD = path.resolve('scripts/peers-llama-child.mjs');
 
 async function child(dir: string, threads: number): Promise<void> {
   const { ModelRuntime } = await import('../src/runtime/model.js');
-  const { argmax } = await import('../src/runtime/sampling.js');
   const model = await ModelRuntime.load(dir, threads > 0 ? { sessionOptions: { intraOpNumThreads: threads, interOpNumThreads: 1 } } : {});
   const rssAfterLoad = process.memoryUsage().rss / 2 ** 20;
-  const V = model.cfg.vocabSize;
-  // The same prompt ids as the llama.cpp child.
-  const prompt = Array.from({ length: PROMPT_TOKENS }, (_, i) => ((i * 7919 + 13) % 250) + 3);
-  const reserve = PROMPT_TOKENS + NEW_TOKENS;
-  await model.forward({ ids: [prompt.slice(0, 8)], logits: 'last' });
-  let prefillMs = Infinity;
-  let res = await model.forward({ ids: [prompt], logits: 'last', reserve });
-  for (let r = 0; r < 3; r++) {
-    const t0 = performance.now();
-    res = await model.forward({ ids: [prompt], logits: 'last', reserve });
-    prefillMs = Math.min(prefillMs, performance.now() - t0);
-  }
-  let next = argmax(res.logits.subarray(0, V));
-  let cache = res.cache;
-  const t1 = performance.now();
-  for (let i = 0; i < NEW_TOKENS; i++) {
-    const step = await model.forward({ ids: [[next]], cache });
-    cache = step.cache;
-    next = argmax(step.logits.subarray(0, V));
-  }
-  const decodeS = (performance.now() - t1) / 1000;
+  const { prefillMs, decodeS } = await timeGreedyRun(model, benchPrompt(PROMPT_TOKENS), NEW_TOKENS);
   process.stdout.write(
     JSON.stringify({ rss_after_load_mib: rssAfterLoad, peak_rss_mib: peakRssMiB(), prefill_tok_s: PROMPT_TOKENS / (prefillMs / 1000), decode_tok_s: NEW_TOKENS / decodeS }) + '\n',
   );

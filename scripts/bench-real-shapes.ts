@@ -12,7 +12,7 @@
 import os from 'node:os';
 import path from 'node:path';
 import { existsSync, promises as fs, mkdtempSync } from 'node:fs';
-import { bundleScript, runChild, printTable, writeJson, dirBytes, peakRssMiB, CACHE } from './bench-common.js';
+import { benchPrompt, bundleScript, runChild, printTable, writeJson, dirBytes, peakRssMiB, timeGreedyRun, CACHE } from './bench-common.js';
 import type { DemoPreset } from '../src/formats/demo-model.js';
 import type { EmbeddingFormat, QuantFormat } from '../src/model/weights.js';
 
@@ -64,33 +64,14 @@ async function model(job: Job): Promise<string> {
 
 async function genChild(dir: string): Promise<void> {
   const { ModelRuntime } = await import('../src/runtime/model.js');
-  const { argmax } = await import('../src/runtime/sampling.js');
   const m = await ModelRuntime.load(dir);
   const rssAfterLoad = process.memoryUsage().rss / 2 ** 20;
-  const V = m.cfg.vocabSize;
-  const prompt = Array.from({ length: PROMPT_TOKENS }, (_, i) => ((i * 7919 + 13) % 250) + 3);
-  const reserve = PROMPT_TOKENS + NEW_TOKENS;
-  await m.forward({ ids: [prompt.slice(0, 8)], logits: 'last' }); // warm-up, untimed
-  let prefillMs = Infinity;
-  let res = await m.forward({ ids: [prompt], logits: 'last', reserve });
-  for (let r = 0; r < 2; r++) {
-    const t0 = performance.now();
-    res = await m.forward({ ids: [prompt], logits: 'last', reserve });
-    prefillMs = Math.min(prefillMs, performance.now() - t0);
-  }
-  let next = argmax(res.logits.subarray(0, V));
-  let cache = res.cache;
-  const t1 = performance.now();
-  for (let i = 0; i < NEW_TOKENS; i++) {
-    const step = await m.forward({ ids: [[next]], cache });
-    cache = step.cache;
-    next = argmax(step.logits.subarray(0, V));
-  }
+  const { prefillMs, decodeS } = await timeGreedyRun(m, benchPrompt(PROMPT_TOKENS), NEW_TOKENS, 2);
   const s: GenSample = {
     rss_after_load_mib: rssAfterLoad,
     peak_rss_mib: peakRssMiB(),
     prefill_tok_s: PROMPT_TOKENS / (prefillMs / 1000),
-    decode_tok_s: NEW_TOKENS / ((performance.now() - t1) / 1000),
+    decode_tok_s: NEW_TOKENS / decodeS,
   };
   process.stdout.write(JSON.stringify(s) + '\n');
 }
