@@ -7,7 +7,7 @@ import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { EdgeloraError } from '../util/errors.js';
 import type { ModelRuntime, LoraFeeds } from '../runtime/model.js';
-import { loadAdapter, type LoraAdapter } from './peft.js';
+import { baseOf, loadAdapter, type LoraAdapter } from './peft.js';
 import { packLora } from './pack.js';
 
 export interface AdapterInfo {
@@ -22,6 +22,10 @@ export interface AdapterInfo {
   /** Bytes held in memory for this adapter (float32 A and B). */
   readonly bytes: number;
   readonly baseFingerprint: string | null;
+  /** The source model it belongs to (null: not recorded). */
+  readonly sourceFingerprint: string | null;
+  /** Set when it runs on another quantization of its source model than it was trained on: one line to show. */
+  readonly baseNote: string | null;
 }
 
 interface Entry {
@@ -46,7 +50,7 @@ export class AdapterManager {
 
   /** Loads (and validates) an adapter; nothing changes on error. Returns its id. */
   async load(dir: string, opts: { id?: string } = {}): Promise<string> {
-    const adapter = await loadAdapter(dir, { cfg: this.model.cfg, fingerprint: this.model.manifest.fingerprint });
+    const adapter = await loadAdapter(dir, { cfg: this.model.cfg, ...baseOf(this.model.manifest) });
     const id = opts.id ?? dir;
     const contentHash = adapterContentHash(adapter);
     const existing = this.entries.get(id);
@@ -114,6 +118,8 @@ export class AdapterManager {
         parameters: e.adapter.parameters,
         bytes: e.adapter.bytes,
         baseFingerprint: e.adapter.baseFingerprint,
+        sourceFingerprint: e.adapter.sourceFingerprint,
+        baseNote: e.adapter.baseNote,
       };
     });
   }

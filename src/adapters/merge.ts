@@ -10,7 +10,10 @@ import { SafetensorsReader, writeSafetensors, type WriteEntry } from '../formats
 import { loadHfConfig } from '../formats/hf-config.js';
 import { writeDirAtomic } from '../util/atomic.js';
 import { linearWeightName } from '../model/llama.js';
-import { loadAdapter, type LoraModule } from './peft.js';
+import { loadAdapter, readBinding, type LoraModule } from './peft.js';
+import { matchBase } from '../model/base-identity.js';
+import { sourceFingerprintOfCheckpoint } from '../model/source-fingerprint.js';
+import { EdgeloraError } from '../util/errors.js';
 import { createSession } from '../runtime/sessions.js';
 
 const COPIED = ['config.json', 'tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'special_tokens_map.json'];
@@ -26,9 +29,29 @@ async function mergeSession(): Promise<ort.InferenceSession> {
   return createSession({ kind: 'merge', model: toOnnxBytes(g), where: 'edgelora adapter merge' });
 }
 
-export async function mergeAdapter(hfDir: string, adapterDir: string, outDir: string, opts: { scale?: number; force?: boolean } = {}): Promise<{ merged: number }> {
+/**
+ * Merges into a float checkpoint after checking that the adapter belongs to it: an adapter bound to a
+ * source model (edgelora_adapter.json `source_fingerprint`) is refused on another source, before anything
+ * is written. Adapters without that binding (made elsewhere, or before it existed) are checked by shape
+ * only, and `note` says so.
+ */
+export async function mergeAdapter(
+  hfDir: string,
+  adapterDir: string,
+  outDir: string,
+  opts: { scale?: number; force?: boolean } = {},
+): Promise<{ merged: number; note: string | null }> {
   const { config: cfg } = await loadHfConfig(hfDir);
-  // A plain HF checkpoint has no edgelora fingerprint: shapes are what binds the adapter here.
+  const binding = await readBinding(adapterDir);
+  let note: string | null = null;
+  if (binding.sourceFingerprint !== null) {
+    // One extra read of the checkpoint (hashing), so that a refusal leaves nothing behind.
+    const source = await sourceFingerprintOfCheckpoint(hfDir);
+    const match = matchBase(binding, { fingerprint: null, sourceFingerprint: source, quant: 'the float checkpoint' });
+    if (match.kind === 'refused') throw new EdgeloraError(match.message, { where: `${adapterDir} → ${hfDir}`, hint: `merge into the checkpoint the adapter was fine-tuned from; ${match.hint}` });
+  } else if (binding.fingerprint !== null) {
+    note = `${adapterDir} predates source-model binding: that ${hfDir} is its model is not checked (shapes only)`;
+  }
   const adapter = await loadAdapter(adapterDir, { cfg, fingerprint: null });
   const byWeight = new Map<string, LoraModule>();
   for (const m of adapter.modules.values()) byWeight.set(linearWeightName(m.layer, m.proj), m);
@@ -72,5 +95,5 @@ export async function mergeAdapter(hfDir: string, adapterDir: string, outDir: st
     await reader.close();
     await session.release();
   }
-  return { merged: byWeight.size };
+  return { merged: byWeight.size, note };
 }

@@ -1,5 +1,5 @@
 // PEFT LoRA adapters on disk: adapter_config.json + adapter_model.safetensors (+ edgelora_adapter.json,
-// which PEFT ignores, binding the adapter to a base-model fingerprint). An adapter in memory is plain
+// which PEFT ignores, binding the adapter to its source model and the quantization it was trained on). An adapter in memory is plain
 // data: module ("layer.proj") → {A [r, in], B [out, r], scale}. Loading validates everything the
 // runtime cannot apply and every shape against the base, and refuses with a hint.
 import { promises as fs } from 'node:fs';
@@ -11,6 +11,7 @@ import { EdgeloraError } from '../util/errors.js';
 import { expectDir } from '../formats/dir-kind.js';
 import { writeFileAtomic, writeDirAtomic } from '../util/atomic.js';
 import { LINEAR_PROJS, linearShape, projModule, type Proj } from '../model/llama.js';
+import { matchBase, quantLabel, type BaseRef } from '../model/base-identity.js';
 
 export const ADAPTER_CONFIG = 'adapter_config.json';
 export const ADAPTER_WEIGHTS = 'adapter_model.safetensors';
@@ -41,10 +42,19 @@ export const peftConfigSchema = z
   .loose();
 export type PeftConfig = z.infer<typeof peftConfigSchema>;
 
-export const bindingSchema = z.object({
-  format: z.literal('edgelora-adapter/1'),
-  base_fingerprint: z.string().regex(/^[0-9a-f]{64}$/),
-});
+/**
+ * edgelora_adapter.json. `base_fingerprint` is the quantized model it was trained on (the only field before
+ * source binding, so older edgelora still reads new files); `source_fingerprint` is the source model it
+ * belongs to; `quantization` is the base's manifest `quant` in words. Unknown fields are kept.
+ */
+export const bindingSchema = z
+  .object({
+    format: z.literal('edgelora-adapter/1'),
+    base_fingerprint: z.string().regex(/^[0-9a-f]{64}$/),
+    source_fingerprint: z.string().regex(/^[0-9a-f]{64}$/).optional(),
+    quantization: z.string().max(200).optional(),
+  })
+  .loose();
 
 /** One adapted projection: A [r, K], B [N, r] in PEFT layout, PEFT scaling alpha/r (or alpha/√r). */
 export interface LoraModule {
@@ -62,8 +72,14 @@ export interface LoraAdapter {
   readonly config: PeftConfig;
   /** Modules by "layer.proj". */
   readonly modules: ReadonlyMap<string, LoraModule>;
-  /** Fingerprint of the base it was made for; null for a plain PEFT adapter. */
+  /** Fingerprint of the quantized base it was trained on; null for a plain PEFT adapter. */
   readonly baseFingerprint: string | null;
+  /** Fingerprint of the source model it belongs to; null for a plain PEFT adapter or one from before source binding. */
+  readonly sourceFingerprint: string | null;
+  /** The quantization it was trained on, in words (e.g. "nf4, block 64, float table"); null when not recorded. */
+  readonly trainedOn: string | null;
+  /** One line to show when it is applied to another quantization of its source model; null otherwise. */
+  readonly baseNote: string | null;
   /** Trainable parameters (Σ r·(K + N)). */
   readonly parameters: number;
   /** Bytes the adapter's float32 tensors take in memory. */
@@ -164,23 +180,33 @@ export async function readPeftConfig(dir: string): Promise<PeftConfig> {
   return parsePeftConfig(await readJson(cfgFile, 'adapter_config.json'), cfgFile);
 }
 
-/** Loads an adapter and checks it against the base config (and fingerprint when both are known). */
-export async function loadAdapter(dir: string, base: { cfg: ModelConfig; fingerprint: string | null }): Promise<LoraAdapter> {
+/** An adapter directory's edgelora_adapter.json, or nulls for a plain PEFT adapter. */
+export async function readBinding(dir: string): Promise<{ fingerprint: string | null; sourceFingerprint: string | null; quant: string | null }> {
+  const bindingFile = path.join(dir, ADAPTER_BINDING);
+  if (!(await fs.stat(bindingFile).then(() => true, () => false))) return { fingerprint: null, sourceFingerprint: null, quant: null };
+  const b = bindingSchema.safeParse(await readJson(bindingFile, ADAPTER_BINDING));
+  if (!b.success) throw new EdgeloraError(`invalid ${ADAPTER_BINDING}: ${b.error.issues[0]!.message}`, { where: bindingFile });
+  return { fingerprint: b.data.base_fingerprint, sourceFingerprint: b.data.source_fingerprint ?? null, quant: b.data.quantization ?? null };
+}
+
+/** The base an adapter is checked against: its config, and what identifies it (null fields: not known). */
+export interface AdapterBase extends Partial<Omit<BaseRef, 'fingerprint'>> {
+  readonly cfg: ModelConfig;
+  readonly fingerprint: string | null;
+}
+
+/**
+ * Loads an adapter and checks it against the base config and, when both sides are known, the base
+ * (matchBase: same source model at any quantization, with `baseNote` set for another quantization).
+ */
+export async function loadAdapter(dir: string, base: AdapterBase): Promise<LoraAdapter> {
   const cfgFile = path.join(dir, ADAPTER_CONFIG);
   const config = await readPeftConfig(dir);
-  let baseFingerprint: string | null = null;
-  const bindingFile = path.join(dir, ADAPTER_BINDING);
-  if (await fs.stat(bindingFile).then(() => true, () => false)) {
-    const b = bindingSchema.safeParse(await readJson(bindingFile, ADAPTER_BINDING));
-    if (!b.success) throw new EdgeloraError(`invalid ${ADAPTER_BINDING}: ${b.error.issues[0]!.message}`, { where: bindingFile });
-    baseFingerprint = b.data.base_fingerprint;
-    if (base.fingerprint && baseFingerprint !== base.fingerprint) {
-      throw new EdgeloraError(`adapter is bound to base ${baseFingerprint.slice(0, 16)}…, but the model is ${base.fingerprint.slice(0, 16)}…`, {
-        where: dir,
-        hint: 'adapter trained for another base? use the base model it was made for',
-      });
-    }
-  }
+  const binding = await readBinding(dir);
+  const baseFingerprint = binding.fingerprint;
+  const match = matchBase(binding, { fingerprint: base.fingerprint, sourceFingerprint: base.sourceFingerprint ?? null, quant: base.quant ?? null });
+  if (match.kind === 'refused') throw new EdgeloraError(match.message, { where: dir, hint: match.hint });
+  const baseNote = match.kind === 'other-quantization' ? match.note : null;
   const { cfg } = base;
   // Every targeted module must exist in the base.
   const targeted = new Set<string>();
@@ -261,13 +287,28 @@ export async function loadAdapter(dir: string, base: { cfg: ModelConfig; fingerp
   } finally {
     await reader.close();
   }
-  return { dir, config, modules, baseFingerprint, parameters, bytes: parameters * 4 };
+  return { dir, config, modules, baseFingerprint, sourceFingerprint: binding.sourceFingerprint, trainedOn: binding.quant, baseNote, parameters, bytes: parameters * 4 };
 }
 
 export interface AdapterToWrite {
   readonly config: PeftConfig;
   readonly modules: Iterable<LoraModule>;
+  /** The quantized base it was trained on (manifest `fingerprint`); null writes no edgelora_adapter.json. */
   readonly baseFingerprint: string | null;
+  /** The source model (manifest `sourceFingerprint`); absent or null for a base quantized before it existed. */
+  readonly sourceFingerprint?: string | null;
+  /** The base's quantization in words (quantLabel). */
+  readonly trainedOn?: string | null;
+}
+
+/** The edgelora_adapter.json an adapter trained on this base gets. */
+export function bindingFor(manifest: { fingerprint: string; sourceFingerprint?: string | undefined; quant: Parameters<typeof quantLabel>[0] }): Pick<AdapterToWrite, 'baseFingerprint' | 'sourceFingerprint' | 'trainedOn'> {
+  return { baseFingerprint: manifest.fingerprint, sourceFingerprint: manifest.sourceFingerprint ?? null, trainedOn: quantLabel(manifest.quant) };
+}
+
+/** What identifies a loaded base, from its manifest, for loadAdapter. */
+export function baseOf(manifest: { fingerprint: string; sourceFingerprint?: string | undefined; quant: Parameters<typeof quantLabel>[0] }): Omit<AdapterBase, 'cfg'> {
+  return { fingerprint: manifest.fingerprint, sourceFingerprint: manifest.sourceFingerprint ?? null, quant: quantLabel(manifest.quant) };
 }
 
 /** A complete PEFT config with every field PEFT reads, for adapters written by edgelora. */
@@ -327,7 +368,13 @@ export async function saveAdapter(dir: string, adapter: AdapterToWrite, opts: { 
       }
       await writeSafetensors(path.join(tmp, ADAPTER_WEIGHTS), entries, { format: 'pt' });
       if (adapter.baseFingerprint) {
-        await writeFileAtomic(path.join(tmp, ADAPTER_BINDING), JSON.stringify({ format: 'edgelora-adapter/1', base_fingerprint: adapter.baseFingerprint }, null, 2) + '\n');
+        const binding = {
+          format: 'edgelora-adapter/1',
+          base_fingerprint: adapter.baseFingerprint,
+          ...(adapter.sourceFingerprint ? { source_fingerprint: adapter.sourceFingerprint } : {}),
+          ...(adapter.trainedOn ? { quantization: adapter.trainedOn } : {}),
+        };
+        await writeFileAtomic(path.join(tmp, ADAPTER_BINDING), JSON.stringify(binding, null, 2) + '\n');
       }
     },
     { replace: opts.replace ?? true },

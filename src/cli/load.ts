@@ -73,11 +73,12 @@ export async function loadModelWithAdapters(req: LoadRequest): Promise<Loaded> {
   // that each adapter directory is one.
   const specs = req.adapters.map(parseAdapterSpec);
   for (const { dir } of specs) await expectDir(dir, 'adapter');
+  const manifest = await readManifest(req.dir);
   const profile = await resolveProfile({
     profile: req.profile ?? 'auto',
+    modelFormat: manifest.quant.format,
     overrides: parseProfileSets(req.profileSets ?? []),
   });
-  const manifest = await readManifest(req.dir);
   const cfg = parseHfConfig(manifest.sourceConfig, path.join(req.dir, 'manifest.json'));
   const context = req.context > 0 ? Math.min(req.context, cfg.maxPositionEmbeddings) : cfg.maxPositionEmbeddings;
   profile.checkMemoryPlan(
@@ -88,6 +89,9 @@ export async function loadModelWithAdapters(req: LoadRequest): Promise<Loaded> {
   for (const { dir: adir, scale } of specs) {
     const id = await adapters.load(adir);
     adapters.activate(id, scale);
+    // Another quantization of the adapter's source model: allowed, said once on stderr.
+    const note = adapters.list().find((a) => a.id === id)?.baseNote;
+    if (note) process.stderr.write(`edgelora: note: ${adir}: ${note}\n`);
   }
   return { model, adapters, lora: req.adapters.length > 0 ? adapters.feeds() : undefined, profile };
 }

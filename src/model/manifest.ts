@@ -1,5 +1,5 @@
-// manifest.json of a quantized model directory: what the model is, how it was quantized, and the
-// base-model fingerprint that adapters are bound to. Validated with zod at load.
+// manifest.json of a quantized model directory: what the model is, how it was quantized, and its two
+// fingerprints (the source model's, which adapters bind to, and this quantization's). Validated with zod at load.
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
@@ -37,8 +37,14 @@ export const manifestSchema = z.object({
       types: z.record(z.string(), z.number().int().nonnegative()),
     })
     .optional(),
-  /** sha256 (hex) over the canonical config, quantization options and every stored tensor. */
+  /** sha256 (hex) over the canonical config, quantization options and every stored tensor: this quantization. */
   fingerprint: z.string().regex(/^[0-9a-f]{64}$/),
+  /**
+   * sha256 (hex) over the source checkpoint's config and tensors (source-fingerprint.ts): the same for every
+   * quantization of one checkpoint; adapters bind to it. Absent in directories quantized before it existed:
+   * those are known by `fingerprint` only (re-quantize to let adapters of their other quantizations in).
+   */
+  sourceFingerprint: z.string().regex(/^[0-9a-f]{64}$/).optional(),
   /** config.json of the source checkpoint, verbatim. */
   sourceConfig: z.record(z.string(), z.unknown()),
   parameters: z.number().int().nonnegative(),

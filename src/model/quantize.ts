@@ -12,6 +12,7 @@ import { EdgeloraError } from '../util/errors.js';
 import { writeDirAtomic } from '../util/atomic.js';
 import { buildLlama } from './llama.js';
 import { CheckpointWeights, DEFAULT_EMBEDDING_BLOCK_SIZE, startFingerprint, type QuantOptions } from './weights.js';
+import { SourceHasher, addMissingTensors } from './source-fingerprint.js';
 import { DATA_FILE, MANIFEST_FILE, MODEL_FILE, MODEL_FORMAT, type Manifest } from './manifest.js';
 
 /** Files copied verbatim from the source checkpoint when present. */
@@ -65,13 +66,16 @@ export async function quantizeModel(
           ...(embeddings === 'float' ? {} : { embeddings, embeddingBlockSize }),
         });
         const int4AccuracyLevel = opts.format === 'int4' ? (opts.int4AccuracyLevel ?? 4) : undefined;
-        const weights = new CheckpointWeights(reader, opts, hash, (name) => opts.onTensor?.(name, ++index, total));
+        const source = new SourceHasher();
+        const weights = new CheckpointWeights(reader, opts, hash, (name) => opts.onTensor?.(name, ++index, total), source);
         const g = new Graph({ external: sink });
         try {
           await buildLlama(g, cfg, weights, { mode: 'infer', inferLora: false });
         } finally {
           sink.close();
         }
+        // Every tensor of the source counts, whether or not this format read it (none is skipped today).
+        await addMissingTensors(source, reader, expected);
         const modelBytes = toOnnxBytes(g, { name: `edgelora ${cfg.architecture} ${opts.format}` });
         await fs.writeFile(path.join(tmp, MODEL_FILE), modelBytes);
         for (const f of COPIED) {
@@ -97,6 +101,7 @@ export async function quantizeModel(
             ...(embeddingBlockSize === undefined ? {} : { embeddingBlockSize }),
           },
           fingerprint: hash.digest('hex'),
+          sourceFingerprint: source.digest(raw),
           sourceConfig: raw,
           parameters: params,
           bytes: { model: modelBytes.byteLength, data: sink.size },

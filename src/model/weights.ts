@@ -16,6 +16,7 @@ import { quantizeInt4, dequantizeInt4, int4Layout } from '../quant/int4.js';
 import { readBnbWeight } from '../quant/bnb-checkpoint.js';
 import { linearWeightName, type BaseWeight, type LinearSpec, type TableWeight, type WeightProvider, linearShape, type Proj } from './llama.js';
 import { DATA_FILE, type Manifest } from './manifest.js';
+import type { SourceHasher } from './source-fingerprint.js';
 
 export type QuantFormat = 'fp32' | 'nf4' | 'fp4' | 'int4';
 export const QUANT_FORMATS: readonly QuantFormat[] = ['fp32', 'nf4', 'fp4', 'int4'];
@@ -77,6 +78,8 @@ export class CheckpointWeights implements WeightProvider {
     private readonly opts: QuantOptions,
     private readonly hash: Hash | null,
     private readonly onTensor?: (name: string) => void,
+    /** Also hashes every tensor read into the source fingerprint (the same for every quantization). */
+    private readonly source?: SourceHasher,
   ) {}
 
   private async readFloat(name: string, shape: number[]): Promise<Float32Array> {
@@ -90,7 +93,9 @@ export class CheckpointWeights implements WeightProvider {
         hint: 'does config.json belong to this checkpoint?',
       });
     }
-    return this.reader.readF32(name);
+    const values = await this.reader.readF32(name);
+    this.source?.addFloat(name, info.shape, values);
+    return values;
   }
 
   async linear(g: Graph, spec: LinearSpec): Promise<BaseWeight> {
@@ -110,6 +115,7 @@ export class CheckpointWeights implements WeightProvider {
           hint: `use --format ${q.quantType}; a bnb-4bit checkpoint is converted without re-quantizing`,
         });
       }
+      this.source?.addBnb(name, q);
       this.sources.set(name, 'bnb-4bit');
       this.bnbBlockSizes.add(q.blockSize);
       return {

@@ -24,6 +24,11 @@ export interface ResolveOptions {
   probe?: EpProber;
   /** Where the shipped profiles live; default the package's device-profiles/. */
   profilesDir?: string;
+  /**
+   * The quantization of the model directory this run uses (generate, eval, serve, finetune). Absent: no
+   * model yet, a format is being chosen (doctor's advice for quantize), so the int4 fallback is named.
+   */
+  modelFormat?: 'fp32' | 'nf4' | 'fp4' | 'int4';
   /** Receives each warning (fallbacks, mismatches); default prints "edgelora: warning: …" to stderr. */
   warn?: (message: string) => void;
 }
@@ -56,6 +61,24 @@ export interface ResolvedProfile {
   sessionOptions(extra?: InferenceSession.SessionOptions): InferenceSession.SessionOptions;
   /** Throws an EdgeloraError naming the estimate, the budget, the biggest items and what to lower. */
   checkMemoryPlan(plan: MemoryPlan): void;
+}
+
+/**
+ * What the 4-bit format means here. With a model directory at hand its format is fixed: say what runs (an
+ * nf4/fp4 model's MatMulBnb4 on the CPU without CUDA, whatever the profile prefers). Without one (a format is
+ * being chosen) say which format to quantize to.
+ */
+function formatWarning(preferred: 'nf4' | 'int4', cuda: boolean, modelFormat: ResolveOptions['modelFormat']): string | null {
+  // A CPU profile (int4 preferred) says nothing, as before: only a GPU profile that lost CUDA has news.
+  if (cuda || preferred !== 'nf4') return null;
+  if (modelFormat === undefined) {
+    return 'profile prefers nf4, but without the CUDA provider MatMulBnb4 runs on the CPU (about 7x slower than int4 there); defaulting to int4 (quantize with --format int4)';
+  }
+  if (modelFormat === 'nf4' || modelFormat === 'fp4') {
+    return `model is ${modelFormat}: without the CUDA provider its MatMulBnb4 runs on the CPU here (about 7x slower than int4); re-quantize the source checkpoint with --format int4 for speed`;
+  }
+  // An int4 or fp32 model is what the CPU runs well: nothing to say.
+  return null;
 }
 
 function defaultWarn(message: string): void {
@@ -159,10 +182,10 @@ export async function resolveProfile(opts: ResolveOptions = {}): Promise<Resolve
 
   // 4-bit format: MatMulBnb4 (nf4) runs on the GPU only through the CUDA provider; on CPU int4 is the fast one.
   let defaultFormat = profile.defaultFormat;
-  if (defaultFormat === 'nf4' && !providers.use.includes('cuda')) {
-    defaultFormat = 'int4';
-    warnings.push('profile prefers nf4, but without the CUDA provider MatMulBnb4 runs on the CPU (about 7x slower than int4 there); defaulting to int4');
-  }
+  const cuda = providers.use.includes('cuda');
+  if (defaultFormat === 'nf4' && !cuda) defaultFormat = 'int4';
+  const warning = formatWarning(profile.defaultFormat, cuda, opts.modelFormat);
+  if (warning) warnings.push(warning);
 
   const threads = profile.threads === 'auto' ? facts.cpus : Math.min(profile.threads, facts.cpus);
 

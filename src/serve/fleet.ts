@@ -6,7 +6,7 @@
 // they resolved at submit, the next request gets the new one. A throw tells the agent to roll back,
 // and serving stays on the last good adapter because nothing was touched.
 import type { AdapterActivator, ActivationInfo } from '../sync/agent/activator.js';
-import { loadAdapter } from '../adapters/peft.js';
+import { baseOf, loadAdapter } from '../adapters/peft.js';
 import { EdgeloraError } from '../util/errors.js';
 import type { ServeEngine } from './engine.js';
 
@@ -51,7 +51,8 @@ export class EngineActivator implements AdapterActivator {
       });
     }
     // Everything the runtime checks, before serving changes at all.
-    await loadAdapter(dir, { cfg: this.engine.model.cfg, fingerprint: this.engine.model.manifest.fingerprint });
+    const checked = await loadAdapter(dir, { cfg: this.engine.model.cfg, ...baseOf(this.engine.model.manifest) });
+    if (checked.baseNote) this.log(`fleet: ${id} v${info.version}: note: ${checked.baseNote}`);
     await this.engine.between(async () => {
       const inFlight = this.engine.runningRows;
       if (cur && this.engine.adapters.has(cur.id)) this.engine.unloadAdapter(cur.id);

@@ -144,6 +144,9 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     parameters: a.parameters,
     bytes: a.bytes,
     base_fingerprint: a.baseFingerprint,
+    source_fingerprint: a.sourceFingerprint,
+    /** Set when the adapter was trained on another quantization of this base's source model. */
+    base_note: a.baseNote,
   });
   app.get('/v1/adapters', async () => {
     const engine = ready();

@@ -13,7 +13,7 @@ import { loadTokenizer } from '../formats/tokenizer.js';
 import type { StDType } from '../formats/safetensors.js';
 import { loadJsonl, type Example } from '../data/jsonl.js';
 import { LINEAR_PROJS, linearShape, type Proj } from '../model/llama.js';
-import { loadAdapter, makePeftConfig, saveAdapter, loraScale, type LoraModule, type PeftConfig } from '../adapters/peft.js';
+import { baseOf, bindingFor, loadAdapter, makePeftConfig, saveAdapter, loraScale, type LoraModule, type PeftConfig } from '../adapters/peft.js';
 import { canonicalJson } from '../util/canonical-json.js';
 import { checkMemoryPlan, formatBytes } from '../profiles/memory.js';
 import { EdgeloraError } from '../util/errors.js';
@@ -183,7 +183,8 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
   const params = new Map<string, LoraParam>();
   let config: PeftConfig;
   if (o.initAdapter) {
-    const ad = await loadAdapter(o.initAdapter, { cfg, fingerprint: manifest.fingerprint });
+    const ad = await loadAdapter(o.initAdapter, { cfg, ...baseOf(manifest) });
+    if (ad.baseNote) warn(`${o.initAdapter}: ${ad.baseNote}`);
     for (const [flag, given] of [['rank', o.rank], ['alpha', o.alpha], ['targets', o.targets]] as const) {
       if (given !== undefined) warn(`--${flag} is ignored with --init-adapter: the adapter's own ${flag} is kept`);
     }
@@ -378,7 +379,7 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
     const modules: LoraModule[] = [...params.values()].map((p) => ({ layer: p.layer, proj: p.proj, r: p.r, alpha: p.alpha, scale: p.scale, a: p.a, b: p.b }));
     await writeDirAtomic(out, async (tmp) => {
       const inner = path.join(tmp, 'adapter');
-      await saveAdapter(inner, { config, modules, baseFingerprint: manifest.fingerprint }, { dtype: o.dtype ?? 'F32' });
+      await saveAdapter(inner, { config, modules, ...bindingFor(manifest) }, { dtype: o.dtype ?? 'F32' });
       for (const f of await fs.readdir(inner)) await fs.rename(path.join(inner, f), path.join(tmp, f));
       await fs.rmdir(inner);
       await writeFileAtomic(path.join(tmp, TRAINING_LOG), log.map((e) => JSON.stringify(e)).join('\n') + '\n');

@@ -11,8 +11,9 @@ import { LINEAR_PROJS, type Proj } from '../../model/llama.js';
 
 const inspectHelp = `Usage: edgelora adapter inspect <adapter-dir> [--json]
 
-Shows a PEFT LoRA adapter: rank, alpha, scaling, targets, parameter count, bytes on disk and the
-base-model fingerprint it is bound to (none for adapters made elsewhere).
+Shows a PEFT LoRA adapter: rank, alpha, scaling, targets, parameter count, bytes on disk, the source
+model it is bound to (it applies to any quantization of it) and the quantized base it was trained on
+(none for adapters made elsewhere).
 
 Flags:
   --json      one JSON object
@@ -48,9 +49,15 @@ export const adapterInspectCommand: Command = {
     await reader.close();
     const bytes = (await fs.stat(path.join(dir, ADAPTER_WEIGHTS))).size;
     let fingerprint: string | null = null;
+    let sourceFingerprint: string | null = null;
+    let trainedOn: string | null = null;
     try {
       const b = bindingSchema.safeParse(JSON.parse(await fs.readFile(path.join(dir, ADAPTER_BINDING), 'utf8')));
-      if (b.success) fingerprint = b.data.base_fingerprint;
+      if (b.success) {
+        fingerprint = b.data.base_fingerprint;
+        sourceFingerprint = b.data.source_fingerprint ?? null;
+        trainedOn = b.data.quantization ?? null;
+      }
     } catch {
       fingerprint = null;
     }
@@ -76,6 +83,8 @@ export const adapterInspectCommand: Command = {
       dtypes: [...dtypes],
       base_model_name_or_path: config.base_model_name_or_path ?? null,
       base_fingerprint: fingerprint,
+      source_fingerprint: sourceFingerprint,
+      trained_on: trainedOn,
     };
     if (values.json) {
       process.stdout.write(JSON.stringify(info) + '\n');
@@ -89,7 +98,8 @@ export const adapterInspectCommand: Command = {
       `targets      ${perTarget.map((t) => `${t.module}(r${t.r})`).join(', ')} in ${layers.size} layers`,
       `parameters   ${parameters.toLocaleString('en-US')} (${[...dtypes].join(', ')})`,
       `bytes        ${bytes.toLocaleString('en-US')}`,
-      `base         ${fingerprint ?? 'not bound (adapter made elsewhere)'}`,
+      `source model ${sourceFingerprint ?? (fingerprint ? 'not recorded (adapter from before source binding: applies to its base quantization only)' : 'not bound (adapter made elsewhere)')}`,
+      `trained on   ${fingerprint ? `${trainedOn ?? 'quantization not recorded'} (${fingerprint})` : 'not bound'}`,
     ];
     process.stdout.write(lines.join('\n') + '\n');
     return 0;
@@ -99,7 +109,9 @@ export const adapterInspectCommand: Command = {
 const mergeHelp = `Usage: edgelora adapter merge <hf-base-dir> <adapter-dir> <out-dir> [flags]
 
 Writes a float Hugging Face checkpoint with the adapter merged in (W + scaling·B·A), for runtimes
-that only take merged weights. <hf-base-dir> is the float checkpoint the adapter's base was made from.
+that only take merged weights. <hf-base-dir> is the float checkpoint the adapter's base was made from:
+an adapter bound to another source model is refused and nothing is written (adapters made elsewhere,
+or before edgelora bound adapters to their source model, are checked by shape only).
 
 Flags:
   --scale S   multiply the adapter's own scaling by S (default 1)
@@ -129,6 +141,7 @@ export const adapterMergeCommand: Command = {
     await expectDir(adapter, 'adapter');
     await checkOutputPath(out, { force: Boolean(values.force), what: 'the output directory' });
     const res = await mergeAdapter(base, adapter, out, { scale, force: Boolean(values.force) });
+    if (res.note) process.stderr.write(`edgelora: note: ${res.note}\n`);
     if (values.json) process.stdout.write(JSON.stringify({ out, merged: res.merged }) + '\n');
     else process.stdout.write(`wrote ${out}: ${res.merged} weights merged\n`);
     return 0;

@@ -210,7 +210,7 @@ export const finetuneCommand: Command = {
     await checkOutputPath(out, { what: 'the --out adapter directory', hint: 'choose a new --out directory (or remove the old adapter); --resume continues from <out>.checkpoint' });
     // The device profile gives the memory budget (unless --memory-budget is set), the execution
     // providers, and the fine-tune settings no flag gave.
-    const rp = await resolveProfile({ profile: s('profile') ?? 'auto', overrides: parseProfileSets((v['profile-set'] as string[] | undefined) ?? []) });
+    const rp = await resolveProfile({ profile: s('profile') ?? 'auto', modelFormat: (await readManifest(model)).quant.format, overrides: parseProfileSets((v['profile-set'] as string[] | undefined) ?? []) });
     const settings = await finetuneSettings(model, flagged, rp.finetuneDefaults, Boolean(s('init-adapter')));
     if (!json) process.stderr.write(`${describeSettings(settings, rp.profile.id)}\n`);
     let progress: Progress | null = null;

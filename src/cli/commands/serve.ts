@@ -137,7 +137,7 @@ export const serveCommand: Command = {
     const manifest = await readManifest(dir);
     const cfg = parseHfConfig(manifest.sourceConfig, path.join(dir, 'manifest.json'));
     const ctx = numberFlag('ctx', v.ctx as string | undefined, cfg.maxPositionEmbeddings, { integer: true, min: 2, max: cfg.maxPositionEmbeddings });
-    const profile = await resolveProfile({ profile: (v.profile as string | undefined) ?? 'auto', overrides: parseProfileSets((v['profile-set'] as string[] | undefined) ?? []) });
+    const profile = await resolveProfile({ profile: (v.profile as string | undefined) ?? 'auto', modelFormat: manifest.quant.format, overrides: parseProfileSets((v['profile-set'] as string[] | undefined) ?? []) });
     // The batch's KV slots hold max-batch rows of ctx tokens at most: that is the plan to check.
     const servingPlan = modelMemoryPlan(manifest, cfg, { context: ctx, prefillTokens: ctx, batch: maxBatch });
     profile.checkMemoryPlan(modelMemoryPlan(manifest, cfg, { context: ctx, prefillTokens: ctx, batch: maxBatch }, { what: path.basename(path.resolve(dir)), lower: ['--ctx', '--max-batch'] }));
@@ -179,6 +179,10 @@ export const serveCommand: Command = {
         const ids = engine.adapterInfo().map((a) => `${engine.modelId}:${a.id}`);
         say('ready', { model: engine.modelId, adapters: ids, max_batch: engine.maxBatch, ctx: engine.ctx },
           `edgelora serve: ready: model ${engine.modelId}${ids.length ? `, adapters ${ids.join(', ')}` : ''} (max batch ${engine.maxBatch}, ctx ${engine.ctx})`);
+        // An --adapter trained on another quantization of this source model: allowed, said once.
+        for (const a of engine.adapterInfo()) {
+          if (a.baseNote) process.stderr.write((jsonLog ? JSON.stringify({ event: 'adapter-note', adapter: a.id, message: a.baseNote }) : `edgelora serve: note: adapter ${a.id}: ${a.baseNote}`) + '\n');
+        }
       }
     } catch (err) {
       await server.app.close();

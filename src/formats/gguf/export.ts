@@ -8,7 +8,7 @@ import { readManifest } from '../../model/manifest.js';
 import { QuantizedWeights, WEIGHT_SUFFIX } from '../../model/weights.js';
 import { parseHfConfig, type ModelConfig } from '../hf-config.js';
 import { LINEAR_PROJS, linearShape, linearWeightName, type Proj } from '../../model/llama.js';
-import { loadAdapter } from '../../adapters/peft.js';
+import { baseOf, loadAdapter } from '../../adapters/peft.js';
 import { rawToF32, f32ToF16Bits, f16BitsToF32 } from '../safetensors.js';
 import { EdgeloraError } from '../../util/errors.js';
 import { BLOCK, type SupportedType } from './spec.js';
@@ -193,7 +193,8 @@ export async function exportGgufBase(modelDir: string, outFile: string, opts: Ex
 export async function exportGgufAdapter(adapterDir: string, outFile: string, baseDir: string): Promise<{ file: string; bytes: number; modules: number; alpha: number }> {
   const manifest = await readManifest(baseDir);
   const cfg = parseHfConfig(manifest.sourceConfig, path.join(baseDir, 'manifest.json'));
-  const adapter = await loadAdapter(adapterDir, { cfg, fingerprint: manifest.fingerprint });
+  // Another quantization of the same source is fine here: the export takes the adapter's float A and B.
+  const adapter = await loadAdapter(adapterDir, { cfg, ...baseOf(manifest) });
   const { arch } = ggufMetaFromConfig(cfg, '');
   // llama.cpp scales every module by alpha / r with ONE alpha; a module whose PEFT scale differs
   // (rsLoRA, rank/alpha patterns) gets the difference folded into its B.

@@ -13,6 +13,7 @@ import { EdgeloraError } from '../../util/errors.js';
 import { writeDirAtomic } from '../../util/atomic.js';
 import { buildLlama, linearWeightName, type BaseWeight, type LinearSpec, type TableWeight, type WeightProvider } from '../../model/llama.js';
 import { addHashed, startFingerprint, WEIGHT_SUFFIX } from '../../model/weights.js';
+import { sourceFingerprintOfGguf } from '../../model/source-fingerprint.js';
 import { int4Layout } from '../../quant/int4.js';
 import { DATA_FILE, MANIFEST_FILE, MODEL_FILE, MODEL_FORMAT, type Manifest } from '../../model/manifest.js';
 import { GgufReader } from './reader.js';
@@ -185,6 +186,7 @@ export async function importGguf(file: string, outDir: string, opts: ImportGgufO
           },
           gguf: { file: path.basename(file), sha256, types: Object.fromEntries([...weights.types].sort()) },
           fingerprint: hash.digest('hex'),
+          sourceFingerprint: sourceFingerprintOfGguf(raw, sha256),
           sourceConfig: raw,
           parameters: params,
           bytes: { model: modelBytes.byteLength, data: sink.size },
