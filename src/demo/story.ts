@@ -170,6 +170,7 @@ export async function runStory(o: StoryOptions): Promise<StoryReport> {
           trustedKey: key.publicKey,
           hubEncKey: { raw: encKey.raw, keyId: encKey.keyId },
           modelFingerprint: model.manifest.fingerprint,
+          modelSourceFingerprint: model.manifest.sourceFingerprint ?? null,
           activator,
           quietMs: 500,
           log: process.env.EDGELORA_DEBUG ? (l) => process.stderr.write(`[${id}] ${l}\n`) : () => undefined,

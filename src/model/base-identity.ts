@@ -22,7 +22,15 @@ export type BaseMatch =
   /** Same source model, another quantization: allowed; `note` is the one line to show. */
   | { readonly kind: 'other-quantization'; readonly note: string }
   /** Refused: `case` says why, `message` and `hint` are ready for an EdgeloraError. */
-  | { readonly kind: 'refused'; readonly case: 'other-model' | 'adapter-before-source-binding' | 'model-before-source-fingerprint'; readonly message: string; readonly hint: string };
+  | {
+      readonly kind: 'refused';
+      readonly case: 'other-model' | 'adapter-before-source-binding' | 'model-before-source-fingerprint';
+      /** "<what> trained for another base…: <reason>", ready for an EdgeloraError with `hint`. */
+      readonly message: string;
+      /** The case in words, without the subject (for messages that name the adapter their own way). */
+      readonly reason: string;
+      readonly hint: string;
+    };
 
 const short = (fp: string) => `${fp.slice(0, 16)}…`;
 
@@ -45,25 +53,31 @@ export function matchBase(adapter: BaseRef, model: BaseRef, what = 'adapter'): B
     if (adapter.sourceFingerprint === model.sourceFingerprint) {
       return { kind: 'other-quantization', note: `${what} was trained on ${trained} and is applied to ${here} of the same source model ${short(model.sourceFingerprint)}; outputs differ by the quantization difference of the base` };
     }
+    const reason = `a different source model (the adapter's is ${short(adapter.sourceFingerprint)}, trained on ${trained}; this base's is ${short(model.sourceFingerprint)})`;
     return {
       kind: 'refused',
       case: 'other-model',
-      message: `${what} trained for another base: a different source model (the adapter's is ${short(adapter.sourceFingerprint)}, trained on ${trained}; this base's is ${short(model.sourceFingerprint)})`,
+      message: `${what} trained for another base: ${reason}`,
+      reason,
       hint: 'use a quantization of the checkpoint the adapter was fine-tuned on, or fine-tune an adapter on this model',
     };
   }
   if (adapter.sourceFingerprint === null) {
+    const reason = `the adapter predates source-model binding and is bound to the quantized base ${trained} only; this base is ${here}`;
     return {
       kind: 'refused',
       case: 'adapter-before-source-binding',
-      message: `${what} trained for another base? it predates source-model binding and is bound to the quantized base ${trained} only; this base is ${here}`,
+      message: `${what} trained for another base? ${reason}`,
+      reason,
       hint: 'such an adapter cannot tell another model from another quantization of the same model: apply it to the model directory it was trained on, or fine-tune it again with this edgelora',
     };
   }
+  const reason = `this base (${here}) was quantized before edgelora recorded source fingerprints, so whether it is the adapter's source model ${short(adapter.sourceFingerprint)} (trained on ${trained}) cannot be told`;
   return {
     kind: 'refused',
     case: 'model-before-source-fingerprint',
-    message: `${what} trained for another base? this base (${here}) was quantized before edgelora recorded source fingerprints, so whether it is the adapter's source model ${short(adapter.sourceFingerprint)} (trained on ${trained}) cannot be told`,
+    message: `${what} trained for another base? ${reason}`,
+    reason,
     hint: 're-run `edgelora quantize` on the source checkpoint (its manifest then names its source model), or use the model directory the adapter was trained on',
   };
 }

@@ -34,7 +34,7 @@ export interface ServeOptions {
    * the engine (src/serve/fleet.ts). `defaultAdapter` (default "fleet") says what a request for the
    * bare base id gets: the fleet's active adapter, or the base alone.
    */
-  readonly fleet?: { readonly agent: Omit<AgentOptions, 'activator' | 'modelFingerprint'>; readonly defaultAdapter?: DefaultAdapterMode };
+  readonly fleet?: { readonly agent: Omit<AgentOptions, 'activator' | 'modelFingerprint' | 'modelSourceFingerprint'>; readonly defaultAdapter?: DefaultAdapterMode };
   /**
    * Fine-tuning jobs over HTTP, persisted under `stateDir` (the fleet agent's state directory when
    * both run); the job trains over this process's base model directory.
@@ -98,7 +98,7 @@ export async function startServe(o: ServeOptions): Promise<RunningServer> {
       // must keep serving while its broker is unreachable: on failure the agent is retried in the
       // background (every 5 s) and serving starts on the adapter re-activated from --state.
       const tryStart = async (): Promise<boolean> => {
-        const a = new Agent({ ...fleet.agent, activator, modelFingerprint: engine.model.manifest.fingerprint });
+        const a = new Agent({ ...fleet.agent, activator, modelFingerprint: engine.model.manifest.fingerprint, modelSourceFingerprint: engine.model.manifest.sourceFingerprint ?? null });
         try {
           await a.start();
           agent = a;

@@ -10,6 +10,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { KeyObject } from 'node:crypto';
 import { EdgeloraError } from '../../util/errors.js';
+import { matchBase, type BaseMatch } from '../../model/base-identity.js';
 import { writeDirAtomic } from '../../util/atomic.js';
 import { withTimeout } from '../../util/timeout.js';
 import { ValidatingActivator, type AdapterActivator } from './activator.js';
@@ -54,8 +55,13 @@ export interface AgentOptions {
   stateDir: string;
   /** The hub's Ed25519 public key: manifests and commands must verify against it. */
   trustedKey: KeyObject;
-  /** This device's base model fingerprint; manifests for another base are refused. null/absent: accept any. */
+  /**
+   * This device's base model fingerprint (manifest.json `fingerprint`); with `modelSourceFingerprint`, what
+   * decides which publications it takes (matchBase: its source model at any quantization). null/absent: accept any.
+   */
   modelFingerprint?: string | null;
+  /** This device's source model fingerprint (manifest.json `sourceFingerprint`); null/absent: not recorded. */
+  modelSourceFingerprint?: string | null;
   /** Loads adapters into the runtime; default ValidatingActivator (file checks only). */
   activator?: AdapterActivator;
   /** Sees every inbound message before the agent does (tests: loss, duplication, reordering). */
@@ -140,6 +146,11 @@ export class Agent extends EventEmitter<AgentEvents> {
     this.activator = opts.activator ?? new ValidatingActivator();
     this.now = opts.now ?? (() => new Date());
     this.store = new AgentStore(opts.stateDir, this.deviceId, (line) => this.log(line));
+  }
+
+  /** This device's side of the base check (matchBase); an agent without a model accepts any base. */
+  private matchBase(adapter: { fingerprint: string | null; sourceFingerprint: string | null }, what: string): BaseMatch {
+    return matchBase(adapter, { fingerprint: this.opts.modelFingerprint ?? null, sourceFingerprint: this.opts.modelSourceFingerprint ?? null, quant: "this device's quantization" }, what);
   }
 
   private log(line: string): void {
@@ -451,9 +462,15 @@ export class Agent extends EventEmitter<AgentEvents> {
       return;
     }
     const mine = this.opts.modelFingerprint;
-    if (mine && m.baseFingerprint !== mine) {
-      return this.refuse(`manifest refused: adapter ${m.adapter.id} v${m.adapter.version} is for base model ${m.baseFingerprint ?? '(unspecified)'}, this device runs ${mine}`, topic);
+    if (mine && m.baseFingerprint === null && m.baseSourceFingerprint === undefined) {
+      // A device that knows its model takes only publications that say which model they are for.
+      return this.refuse(`manifest refused: adapter ${m.adapter.id} v${m.adapter.version} is for base model (unspecified), this device runs ${mine}`, topic);
     }
+    const base = this.matchBase({ fingerprint: m.baseFingerprint, sourceFingerprint: m.baseSourceFingerprint ?? null }, `adapter ${m.adapter.id} v${m.adapter.version}`);
+    if (base.kind === 'refused') {
+      return this.refuse(`manifest refused: adapter ${m.adapter.id} v${m.adapter.version} is for base model ${m.baseFingerprint ?? '(unspecified)'}, this device runs ${mine}: ${base.reason} (${base.hint})`, topic);
+    }
+    if (base.kind === 'other-quantization') this.log(`note: ${base.note}`);
     const opened = this.openManifest(m);
     if (typeof opened === 'string') return this.refuse(`manifest refused: ${opened}`, topic);
     if (cur) await this.dropTransfer();
@@ -680,10 +697,10 @@ export class Agent extends EventEmitter<AgentEvents> {
       const packed = await readPackInfo((o, l) => src.read(o, l), plainSize);
       entries = packed.entries;
       const info = packed.info;
-      const mine = this.opts.modelFingerprint;
-      if (mine && info.baseFingerprint !== null && info.baseFingerprint !== mine) {
-        throw new EdgeloraError(`edgelora_adapter.json names base model ${info.baseFingerprint}, this device runs ${mine}`);
-      }
+      // The pack's own binding must agree with what the manifest said (a plain PEFT adapter has none).
+      const bound = this.matchBase({ fingerprint: info.baseFingerprint, sourceFingerprint: info.baseSourceFingerprint ?? null }, 'edgelora_adapter.json');
+      if (bound.kind === 'refused') throw new EdgeloraError(`edgelora_adapter.json names base model ${info.baseFingerprint}, this device runs ${this.opts.modelFingerprint}: ${bound.reason}`, { hint: bound.hint });
+      if (bound.kind === 'other-quantization') this.log(`adapter ${m.adapter.id} v${m.adapter.version}: note: ${bound.note}`);
     } catch (err) {
       await closeSrc();
       await done(`adapter ${m.adapter.id} v${m.adapter.version} refused after download: ${(err as Error).message}`);

@@ -365,6 +365,7 @@ export class Hub extends EventEmitter<HubEvents> {
       adapter: { id, version: store.versionFor(id, entry.sha256) },
       blob: { format: PACK_FORMAT, sha256: blobSha, size, chunkSize: wireChunk, chunks, chunkSha256 },
       baseFingerprint: entry.info.baseFingerprint,
+      ...(entry.info.baseSourceFingerprint ? { baseSourceFingerprint: entry.info.baseSourceFingerprint } : {}),
       lora: { rank: entry.info.rank, alpha: entry.info.alpha, targets: entry.info.targets },
       createdAt: this.now().toISOString(),
       keyId: this.keyId,

@@ -22,7 +22,7 @@ const BlobEntrySchema = z.strictObject({
   /** "publish" (operator) or "upload:<client id>". */
   source: z.string(),
   storedAt: z.iso.datetime(),
-  info: z.strictObject({ rank: z.number(), alpha: z.number(), targets: z.array(z.string()), baseFingerprint: z.string().nullable() }),
+  info: z.strictObject({ rank: z.number(), alpha: z.number(), targets: z.array(z.string()), baseFingerprint: z.string().nullable(), baseSourceFingerprint: hex64.optional() }),
 });
 export type BlobEntry = z.infer<typeof BlobEntrySchema>;
 

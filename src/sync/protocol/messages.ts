@@ -66,8 +66,13 @@ const ManifestBodyObject = z.strictObject({
       /** sha256 of every chunk, in order: lets a device drop a corrupt chunk and ask for it again. */
       chunkSha256: z.array(hex64),
     }),
-    /** The base model's fingerprint (quantized model manifest.json `fingerprint`), or null if unknown. */
+    /** The quantized base the adapter was trained on (its model manifest.json `fingerprint`), or null if unknown. */
     baseFingerprint: z.string().regex(/^[0-9a-f]{16,128}$/).nullable(),
+    /**
+     * The source model the adapter belongs to (model manifest.json `sourceFingerprint`): a device whose model
+     * is another quantization of it accepts the adapter. Absent for adapters from before source binding.
+     */
+    baseSourceFingerprint: hex64.optional(),
     lora: z.strictObject({ rank: z.number().int().positive(), alpha: z.number().finite(), targets: z.array(z.string().max(256)).max(1024) }),
     createdAt: isoTime,
     /** First 16 hex digits of sha256 over the signer's raw 32-byte Ed25519 public key. */

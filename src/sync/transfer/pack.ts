@@ -140,6 +140,8 @@ export interface AdapterInfo {
   alpha: number;
   targets: string[];
   baseFingerprint: string | null;
+  /** The source model (edgelora_adapter.json `source_fingerprint`); absent for adapters from before source binding. */
+  baseSourceFingerprint?: string;
 }
 
 const PeftConfigSchema = z.looseObject({
@@ -148,7 +150,7 @@ const PeftConfigSchema = z.looseObject({
   lora_alpha: z.number().finite().default(8),
   target_modules: z.union([z.array(z.string()), z.string(), z.null()]).optional(),
 });
-const EdgeloraAdapterSchema = z.looseObject({ format: z.string().optional(), base_fingerprint: z.string().optional() });
+const EdgeloraAdapterSchema = z.looseObject({ format: z.string().optional(), base_fingerprint: z.string().optional(), source_fingerprint: z.string().regex(/^[0-9a-f]{64}$/).optional() });
 
 function parseJsonFile<T>(schema: z.ZodType<T>, data: Buffer, where: string): T {
   let raw: unknown;
@@ -174,6 +176,7 @@ export function adapterInfo(files: PackedFile[]): AdapterInfo {
     alpha: cfg.lora_alpha,
     targets: tm === undefined || tm === null ? [] : typeof tm === 'string' ? [tm] : tm,
     baseFingerprint: meta?.base_fingerprint ?? null,
+    ...(meta?.source_fingerprint ? { baseSourceFingerprint: meta.source_fingerprint } : {}),
   };
 }
 
