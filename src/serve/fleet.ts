@@ -51,8 +51,8 @@ export class EngineActivator implements AdapterActivator {
       });
     }
     // Everything the runtime checks, before serving changes at all.
-    const checked = await loadAdapter(dir, { cfg: this.engine.model.cfg, ...baseOf(this.engine.model.manifest) });
-    if (checked.baseNote) this.log(`fleet: ${id} v${info.version}: note: ${checked.baseNote}`);
+    // (The agent already logged the note for another quantization of this source model.)
+    await loadAdapter(dir, { cfg: this.engine.model.cfg, ...baseOf(this.engine.model.manifest) });
     await this.engine.between(async () => {
       const inFlight = this.engine.runningRows;
       if (cur && this.engine.adapters.has(cur.id)) this.engine.unloadAdapter(cur.id);

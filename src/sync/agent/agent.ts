@@ -700,7 +700,6 @@ export class Agent extends EventEmitter<AgentEvents> {
       // The pack's own binding must agree with what the manifest said (a plain PEFT adapter has none).
       const bound = this.matchBase({ fingerprint: info.baseFingerprint, sourceFingerprint: info.baseSourceFingerprint ?? null }, 'edgelora_adapter.json');
       if (bound.kind === 'refused') throw new EdgeloraError(`edgelora_adapter.json names base model ${info.baseFingerprint}, this device runs ${this.opts.modelFingerprint}: ${bound.reason}`, { hint: bound.hint });
-      if (bound.kind === 'other-quantization') this.log(`adapter ${m.adapter.id} v${m.adapter.version}: note: ${bound.note}`);
     } catch (err) {
       await closeSrc();
       await done(`adapter ${m.adapter.id} v${m.adapter.version} refused after download: ${(err as Error).message}`);
