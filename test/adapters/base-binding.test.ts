@@ -222,12 +222,17 @@ test('adapter merge: another source model is refused and nothing is written; its
   assert.match(lr.note ?? '', /predates source-model binding.*shapes only/);
 });
 
-test('CLI: generate with an nf4 adapter on int4 prints one note on stderr; adapter merge into another model exits 1 and creates nothing', () => {
+test('CLI: generate with an nf4 adapter on int4 prints one note on stderr; the Orin Nano profile on nf4 says what runs; adapter merge into another model exits 1 and creates nothing', () => {
   const g = cli(['generate', '--model', dirs.int4!, '--adapter', nf4Adapter, '--prompt', 'Hello', '--max-new-tokens', '2', '--json']);
   assert.equal(g.code, 0, g.stderr);
   const notes = g.stderr.split('\n').filter((l) => l.startsWith('edgelora: note:'));
   assert.equal(notes.length, 1, g.stderr);
   assert.match(notes[0]!, /trained on nf4.*applied to int4.*same source model/);
+  // The Orin Nano profile (nf4 preferred) on an nf4 directory without CUDA says what runs, not "defaulting to int4".
+  const p = cli(['generate', '--model', dirs.nf4!, '--profile', 'jetson-orin-nano-8gb', '--prompt', 'Hello', '--max-new-tokens', '1', '--json']);
+  assert.equal(p.code, 0, p.stderr);
+  assert.match(p.stderr, /warning: model is nf4: without the CUDA provider its MatMulBnb4 runs on the CPU here/);
+  assert.doesNotMatch(p.stderr, /defaulting to int4/);
   const out = path.join(tmp.dir, 'merged-cli');
   const r = cli(['adapter', 'merge', hf2, nf4Adapter, out]);
   assert.equal(r.code, 1, r.stdout + r.stderr);

@@ -266,3 +266,26 @@ test('the inference plan with runtime details adds the process, prepacked copies
   }
   assert.ok(int4.bytes > nf4.bytes && nf4.bytes > plain.bytes);
 });
+
+test('the 4-bit format message says what happens for the model directory at hand', async () => {
+  const orin = async (modelFormat: 'nf4' | 'fp4' | 'int4' | undefined, available: EpName[] = ['cpu']) => {
+    const warned: string[] = [];
+    const r = await resolveProfile({ profile: 'jetson-orin-nano-8gb', root: fixture('orin-nano-8gb'), arch: 'arm64', cpus: 6, probe: staticProber(available), warn: (m) => warned.push(m), ...(modelFormat ? { modelFormat } : {}) });
+    return { r, format: warned.filter((w) => /nf4|int4|fp4|MatMulBnb4/.test(w) && !/falling back/.test(w)) };
+  };
+  // An nf4 model without CUDA: what runs (MatMulBnb4 on the CPU) and what to do, not "defaulting to int4".
+  const nf4 = await orin('nf4');
+  assert.equal(nf4.format.length, 1, nf4.format.join('\n'));
+  assert.match(nf4.format[0]!, /^model is nf4: .*MatMulBnb4 runs on the CPU here .*7x slower than int4.*re-quantize .*--format int4 for speed$/);
+  assert.doesNotMatch(nf4.format[0]!, /defaulting/);
+  assert.match((await orin('fp4')).format[0] ?? '', /^model is fp4: /);
+  // An int4 model on the CPU is what the CPU runs well: nothing to say.
+  assert.deepEqual((await orin('int4')).format, []);
+  // With CUDA an nf4 model runs its MatMulBnb4 on the GPU: nothing to say either.
+  assert.deepEqual((await orin('nf4', ['cuda', 'cpu'])).format, []);
+  // No model yet (a format is being chosen, doctor): the int4 default is named, as before.
+  const choosing = await orin(undefined);
+  assert.equal(choosing.r.defaultFormat, 'int4');
+  assert.equal(choosing.format.length, 1, choosing.format.join('\n'));
+  assert.match(choosing.format[0]!, /profile prefers nf4.*defaulting to int4 \(quantize with --format int4\)/);
+});
