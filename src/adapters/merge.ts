@@ -48,7 +48,7 @@ export async function mergeAdapter(
     // One extra read of the checkpoint (hashing), so that a refusal leaves nothing behind.
     const source = await sourceFingerprintOfCheckpoint(hfDir);
     const match = matchBase(binding, { fingerprint: null, sourceFingerprint: source, quant: 'the float checkpoint' });
-    if (match.kind === 'refused') throw new EdgeloraError(match.message, { where: `${adapterDir} → ${hfDir}`, hint: `merge into the checkpoint the adapter was fine-tuned from; ${match.hint}` });
+    if (match.kind === 'refused') throw new EdgeloraError(match.message, { where: `${adapterDir} → ${hfDir}`, hint: 'merge into the float checkpoint the adapter was fine-tuned from (the one its base was quantized from)' });
   } else if (binding.fingerprint !== null) {
     note = `${adapterDir} predates source-model binding: that ${hfDir} is its model is not checked (shapes only)`;
   }

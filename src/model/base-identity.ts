@@ -51,7 +51,7 @@ export function matchBase(adapter: BaseRef, model: BaseRef, what = 'adapter'): B
   const here = `${model.quant ?? 'this quantization'}${model.fingerprint ? ` (${short(model.fingerprint)})` : ''}`;
   if (adapter.sourceFingerprint !== null && model.sourceFingerprint !== null) {
     if (adapter.sourceFingerprint === model.sourceFingerprint) {
-      return { kind: 'other-quantization', note: `${what} was trained on ${trained} and is applied to ${here} of the same source model ${short(model.sourceFingerprint)}; outputs differ by the quantization difference of the base` };
+      return { kind: 'other-quantization', note: `${what} was trained on ${trained} and is applied to ${here} of the same source model ${short(model.sourceFingerprint)}` };
     }
     const reason = `a different source model (the adapter's is ${short(adapter.sourceFingerprint)}, trained on ${trained}; this base's is ${short(model.sourceFingerprint)})`;
     return {
