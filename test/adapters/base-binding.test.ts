@@ -11,7 +11,10 @@ import { spawnSync } from 'node:child_process';
 import { tempDir, tinyCheckpoint, quantized, dequantizedWeights } from '../helpers/fixtures.js';
 import { referenceForward, relError } from '../helpers/reference.js';
 import { randomAdapter, refLoras } from '../helpers/adapters.js';
-import { makeDemoModel } from '../../src/formats/demo-model.js';
+import { buildDemoTokenizer, makeDemoModel } from '../../src/formats/demo-model.js';
+import { importGguf } from '../../src/formats/gguf/import.js';
+import { T, handmadeLlama, demoVocab } from '../helpers/gguf-handmade.js';
+import { SafetensorsReader, writeSafetensors } from '../../src/formats/safetensors.js';
 import { ModelRuntime } from '../../src/runtime/model.js';
 import { AdapterManager } from '../../src/adapters/manager.js';
 import { mergeAdapter } from '../../src/adapters/merge.js';
@@ -74,6 +77,45 @@ test('source fingerprint: one for nf4, fp4, int4 and both table choices of a che
   const quantizedFps = new Set(names.map((n) => manifests[n]!.fingerprint));
   assert.equal(quantizedFps.size, names.length, `quantized fingerprints must differ: ${names.map((n) => `${n} ${manifests[n]!.fingerprint.slice(0, 12)}`).join(', ')}`);
   assert.ok(!quantizedFps.has(direct), 'the source fingerprint is not any quantized one');
+});
+
+/** A copy of a checkpoint with every tensor re-stored as `dtype` (values rounded to it) and torch_dtype to match. */
+async function resaved(src: string, out: string, dtype: 'BF16' | 'F32'): Promise<string> {
+  await fs.mkdir(out, { recursive: true });
+  const reader = await SafetensorsReader.open(src);
+  try {
+    const entries = [];
+    for (const name of reader.names()) entries.push({ name, dtype, shape: [...reader.info(name).shape], data: await reader.readF32(name) });
+    await writeSafetensors(path.join(out, 'model.safetensors'), entries, { format: 'pt' });
+  } finally {
+    await reader.close();
+  }
+  const config = JSON.parse(await fs.readFile(path.join(src, 'config.json'), 'utf8')) as Record<string, unknown>;
+  await fs.writeFile(path.join(out, 'config.json'), JSON.stringify({ ...config, torch_dtype: dtype === 'BF16' ? 'bfloat16' : 'float32' }));
+  return out;
+}
+
+test('source fingerprint: the same values stored as bf16 or f32 are one model; rounded values are another', async () => {
+  const bf16 = await resaved(hf, path.join(tmp.dir, 'hf-bf16'), 'BF16');
+  const upcast = await resaved(bf16, path.join(tmp.dir, 'hf-bf16-as-f32'), 'F32');
+  const fpBf16 = await sourceFingerprintOfCheckpoint(bf16);
+  assert.equal(await sourceFingerprintOfCheckpoint(upcast), fpBf16, 'an f32 upcast of a bf16 checkpoint is the same source model');
+  assert.notEqual(fpBf16, manifests.nf4!.sourceFingerprint, 'rounding the weights to bf16 makes another model');
+});
+
+test('source fingerprint of a GGUF import: the same file gives the same one, another file another', async () => {
+  const vocab = demoVocab(buildDemoTokenizer().tokenizerJson as never);
+  const f = path.join(tmp.dir, 'a.gguf');
+  const g = path.join(tmp.dir, 'b.gguf');
+  handmadeLlama(f, T.Q4_0, vocab, 11);
+  handmadeLlama(g, T.Q4_0, vocab, 12);
+  const a0 = (await importGguf(f, path.join(tmp.dir, 'gguf-a0'), { accuracyLevel: 0 })).manifest;
+  const a4 = (await importGguf(f, path.join(tmp.dir, 'gguf-a4'), { accuracyLevel: 4 })).manifest;
+  const b0 = (await importGguf(g, path.join(tmp.dir, 'gguf-b0'), { accuracyLevel: 0 })).manifest;
+  assert.match(a0.sourceFingerprint ?? '', /^[0-9a-f]{64}$/);
+  assert.equal(a4.sourceFingerprint, a0.sourceFingerprint);
+  assert.notEqual(b0.sourceFingerprint, a0.sourceFingerprint);
+  assert.notEqual(a0.sourceFingerprint, a0.fingerprint);
 });
 
 test('finetune binds its adapter to the source model and records the quantization; adapter_config.json stays a PEFT config', async () => {
