@@ -1,7 +1,7 @@
 // PEFT LoRA adapters on disk: adapter_config.json + adapter_model.safetensors (+ edgelora_adapter.json,
-// which PEFT ignores, binding the adapter to its source model and the quantization it was trained on). An adapter in memory is plain
-// data: module ("layer.proj") → {A [r, in], B [out, r], scale}. Loading validates everything the
-// runtime cannot apply and every shape against the base, and refuses with a hint.
+// which PEFT ignores, binding the adapter to its source model and recording the quantization it was
+// trained on). An adapter in memory is plain data: module ("layer.proj") → {A [r, in], B [out, r], scale}.
+// Loading validates everything the runtime cannot apply and every shape against the base, and refuses with a hint.
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
