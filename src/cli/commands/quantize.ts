@@ -85,7 +85,7 @@ export const quantizeCommand: Command = {
       process.stdout.write(
         `wrote ${res.dir}: ${m.quant.format} (block ${m.quant.blockSize}${m.quant.doubleQuant ? ', double-quant' : ''}, from ${m.quant.source}), ${m.quant.embeddings ?? 'float'} embeddings, ` +
           `${(m.parameters / 1e6).toFixed(2)}M parameters, ${((m.bytes.model + m.bytes.data) / 2 ** 20).toFixed(1)} MiB, ` +
-          `fingerprint ${m.fingerprint.slice(0, 16)}…, ${res.seconds.toFixed(1)} s\n`,
+          `fingerprint ${m.fingerprint.slice(0, 16)}… (source model ${m.sourceFingerprint?.slice(0, 16) ?? '?'}…: adapters bind to it), ${res.seconds.toFixed(1)} s\n`,
       );
     }
     return 0;
