@@ -2,7 +2,8 @@
 // for every quantization and table choice of one checkpoint; an nf4 adapter applies to int4 of the same
 // checkpoint with a note (and computes the same delta up to the base's quantization difference); another
 // source model, an adapter from before source binding and a model from before source fingerprints are
-// refused, each naming its case; `adapter merge` refuses another source before writing anything.
+// refused, each naming its case; `adapter merge` refuses another source before writing anything; serve
+// lists the note and refuses another model over HTTP.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, promises as fs } from 'node:fs';
@@ -23,6 +24,7 @@ import { loadHfConfig, type ModelConfig } from '../../src/formats/hf-config.js';
 import { readManifest, type Manifest } from '../../src/model/manifest.js';
 import { sourceFingerprintOfCheckpoint } from '../../src/model/source-fingerprint.js';
 import { finetune } from '../../src/train/trainer.js';
+import { startServe } from '../../src/serve/server.js';
 
 /** Graph vs the independent reference forward: float32 kernels, different summation order (as apply.test.ts). */
 const TOL = 1e-4;
@@ -281,4 +283,27 @@ test('CLI: generate with an nf4 adapter on int4 prints one note on stderr; the O
   assert.match(r.stderr, /different source model/);
   assert.doesNotMatch(r.stdout, /merged/);
   assert.ok(!existsSync(out));
+});
+
+test('serve: an nf4 adapter on an int4 base is listed with its note and source; another source model is a 400 naming the case', async () => {
+  const server = await startServe({ modelDir: dirs.int4!, port: 0, ctx: 64, adapters: [{ id: 'me', dir: nf4Adapter, scale: 1 }] });
+  try {
+    await server.ready;
+    const list = (await (await fetch(`${server.url}/v1/adapters`)).json()) as { data: { id: string; base_note: string | null; source_fingerprint: string | null; base_fingerprint: string | null }[] };
+    const me = list.data.find((a) => a.id === 'me');
+    assert.ok(me, JSON.stringify(list));
+    assert.match(me.base_note ?? '', /trained on nf4.*applied to int4.*same source model/);
+    assert.equal(me.source_fingerprint, manifests.nf4!.sourceFingerprint);
+    assert.equal(me.base_fingerprint, manifests.nf4!.fingerprint);
+    // The seed-2 model's own adapter, POSTed to this base: refused with the case.
+    const foreign = path.join(tmp.dir, 'ad-other-model');
+    const mods = await randomAdapter(foreign, cfg, { r: 2, alpha: 4, targets: ['q_proj'], seed: 9 });
+    await saveAdapter(foreign, { config: makePeftConfig({ r: 2, alpha: 4, targets: ['q_proj'] }), modules: mods, ...bindingFor(manifests.other!) });
+    const res = await fetch(`${server.url}/v1/adapters`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ id: 'foreign', path: foreign }) });
+    const body = await res.text();
+    assert.equal(res.status, 400, body);
+    assert.match(body, /a different source model/);
+  } finally {
+    await server.close(0);
+  }
 });
