@@ -23,6 +23,26 @@ export function linearWeightName(layer: number, proj: Proj): string {
   return `model.layers.${layer}.${projModule(proj)}.weight`;
 }
 
+/**
+ * One linear layer of the decoder that a LoRA adapts: (layer, projection). Every record about such a layer
+ * (an adapter's module, a trainer's parameters, a training graph's target, a linear's spec) is a LoraSite,
+ * and `siteKey` is the one string key for it.
+ */
+export interface LoraSite {
+  readonly layer: number;
+  readonly proj: Proj;
+}
+
+/** "3.q_proj": the key of a site in every map (adapter modules, trainer parameters and checkpoints, graph LoRA inputs). */
+export function siteKey(site: LoraSite): string {
+  return `${site.layer}.${site.proj}`;
+}
+
+/** Layer order, then LINEAR_PROJS order (the order adapter tensors are written in). */
+export function compareSites(x: LoraSite, y: LoraSite): number {
+  return x.layer - y.layer || LINEAR_PROJS.indexOf(x.proj) - LINEAR_PROJS.indexOf(y.proj);
+}
+
 /** [out N, in K] of a projection for this config. */
 export function linearShape(cfg: ModelConfig, proj: Proj): { N: number; K: number } {
   const C = cfg.hiddenSize;
@@ -37,9 +57,7 @@ export function linearShape(cfg: ModelConfig, proj: Proj): { N: number; K: numbe
   }
 }
 
-export interface LinearSpec {
-  readonly layer: number;
-  readonly proj: Proj;
+export interface LinearSpec extends LoraSite {
   readonly N: number; // out features
   readonly K: number; // in features
 }
@@ -508,7 +526,7 @@ async function trainLayers(
         const bT = g.input(INPUT.loraB(layer, proj), 'float32', [l.rank, N]);
         const dropout = l.dropout ? g.input(INPUT.loraDropout(layer, proj), 'float32', ['B', 'T', K]) : undefined;
         lora = dropout ? { aT, bT, dropout } : { aT, bT };
-        loraInputs.set(`${layer}.${proj}`, lora);
+        loraInputs.set(siteKey(spec), lora);
       }
       return linear(g, x, spec, base, bias, lora);
     });

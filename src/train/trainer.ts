@@ -10,14 +10,14 @@ import { readManifest, MODEL_FILE, DATA_FILE, type Manifest } from '../model/man
 import { parseHfConfig, type ModelConfig } from '../formats/hf-config.js';
 import { loadTokenizer, type EdgeTokenizer } from '../formats/tokenizer.js';
 import { loadJsonl, type Example } from '../data/jsonl.js';
-import { LINEAR_PROJS, linearShape } from '../model/llama.js';
+import { LINEAR_PROJS, linearShape, siteKey } from '../model/llama.js';
 import { loadAdapter, makePeftConfig, saveAdapter, loraScale, ADAPTER_CONFIG, type LoraModule, type PeftConfig } from '../adapters/peft.js';
 import { canonicalJson } from '../util/canonical-json.js';
 import { checkMemoryPlan } from '../profiles/memory.js';
 import { EdgeloraError } from '../util/errors.js';
 import { Rng } from '../util/rng.js';
 import { writeDirAtomic, writeFileAtomic } from '../util/atomic.js';
-import { TrainSession, paramKey, countLabelTokens, type LoraParam, type LoraGrad, type MicroBatch } from './session.js';
+import { TrainSession, countLabelTokens, type LoraParam, type LoraGrad, type MicroBatch } from './session.js';
 import { LOSS_CHUNK, type LoraTarget } from './graph.js';
 import { optimizerUpdate, learningRate, clipByGlobalNorm, initLora, type TensorState } from './optim.js';
 import { parseFinetuneOptions, checkFinetuneNumber, FINETUNE_NUMBERS, type FinetuneOptions, type FinetunePlan } from './plan.js';
@@ -149,7 +149,7 @@ async function startAdapter(plan: FinetunePlan, base: Base): Promise<Adapter> {
     }
     for (const m of ad.modules.values()) {
       const { N, K } = linearShape(cfg, m.proj);
-      params.set(paramKey(m.layer, m.proj), { layer: m.layer, proj: m.proj, r: m.r, K, N, alpha: m.alpha, scale: m.scale, a: Float32Array.from(m.a), b: Float32Array.from(m.b) });
+      params.set(siteKey(m), { layer: m.layer, proj: m.proj, r: m.r, K, N, alpha: m.alpha, scale: m.scale, a: Float32Array.from(m.a), b: Float32Array.from(m.b) });
     }
   } else {
     const { rank, alpha, targets: projs } = plan.lora;
@@ -159,7 +159,7 @@ async function startAdapter(plan: FinetunePlan, base: Base): Promise<Adapter> {
       for (const proj of LINEAR_PROJS.filter((p) => projs.includes(p))) {
         const { N, K } = linearShape(cfg, proj);
         const { a, b } = initLora(rng, rank, K, N);
-        params.set(paramKey(layer, proj), { layer, proj, r: rank, K, N, alpha, scale: loraScale(alpha, rank, false), a, b });
+        params.set(siteKey({ layer, proj }), { layer, proj, r: rank, K, N, alpha, scale: loraScale(alpha, rank, false), a, b });
       }
     }
   }
