@@ -9,6 +9,8 @@ import type { Graph, Value, Dim } from '../graph/builder.js';
 import { int } from '../graph/builder.js';
 import type { ModelConfig } from '../formats/hf-config.js';
 import { int4Layout } from '../quant/int4.js';
+// The 4-bit forwards, with their gradient rules beside them (importing registers the rules into autodiff).
+import { matMulBnb4, matMulNBits } from '../quant/ops.js';
 
 export const LINEAR_PROJS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
 export type Proj = (typeof LINEAR_PROJS)[number];
@@ -120,13 +122,7 @@ export function tableRows(g: Graph, table: TableWeight, ids: Value, C: number): 
 /** logits = x · tableᵀ: x [M, C] → [M, V], reading the table in its stored layout (never a transposed copy). */
 export function lmHead(g: Graph, x: Value, table: TableWeight, V: number, C: number): Value {
   if (table.kind === 'float') return g.gemm(x, table.w, { transB: true });
-  return g.contrib('MatMulNBits', [x, table.packed, table.scales], 'float32', [x.shape[0]!, V], {
-    K: int(C),
-    N: int(V),
-    bits: int(table.bits),
-    block_size: int(table.blockSize),
-    accuracy_level: int(table.accuracyLevel),
-  });
+  return matMulNBits(g, x, table, { N: V, K: C }, [x.shape[0]!, V]);
 }
 
 /** LoRA operands of one linear: aT [K, R], bT [R, N] with the adapter scale already folded into bT. */
@@ -162,21 +158,10 @@ export function linear(g: Graph, x: Value, spec: { readonly N: number; readonly 
       y = g.matmul(x, base.wT);
       break;
     case 'bnb4':
-      y = g.contrib('MatMulBnb4', [x, base.packed, base.absmax], 'float32', outShape, {
-        K: int(spec.K),
-        N: int(spec.N),
-        block_size: int(base.blockSize),
-        quant_type: int(base.quantType === 'nf4' ? 1 : 0),
-      });
+      y = matMulBnb4(g, x, base, spec, outShape);
       break;
     case 'int4':
-      y = g.contrib('MatMulNBits', [x, base.packed, base.scales, base.zeroPoints], 'float32', outShape, {
-        K: int(spec.K),
-        N: int(spec.N),
-        bits: int(base.bits),
-        block_size: int(base.blockSize),
-        accuracy_level: int(base.accuracyLevel),
-      });
+      y = matMulNBits(g, x, base, spec, outShape);
       break;
   }
   if (bias) y = g.add(y, bias);
