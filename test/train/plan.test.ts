@@ -10,8 +10,8 @@ import { parseFinetuneOptions, FINETUNE_NUMBERS, type FinetuneNumber } from '../
 import { finetune } from '../../src/train/trainer.js';
 import { numberFlag } from '../../src/cli/command.js';
 import { EdgeloraError } from '../../src/util/errors.js';
-import { makePeftConfig, saveAdapter } from '../../src/adapters/peft.js';
-import { linearShape } from '../../src/model/llama.js';
+import { loadAdapter } from '../../src/adapters/peft.js';
+import { randomAdapter } from '../helpers/adapters.js';
 import { parseHfConfig } from '../../src/formats/hf-config.js';
 import { readManifest } from '../../src/model/manifest.js';
 
@@ -75,14 +75,8 @@ after(() => root.cleanup());
 
 test('an adapter continued with lora_dropout 1 is refused naming its config; --lora-dropout overrides it', async () => {
   const manifest = await readManifest(model);
-  const cfg = parseHfConfig(manifest.sourceConfig, model);
-  const { N, K } = linearShape(cfg, 'q_proj');
   const dir = path.join(root.dir, 'drop1');
-  await saveAdapter(dir, {
-    config: makePeftConfig({ r: 2, alpha: 4, targets: ['q_proj'], dropout: 1 }),
-    modules: [...Array(cfg.numLayers).keys()].map((layer) => ({ layer, proj: 'q_proj' as const, r: 2, alpha: 4, scale: 2, a: new Float32Array(2 * K).fill(0.01), b: new Float32Array(N * 2) })),
-    baseFingerprint: manifest.fingerprint,
-  });
+  await randomAdapter(dir, parseHfConfig(manifest.sourceConfig, model), { r: 2, alpha: 4, targets: ['q_proj'], dropout: 1, seed: 1, fingerprint: manifest.fingerprint });
   const data = path.join(root.dir, 'd.jsonl');
   await fs.writeFile(data, '{"text": "Hello! How are you today?"}\n');
   await assert.rejects(finetune({ model, data, out: path.join(root.dir, 'o1'), initAdapter: dir, steps: 1 }), (err: unknown) => {
@@ -92,4 +86,24 @@ test('an adapter continued with lora_dropout 1 is refused naming its config; --l
   });
   const res = await finetune({ model, data, out: path.join(root.dir, 'o2'), initAdapter: dir, steps: 1, loraDropout: 0.1, batchSize: 1, seqLen: 16 });
   assert.ok(Number.isFinite(res.finalLoss), `final loss ${res.finalLoss}`);
+});
+
+test('rsLoRA: continuing an adapter keeps use_rslora, lora_alpha and the alpha/√r scale', async () => {
+  const manifest = await readManifest(model);
+  const cfg = parseHfConfig(manifest.sourceConfig, model);
+  const r = 4;
+  const alpha = 6;
+  const dir = path.join(root.dir, 'rslora');
+  await randomAdapter(dir, cfg, { r, alpha, targets: ['v_proj'], rslora: true, seed: 2, fingerprint: manifest.fingerprint });
+  const data = path.join(root.dir, 'd2.jsonl');
+  await fs.writeFile(data, '{"text": "Hello! How are you today?"}\n');
+  const out = path.join(root.dir, 'rs-out');
+  await finetune({ model, data, out, initAdapter: dir, steps: 1, batchSize: 1, seqLen: 16 });
+  const ad = await loadAdapter(out, { cfg, fingerprint: manifest.fingerprint });
+  assert.equal(ad.config.use_rslora, true);
+  assert.equal(ad.config.lora_alpha, alpha, 'lora_alpha written back');
+  for (const m of ad.modules.values()) {
+    assert.equal(m.alpha, alpha, `${m.layer}.${m.proj}: alpha`);
+    assert.ok(Math.abs(m.scale - alpha / Math.sqrt(r)) < 1e-12, `${m.layer}.${m.proj}: scale ${m.scale}, want alpha/√r = ${alpha / Math.sqrt(r)}`);
+  }
 });
