@@ -5,7 +5,7 @@
 // mixed batch to its own adapters (src/serve/lora-batch.ts).
 import ort from 'onnxruntime-node';
 import type { ModelConfig } from '../formats/hf-config.js';
-import { INPUT, projGroup, groupShape, type Proj, type ProjGroupName } from '../model/llama.js';
+import { INPUT, projGroup, groupShape, type LoraSite, type ProjGroupName } from '../model/llama.js';
 import type { LoraAdapter } from './peft.js';
 
 export interface PackTerm {
@@ -36,7 +36,7 @@ export interface PackedLora {
 
 export function packLora(cfg: ModelConfig, terms: readonly PackTerm[]): PackedLora {
   type Term = { a: Float32Array; b: Float32Array; r: number; s: number; term: number };
-  const modules = new Map<string, { layer: number; proj: Proj; terms: Term[] }>();
+  const modules = new Map<string, LoraSite & { terms: Term[] }>(); // by siteKey, as adapter.modules
   terms.forEach(({ adapter, scale }, term) => {
     for (const [k, m] of adapter.modules) {
       const slot = modules.get(k) ?? { layer: m.layer, proj: m.proj, terms: [] };
@@ -48,9 +48,10 @@ export function packLora(cfg: ModelConfig, terms: readonly PackTerm[]): PackedLo
   const byGroup = new Map<string, { layer: number; group: ProjGroupName; terms: { offset: number; N: number; t: Term }[] }>();
   for (const { layer, proj, terms: ts } of modules.values()) {
     const { group, offset, N } = projGroup(cfg, proj);
-    const slot = byGroup.get(`${layer}.${group}`) ?? { layer, group, terms: [] };
+    const key = `${layer}.${group}`;
+    const slot = byGroup.get(key) ?? { layer, group, terms: [] };
     for (const t of ts) slot.terms.push({ offset, N, t });
-    byGroup.set(`${layer}.${group}`, slot);
+    byGroup.set(key, slot);
   }
   const tensors = new Map<string, ort.Tensor>();
   const groups: PackedGroup[] = [];

@@ -10,7 +10,7 @@ import type { ModelConfig } from '../formats/hf-config.js';
 import { EdgeloraError } from '../util/errors.js';
 import { expectDir } from '../formats/dir-kind.js';
 import { writeFileAtomic, writeDirAtomic } from '../util/atomic.js';
-import { LINEAR_PROJS, linearShape, projModule, type Proj } from '../model/llama.js';
+import { LINEAR_PROJS, linearShape, projModule, siteKey, compareSites, type LoraSite, type Proj } from '../model/llama.js';
 import { matchBase, quantLabel, type BaseRef } from '../model/base-identity.js';
 
 export const ADAPTER_CONFIG = 'adapter_config.json';
@@ -57,9 +57,7 @@ export const bindingSchema = z
   .loose();
 
 /** One adapted projection: A [r, K], B [N, r] in PEFT layout, PEFT scaling alpha/r (or alpha/√r). */
-export interface LoraModule {
-  readonly layer: number;
-  readonly proj: Proj;
+export interface LoraModule extends LoraSite {
   readonly r: number;
   readonly alpha: number;
   readonly scale: number;
@@ -70,7 +68,7 @@ export interface LoraModule {
 export interface LoraAdapter {
   readonly dir: string;
   readonly config: PeftConfig;
-  /** Modules by "layer.proj". */
+  /** Modules by siteKey ("layer.proj"). */
   readonly modules: ReadonlyMap<string, LoraModule>;
   /** Fingerprint of the quantized base it was trained on; null for a plain PEFT adapter. */
   readonly baseFingerprint: string | null;
@@ -84,10 +82,6 @@ export interface LoraAdapter {
   readonly parameters: number;
   /** Bytes the adapter's float32 tensors take in memory. */
   readonly bytes: number;
-}
-
-export function moduleKey(layer: number, proj: Proj): string {
-  return `${layer}.${proj}`;
 }
 
 /** "model.layers.3.self_attn.q_proj" — the module name PEFT matches target_modules and patterns against. */
@@ -210,7 +204,7 @@ export async function loadAdapter(dir: string, base: AdapterBase): Promise<LoraA
   const { cfg } = base;
   // Every targeted module must exist in the base.
   const targeted = new Set<string>();
-  for (let l = 0; l < cfg.numLayers; l++) for (const p of LINEAR_PROJS) if (isTargeted(config, l, p)) targeted.add(moduleKey(l, p));
+  for (let l = 0; l < cfg.numLayers; l++) for (const p of LINEAR_PROJS) if (isTargeted(config, l, p)) targeted.add(siteKey({ layer: l, proj: p }));
   const names = Array.isArray(config.target_modules) ? config.target_modules : [];
   for (const t of names) {
     const exists = [...Array(cfg.numLayers).keys()].some((l) => LINEAR_PROJS.some((p) => moduleName(l, p) === t || moduleName(l, p).endsWith(`.${t}`)));
@@ -227,7 +221,7 @@ export async function loadAdapter(dir: string, base: AdapterBase): Promise<LoraA
   const modules = new Map<string, LoraModule>();
   let parameters = 0;
   try {
-    const found = new Map<string, { a?: string; b?: string }>();
+    const found = new Map<string, { site: LoraSite; a?: string; b?: string }>();
     for (const name of reader.names()) {
       const m = LORA_TENSOR_KEY.exec(name);
       const proj = m?.[3] as Proj | undefined;
@@ -237,8 +231,9 @@ export async function loadAdapter(dir: string, base: AdapterBase): Promise<LoraA
           hint: `expected keys like base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight (modules: ${LINEAR_PROJS.join(', ')})`,
         });
       }
-      const key = moduleKey(Number(m[1]), proj);
-      const e = found.get(key) ?? {};
+      const site: LoraSite = { layer: Number(m[1]), proj };
+      const key = siteKey(site);
+      const e = found.get(key) ?? { site };
       if (m[4] === 'A') e.a = name;
       else e.b = name;
       found.set(key, e);
@@ -247,8 +242,7 @@ export async function loadAdapter(dir: string, base: AdapterBase): Promise<LoraA
       if (!found.has(key)) throw new EdgeloraError(`no LoRA tensors for targeted module ${key}`, { where: reader.source, hint: 'the weights file does not match adapter_config.json' });
     }
     for (const [key, e] of found) {
-      const [ls, proj] = key.split('.') as [string, Proj];
-      const layer = Number(ls);
+      const { layer, proj } = e.site;
       if (!targeted.has(key)) {
         throw new EdgeloraError(`tensors for ${moduleName(layer, proj)}, which adapter_config.json does not target`, {
           where: reader.source,
@@ -359,7 +353,7 @@ export async function saveAdapter(dir: string, adapter: AdapterToWrite, opts: { 
     async (tmp) => {
       await writeFileAtomic(path.join(tmp, ADAPTER_CONFIG), JSON.stringify(adapter.config, null, 2) + '\n');
       const entries = [];
-      const mods = [...adapter.modules].sort((x, y) => x.layer - y.layer || LINEAR_PROJS.indexOf(x.proj) - LINEAR_PROJS.indexOf(y.proj));
+      const mods = [...adapter.modules].sort(compareSites);
       for (const m of mods) {
         const K = m.a.length / m.r;
         const N = m.b.length / m.r;

@@ -5,6 +5,7 @@ import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { promises as fs } from 'node:fs';
 import { closest, distance } from 'fastest-levenshtein';
 import { EdgeloraError } from '../util/errors.js';
+import { checkNumber, type NumberCheck } from '../util/number-check.js';
 
 export interface Command {
   /** Words that select the command, e.g. "generate" or "adapter merge". */
@@ -119,41 +120,12 @@ export function parseFlags<O extends FlagSpec>(command: string, argv: string[], 
   }
 }
 
-export interface NumberCheck {
-  integer?: boolean;
-  min?: number;
-  max?: number;
-  /** Greater than 0 (an open lower bound). */
-  positive?: boolean;
-  /** Less than this (an open upper bound), e.g. a probability below 1. */
-  below?: number;
-}
-
-/** The allowed range of a numeric flag in words: "an integer ≥ 16", "a number > 0 and ≤ 1". */
-export function describeRange(check: NumberCheck): string {
-  const kind = check.integer ? 'an integer' : 'a number';
-  const bounds: string[] = [];
-  if (check.positive && !(check.min !== undefined && check.min > 0)) bounds.push('> 0');
-  if (check.min !== undefined && check.max !== undefined && !check.positive && check.below === undefined) return `${kind} from ${check.min} to ${check.max}`;
-  if (check.min !== undefined) bounds.push(`≥ ${check.min}`);
-  if (check.max !== undefined) bounds.push(`≤ ${check.max}`);
-  if (check.below !== undefined) bounds.push(`< ${check.below}`);
-  return bounds.length > 0 ? `${kind} ${bounds.join(' and ')}` : kind;
-}
+export { type NumberCheck, describeRange } from '../util/number-check.js';
 
 /** Parses a numeric flag; the error names the flag once, with the allowed range and what was given. */
 export function numberFlag(flag: string, raw: string | undefined, def: number, check: NumberCheck = {}): number {
   if (raw === undefined) return def;
-  const v = raw.trim() === '' ? NaN : Number(raw);
-  const ok =
-    Number.isFinite(v) &&
-    !(check.integer && !Number.isInteger(v)) &&
-    !(check.positive && v <= 0) &&
-    !(check.min !== undefined && v < check.min) &&
-    !(check.max !== undefined && v > check.max) &&
-    !(check.below !== undefined && v >= check.below);
-  if (!ok) throw new EdgeloraError(`must be ${describeRange(check)}, not ${JSON.stringify(raw)}`, { where: `--${flag}` });
-  return v;
+  return checkNumber(flag, raw.trim() === '' ? NaN : Number(raw), check, JSON.stringify(raw));
 }
 
 /** One of a fixed set of words; the error lists them and suggests the closest. */

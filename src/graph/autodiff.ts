@@ -4,11 +4,10 @@
 // value from several consumers are summed (as llm.c accumulates). Only paths from the wanted values
 // to the loss are differentiated; frozen weights (fp32, 4-bit) never get gradients.
 //
-// Frozen 4-bit bases: dX = dY·W. ORT's CPU MatMulBnb4 ignores transB=0 (wrong values, FACTS.md), so by
-// default each 4-bit weight is dequantized inside the graph (unpack nibbles, codebook lookup, block
-// scale), used for one MatMul, and freed by ORT's planner. To keep ORT from constant-folding those
-// dequantizations into float copies of every weight at session start, the small tables they start
-// from (nibble shift/mask, codebooks) are graph INPUTS: `runtimeFeeds` holds their values.
+// The table knows no storage format: a format's own ops (the 4-bit MatMulBnb4 / MatMulNBits) get their
+// rules from the module that emits their forward (src/quant/ops.ts), through `registerRule`. Rules may
+// add runtime-fed constants (RuleContext.feed, e.g. codebooks kept out of ORT's constant folding):
+// `runtimeFeeds` holds their values.
 //
 // Optional recomputation (gradient checkpointing): nodes are grouped in segments (e.g. one per decoder
 // layer); each segment's forward is emitted again right before its backward, behind a data dependency
@@ -16,23 +15,8 @@
 import { Graph, numel, type AttrValue, type Dim, type DType, type Node, type TypedData, type Value } from './builder.js';
 import { EdgeloraError } from '../util/errors.js';
 
-/** bitsandbytes NF4 codebook (FACTS.md). */
-export const NF4_CODE = [
-  -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-  0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-  0.7229568362236023, 1.0,
-];
-/** bitsandbytes FP4 codebook by bit pattern, normalized by its maximum (12). */
-export const FP4_CODE = [0, 0.0625, 8, 12, 4, 6, 2, 3, -0, -0.0625, -8, -12, -4, -6, -2, -3].map((v) => v / 12);
-
+/** Options of one differentiation; a format module may add the options its own rules read (src/quant/ops.ts). */
 export interface AutodiffOptions {
-  /**
-   * How dX flows through a frozen com.microsoft.MatMulBnb4 weight. 'dequantize' (default): dequantize
-   * that weight inside the graph and MatMul (correct on every EP). 'transB0': MatMulBnb4 with transB=0,
-   * which the CUDA EP implements (NOT the CPU EP: it silently returns wrong values there). The
-   * 'transB0' route is emitted but could not be run on this project's CPU-only test machines.
-   */
-  readonly bnb4Backward?: 'dequantize' | 'transB0';
   /** Segment of a forward node for recomputation (e.g. "layers.3"), or null to keep its outputs. */
   readonly segmentOf?: (node: Node) => string | null;
   /** Gradient output name for a differentiated value; default `grad.<name>`. */
@@ -135,94 +119,16 @@ function fusedMatMul(g: Graph, a: Value, b: Value, transA: boolean, transB: bool
   });
 }
 
-/** dW-free gradient of a linear layer through a frozen weight given as a float [N, K] value: dX = dY·W. */
-function dxThroughWeight(g: Graph, dy: Value, w: Value): Value {
-  return g.matmul(dy, w);
-}
-
 /**
  * `packed` again, but only once `dy` exists (Where on a condition computed from dy, both branches `packed`). A
  * dequantizer starts from initializers and runtime feeds only, so ORT may run it as early as it likes: every
  * layer's float weight (and its int32 codes) would then sit in memory from the start of the step to its use in the
  * backward. Fenced, each float copy lives from its dequantization to its one MatMul.
  */
-function afterGradient(g: Graph, packed: Value, dy: Value): Value {
+export function afterGradient(g: Graph, packed: Value, dy: Value): Value {
   const first = g.reshape(g.slice(g.reshape(dy, ['n*']), 0, 0, 1, 1), [1]);
   const cond = g.node('IsNaN', [first], [{ dtype: 'bool', shape: [1] }])[0]!;
   return g.node('Where', [cond, packed, packed], [{ dtype: packed.dtype, shape: [...packed.shape] }])[0]!;
-}
-
-/** Dequantizes one bitsandbytes 4-bit weight to float [N, K] inside the graph, once `dy` exists. */
-function dequantBnb4(c: RuleContext, dy: Value, stored: Value, absmax: Value, N: number, K: number, blockSize: number, quantType: number): Value {
-  const { g } = c;
-  const four = c.feed('autodiff.u8_4', 'uint8', [1], Uint8Array.of(4));
-  const fifteen = c.feed('autodiff.u8_15', 'uint8', [1], Uint8Array.of(15));
-  const code = quantType === 1 ? c.feed('autodiff.nf4_code', 'float32', [16], Float32Array.from(NF4_CODE)) : c.feed('autodiff.fp4_code', 'float32', [16], Float32Array.from(FP4_CODE));
-  const packed = afterGradient(g, stored, dy);
-  const P = packed.shape[0] as number;
-  const hi = g.node('BitShift', [packed, four], [{ dtype: 'uint8', shape: [P] }], { direction: { kind: 'string', value: 'RIGHT' } })[0]!;
-  const lo = g.node('BitwiseAnd', [packed, fifteen], [{ dtype: 'uint8', shape: [P] }])[0]!;
-  // First element of each pair in the HIGH nibble (FACTS.md).
-  const pairs = g.concat([g.unsqueeze(hi, [1]), g.unsqueeze(lo, [1])], 1, 2); // [P, 2]
-  let idx = g.reshape(g.cast(pairs, 'int32'), [2 * P]);
-  if (2 * P !== N * K) idx = g.slice(idx, 0, 0, N * K, N * K);
-  const blocks = Math.ceil((N * K) / blockSize);
-  const vals = g.gather(code, idx); // [N·K]
-  let w: Value;
-  if (blocks * blockSize === N * K) {
-    w = g.mul(g.reshape(vals, [blocks, blockSize]), g.reshape(absmax, [blocks, 1]));
-  } else {
-    // Ragged last block: expand absmax per element.
-    const per = g.gather(absmax, g.constI64([...Array(N * K).keys()].map((i) => Math.floor(i / blockSize))));
-    w = g.mul(vals, per);
-  }
-  return g.reshape(w, [N, K]);
-}
-
-/**
- * Dequantizes one MatMulNBits weight to float [N, K] inside the graph, once `dy` exists: 4 bits (two codes
- * a byte) or 8 bits (GGUF Q8_0 / Q6_K, quantized vocabulary tables), zero points packed uint8 or float32
- * [N·kb] (GGUF Q4_K's mins).
- */
-function dequantNBits(c: RuleContext, dy: Value, stored: Value, scales: Value, zp: Value | null, N: number, K: number, blockSize: number, bits: number): Value {
-  const { g } = c;
-  const packed = afterGradient(g, stored, dy);
-  const four = c.feed('autodiff.u8_4', 'uint8', [1], Uint8Array.of(4));
-  const fifteen = c.feed('autodiff.u8_15', 'uint8', [1], Uint8Array.of(15));
-  const levels = c.feed('autodiff.u4_levels', 'float32', [16], Float32Array.from([...Array(16).keys()]));
-  const kb = packed.shape[1] as number;
-  const half = packed.shape[2] as number;
-  let vals: Value;
-  if (bits === 8) {
-    vals = g.cast(packed, 'float32'); // [N, kb, bs]: one code a byte
-  } else {
-    // First element in the LOW nibble (FACTS.md).
-    const lo = g.node('BitwiseAnd', [packed, fifteen], [{ dtype: 'uint8', shape: [N, kb, half] }])[0]!;
-    const hi = g.node('BitShift', [packed, four], [{ dtype: 'uint8', shape: [N, kb, half] }], { direction: { kind: 'string', value: 'RIGHT' } })[0]!;
-    const q = g.reshape(g.concat([g.unsqueeze(lo, [3]), g.unsqueeze(hi, [3])], 3, 2), [N, kb, 2 * half]);
-    vals = g.gather(levels, g.cast(q, 'int32')); // [N, kb, bs] float
-  }
-  let zero: Value;
-  if (zp && zp.dtype === 'float32') {
-    zero = g.reshape(zp, [N, kb, 1]);
-  } else if (zp && bits === 8) {
-    zero = g.reshape(g.cast(zp, 'float32'), [N, kb, 1]);
-  } else if (zp) {
-    // Packed uint8 [N·ceil(kb/2)], low nibble first.
-    const zb = Math.ceil(kb / 2);
-    const z2 = g.reshape(zp, [N, zb]);
-    const zlo = g.node('BitwiseAnd', [z2, fifteen], [{ dtype: 'uint8', shape: [N, zb] }])[0]!;
-    const zhi = g.node('BitShift', [z2, four], [{ dtype: 'uint8', shape: [N, zb] }], { direction: { kind: 'string', value: 'RIGHT' } })[0]!;
-    let zq = g.reshape(g.concat([g.unsqueeze(zlo, [2]), g.unsqueeze(zhi, [2])], 2, 2), [N, 2 * zb]);
-    if (2 * zb !== kb) zq = g.slice(zq, 1, 0, kb, kb);
-    zero = g.unsqueeze(g.gather(levels, g.cast(zq, 'int32')), [2]); // [N, kb, 1]
-  } else {
-    zero = g.constF32([bits === 8 ? 128 : 8], [1]);
-  }
-  vals = g.mul(g.sub(vals, zero), g.reshape(scales, [N, kb, 1]));
-  let w = g.reshape(vals, [N, kb * blockSize]);
-  if (kb * blockSize !== K) w = g.slice(w, 1, 0, K, K);
-  return w;
 }
 
 function unary(fn: (c: RuleContext, dy: Value) => Value): GradRule {
@@ -232,7 +138,7 @@ function unary(fn: (c: RuleContext, dy: Value) => Value): GradRule {
   };
 }
 
-/** One rule per op. */
+/** One rule per op: the generic ops here, a format's own ops added by registerRule. */
 export const RULES: Record<string, GradRule> = {
   Identity: unary((_c, dy) => dy),
   Cast: unary((c, dy) => (c.x(0).dtype === dy.dtype ? dy : c.g.cast(dy, c.x(0).dtype))),
@@ -350,35 +256,6 @@ export const RULES: Record<string, GradRule> = {
     if (c.needs(0)) c.g.fail(`gradient through the table of Gather ${c.node.name} (e.g. a trainable embedding) is not supported`);
     return [];
   },
-  MatMulBnb4: (c) => {
-    const dy = c.dy(0);
-    if (!dy || !c.needs(0)) return [];
-    if (c.needs(1) || c.needs(2)) c.g.fail('MatMulBnb4 weights are frozen: no gradient for them');
-    if (c.attrInt('transB', 1) !== 1) c.g.fail('MatMulBnb4 gradient: only the forward layout (transB=1) is supported');
-    const { g } = c;
-    const K = c.attrInt('K', 0);
-    const N = c.attrInt('N', 0);
-    const bs = c.attrInt('block_size', 64);
-    const qt = c.attrInt('quant_type', 1);
-    if ((c.opts.bnb4Backward ?? 'dequantize') === 'transB0') {
-      // Y = A·dequant(B) with B [N, K]: dY [.., N] → dX [.., K]. CUDA EP only.
-      return [g.contrib('MatMulBnb4', [dy, c.x(1), c.x(2)], dy.dtype, [...dy.shape.slice(0, -1), K], { K: int(K), N: int(N), block_size: int(bs), quant_type: int(qt), transB: int(0) })];
-    }
-    return [dxThroughWeight(g, dy, dequantBnb4(c, dy, c.x(1), c.x(2), N, K, bs, qt))];
-  },
-  MatMulNBits: (c) => {
-    const dy = c.dy(0);
-    if (!dy || !c.needs(0)) return [];
-    if ([1, 2, 3, 4, 5].some((i) => i < c.node.inputs.length && c.node.inputs[i] && c.needs(i))) c.g.fail('MatMulNBits weights are frozen: no gradient for them');
-    const K = c.attrInt('K', 0);
-    const N = c.attrInt('N', 0);
-    const bs = c.attrInt('block_size', 32);
-    const bits = c.attrInt('bits', 4);
-    if (bits !== 4 && bits !== 8) c.g.fail(`MatMulNBits gradient: bits=${bits} (4 and 8 are supported)`);
-    const zp = c.node.inputs[3] ? c.x(3) : null;
-    if (zp && zp.dtype !== 'uint8' && zp.dtype !== 'float32') c.g.fail(`MatMulNBits gradient: ${zp.dtype} zero points (uint8 or float32 are supported)`);
-    return [dxThroughWeight(c.g, dy, dequantNBits(c, dy, c.x(1), c.x(2), zp, N, K, bs, bits))];
-  },
   SoftmaxCrossEntropyLoss: (c) => {
     // scores [N, V], labels [N] int64; outputs loss (reduction 'sum' or 'none') and log_prob [N, V].
     const dy = c.dy(0);
@@ -409,6 +286,17 @@ export const RULES: Record<string, GradRule> = {
     return [d];
   },
 };
+
+/**
+ * Adds the rule for `op` to RULES: how a module that emits an op outside this generic table (a quant format's
+ * MatMulBnb4, MatMulNBits) contributes its gradient, beside its forward. One rule per op: a second, different
+ * rule for the same op is a programming error.
+ */
+export function registerRule(op: string, rule: GradRule): void {
+  const had = RULES[op];
+  if (had && had !== rule) throw new Error(`autodiff: a gradient rule for ${op} is already registered`);
+  RULES[op] = rule;
+}
 
 function reduceRule(c: RuleContext, mean: boolean): (Value | null)[] {
   let dy = c.dy(0);
@@ -521,7 +409,7 @@ export function differentiate(g: Graph, loss: Value, wrt: readonly Value[], opts
       const rule = RULES[node.op];
       const dys = node.outputs.map((o) => takeGrad(o));
       if (dys.every((d) => d === null)) continue;
-      if (!rule) g.fail(`no gradient rule for op ${node.domain ? node.domain + '.' : ''}${node.op} (node ${node.name}); add one to RULES in autodiff.ts`);
+      if (!rule) g.fail(`no gradient rule for op ${node.domain ? node.domain + '.' : ''}${node.op} (node ${node.name}); add one to RULES in autodiff.ts, or registerRule it beside the op's forward`);
       const seg = segOf(i);
       if (seg && !recomputed.has(seg)) recompute(seg, dys.find((d) => d !== null)!);
       const val = (name: string) => g.value(seg ? (remap.get(name) ?? name) : name);

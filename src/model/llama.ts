@@ -9,6 +9,8 @@ import type { Graph, Value, Dim } from '../graph/builder.js';
 import { int } from '../graph/builder.js';
 import type { ModelConfig } from '../formats/hf-config.js';
 import { int4Layout } from '../quant/int4.js';
+// The 4-bit forwards, with their gradient rules beside them (importing registers the rules into autodiff).
+import { matMulBnb4, matMulNBits } from '../quant/ops.js';
 
 export const LINEAR_PROJS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
 export type Proj = (typeof LINEAR_PROJS)[number];
@@ -21,6 +23,26 @@ export function projModule(proj: Proj): string {
 /** The Hugging Face weight name of a layer's projection, e.g. model.layers.3.self_attn.q_proj.weight. */
 export function linearWeightName(layer: number, proj: Proj): string {
   return `model.layers.${layer}.${projModule(proj)}.weight`;
+}
+
+/**
+ * One linear layer of the decoder that a LoRA adapts: (layer, projection). Every record about such a layer
+ * (an adapter's module, a trainer's parameters, a training graph's target, a linear's spec) is a LoraSite,
+ * and `siteKey` is the one string key for it.
+ */
+export interface LoraSite {
+  readonly layer: number;
+  readonly proj: Proj;
+}
+
+/** "3.q_proj": the key of a site in every map (adapter modules, trainer parameters and checkpoints, graph LoRA inputs). */
+export function siteKey(site: LoraSite): string {
+  return `${site.layer}.${site.proj}`;
+}
+
+/** Layer order, then LINEAR_PROJS order (the order adapter tensors are written in). */
+export function compareSites(x: LoraSite, y: LoraSite): number {
+  return x.layer - y.layer || LINEAR_PROJS.indexOf(x.proj) - LINEAR_PROJS.indexOf(y.proj);
 }
 
 /** [out N, in K] of a projection for this config. */
@@ -37,9 +59,7 @@ export function linearShape(cfg: ModelConfig, proj: Proj): { N: number; K: numbe
   }
 }
 
-export interface LinearSpec {
-  readonly layer: number;
-  readonly proj: Proj;
+export interface LinearSpec extends LoraSite {
   readonly N: number; // out features
   readonly K: number; // in features
 }
@@ -102,13 +122,7 @@ export function tableRows(g: Graph, table: TableWeight, ids: Value, C: number): 
 /** logits = x · tableᵀ: x [M, C] → [M, V], reading the table in its stored layout (never a transposed copy). */
 export function lmHead(g: Graph, x: Value, table: TableWeight, V: number, C: number): Value {
   if (table.kind === 'float') return g.gemm(x, table.w, { transB: true });
-  return g.contrib('MatMulNBits', [x, table.packed, table.scales], 'float32', [x.shape[0]!, V], {
-    K: int(C),
-    N: int(V),
-    bits: int(table.bits),
-    block_size: int(table.blockSize),
-    accuracy_level: int(table.accuracyLevel),
-  });
+  return matMulNBits(g, x, table, { N: V, K: C }, [x.shape[0]!, V]);
 }
 
 /** LoRA operands of one linear: aT [K, R], bT [R, N] with the adapter scale already folded into bT. */
@@ -144,21 +158,10 @@ export function linear(g: Graph, x: Value, spec: { readonly N: number; readonly 
       y = g.matmul(x, base.wT);
       break;
     case 'bnb4':
-      y = g.contrib('MatMulBnb4', [x, base.packed, base.absmax], 'float32', outShape, {
-        K: int(spec.K),
-        N: int(spec.N),
-        block_size: int(base.blockSize),
-        quant_type: int(base.quantType === 'nf4' ? 1 : 0),
-      });
+      y = matMulBnb4(g, x, base, spec, outShape);
       break;
     case 'int4':
-      y = g.contrib('MatMulNBits', [x, base.packed, base.scales, base.zeroPoints], 'float32', outShape, {
-        K: int(spec.K),
-        N: int(spec.N),
-        bits: int(base.bits),
-        block_size: int(base.blockSize),
-        accuracy_level: int(base.accuracyLevel),
-      });
+      y = matMulNBits(g, x, base, spec, outShape);
       break;
   }
   if (bias) y = g.add(y, bias);
@@ -508,7 +511,7 @@ async function trainLayers(
         const bT = g.input(INPUT.loraB(layer, proj), 'float32', [l.rank, N]);
         const dropout = l.dropout ? g.input(INPUT.loraDropout(layer, proj), 'float32', ['B', 'T', K]) : undefined;
         lora = dropout ? { aT, bT, dropout } : { aT, bT };
-        loraInputs.set(`${layer}.${proj}`, lora);
+        loraInputs.set(siteKey(spec), lora);
       }
       return linear(g, x, spec, base, bias, lora);
     });

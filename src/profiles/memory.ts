@@ -21,11 +21,15 @@ export function formatBytes(bytes: number): string {
   return `${bytes} B`;
 }
 
+/** Who set a memory budget: a device profile (its id), or a flag such as `{ flag: 'memory-budget' }`. */
+export type BudgetSource = string | { readonly flag: string };
+
 /**
  * Throws an EdgeloraError when `plan.bytes` exceeds `budgetBytes`: the message gives the estimate, the budget and
- * the three biggest items; the hint says what to lower and how to raise the budget if the user knows better.
+ * the three biggest items; the hint says what to lower and how to raise the budget if the user knows better
+ * (the profile's `--profile-set memoryBudgetBytes`, or the flag that set it).
  */
-export function checkMemoryPlan(plan: MemoryPlan, budgetBytes: number, profileId: string): void {
+export function checkMemoryPlan(plan: MemoryPlan, budgetBytes: number, source: BudgetSource): void {
   if (!Number.isFinite(plan.bytes) || plan.bytes < 0) {
     throw new EdgeloraError(`memory plan for ${plan.what} has a bad total: ${plan.bytes}`, { where: 'memory plan' });
   }
@@ -36,12 +40,13 @@ export function checkMemoryPlan(plan: MemoryPlan, budgetBytes: number, profileId
     .map(([k, v]) => `${k} ${formatBytes(v)}`)
     .join(', ');
   const lower = plan.lower.length === 0 ? '' : `lower ${joinOr(plan.lower)}; `;
+  const flag = typeof source === 'string' ? null : `--${source.flag}`;
   throw new EdgeloraError(
-    `${plan.what} needs about ${formatBytes(plan.bytes)} but the device profile allows ${formatBytes(budgetBytes)}` +
+    `${plan.what} needs about ${formatBytes(plan.bytes)} but ${flag ?? 'the device profile'} allows ${formatBytes(budgetBytes)}` +
       (biggest ? ` (biggest: ${biggest})` : ''),
     {
-      where: `profile ${profileId}`,
-      hint: `${lower}or, if this device has more room, raise the budget with --profile-set memoryBudgetBytes=<bytes>`,
+      where: flag ?? `profile ${source as string}`,
+      hint: flag ? `${lower}or raise ${flag}` : `${lower}or, if this device has more room, raise the budget with --profile-set memoryBudgetBytes=<bytes>`,
     },
   );
 }

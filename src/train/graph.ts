@@ -12,7 +12,7 @@
 import { Graph, type Dim, type Value } from '../graph/builder.js';
 import { toOnnxBytes } from '../graph/onnx.js';
 import { differentiate, type RuntimeFeed } from '../graph/autodiff.js';
-import { buildLlama, INPUT, linearShape, lmHead, tableRows, type Proj, type TableWeight } from '../model/llama.js';
+import { buildLlama, INPUT, linearShape, lmHead, tableRows, siteKey, type LoraSite, type Proj, type TableWeight } from '../model/llama.js';
 import { QuantizedWeights } from '../model/weights.js';
 import type { Manifest } from '../model/manifest.js';
 import type { ModelConfig } from '../formats/hf-config.js';
@@ -43,9 +43,7 @@ export const TABLE_CHUNK = 8192;
 /** Runtime-fed int64 [V] = 0..V−1: row ids for dequantizing a quantized table in slices (a constant would be folded). */
 export const VOCAB_IDS = 'train.vocab_ids';
 
-export interface LoraTarget {
-  readonly layer: number;
-  readonly proj: Proj;
+export interface LoraTarget extends LoraSite {
   readonly rank: number; // R
   readonly K: number;
   readonly N: number;
@@ -95,13 +93,13 @@ export function loraTargets(cfg: ModelConfig, projs: readonly Proj[], rank: (lay
 export async function buildTrainGraph(dir: string, manifest: Manifest, cfg: ModelConfig, opts: TrainGraphOptions): Promise<TrainGraph> {
   const qw = await QuantizedWeights.open(dir, manifest);
   const g = new Graph({ external: qw.referencingSink('the training graph') });
-  const byKey = new Map(opts.targets.map((t) => [`${t.layer}.${t.proj}`, t]));
+  const byKey = new Map(opts.targets.map((t) => [siteKey(t), t]));
   if (byKey.size === 0) throw new EdgeloraError('no LoRA targets to train', { where: '--targets' });
   const chunked = opts.maxTokens !== undefined;
   const { logits, hidden, head, loraInputs } = await buildLlama(g, cfg, qw, {
     mode: 'train',
     lora: (layer, proj) => {
-      const t = byKey.get(`${layer}.${proj}`);
+      const t = byKey.get(siteKey({ layer, proj }));
       return t ? { rank: t.rank, dropout: opts.dropout } : null;
     },
     lmHead: !chunked,
@@ -131,7 +129,7 @@ export async function buildTrainGraph(dir: string, manifest: Manifest, cfg: Mode
   }
   const wrt: Value[] = [];
   for (const t of opts.targets) {
-    const l = loraInputs.get(`${t.layer}.${t.proj}`)!;
+    const l = loraInputs.get(siteKey(t))!;
     wrt.push(l.aT, l.bT);
   }
   const ad = differentiate(g, seed ? hidden : g.value(TRAIN_OUTPUT.loss), wrt, {

@@ -7,16 +7,14 @@
 import ort from 'onnxruntime-node';
 import type { ModelConfig } from '../formats/hf-config.js';
 import type { Manifest } from '../model/manifest.js';
-import { INPUT, MASKED, type Proj } from '../model/llama.js';
+import { INPUT, MASKED, siteKey, type LoraSite } from '../model/llama.js';
 import { inverseFrequencies, ropeTables } from '../model/rope.js';
 import { EdgeloraError } from '../util/errors.js';
 import { createSession } from '../runtime/sessions.js';
 import { buildTrainGraph, TRAIN_INPUT, TRAIN_OUTPUT, IGNORE, type LoraTarget, type TrainGraphOptions } from './graph.js';
 
 /** Trainable LoRA tensors of one projection, PEFT layout. */
-export interface LoraParam {
-  readonly layer: number;
-  readonly proj: Proj;
+export interface LoraParam extends LoraSite {
   readonly r: number;
   readonly K: number;
   readonly N: number;
@@ -48,10 +46,6 @@ export interface StepResult {
 
 export interface TrainSessionOptions extends Omit<TrainGraphOptions, 'targets'> {
   readonly sessionOptions?: ort.InferenceSession.SessionOptions;
-}
-
-export function paramKey(layer: number, proj: Proj): string {
-  return `${layer}.${proj}`;
 }
 
 /** Label tokens that count in the loss (positions ≥ 1 whose label is not -100). */
@@ -131,7 +125,7 @@ export class TrainSession {
       [TRAIN_INPUT.lossScale]: new ort.Tensor('float32', Float32Array.of(lossScale), [1]),
     };
     for (const t of this.targets) {
-      const key = paramKey(t.layer, t.proj);
+      const key = siteKey(t);
       const p = params.get(key);
       if (!p) throw new EdgeloraError(`no parameters for LoRA target ${key}`);
       feeds[INPUT.loraA(t.layer, t.proj)] = new ort.Tensor('float32', transpose(p.a, p.r, p.K), [p.K, p.r]);
@@ -145,7 +139,7 @@ export class TrainSession {
     const loss = (out[TRAIN_OUTPUT.loss]!.data as Float32Array)[0]!;
     const grads = new Map<string, LoraGrad>();
     for (const t of this.targets) {
-      const key = paramKey(t.layer, t.proj);
+      const key = siteKey(t);
       const p = params.get(key)!;
       const ga = out[TRAIN_OUTPUT.gradA(t.layer, t.proj)]!.data as Float32Array; // [K, R]
       const gb = out[TRAIN_OUTPUT.gradB(t.layer, t.proj)]!.data as Float32Array; // [R, N]

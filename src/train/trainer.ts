@@ -6,105 +6,28 @@
 import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import type ort from 'onnxruntime-node';
-import { readManifest, MODEL_FILE, DATA_FILE } from '../model/manifest.js';
-import { parseHfConfig } from '../formats/hf-config.js';
-import { loadTokenizer } from '../formats/tokenizer.js';
-import type { StDType } from '../formats/safetensors.js';
+import { readManifest, MODEL_FILE, DATA_FILE, type Manifest } from '../model/manifest.js';
+import { parseHfConfig, type ModelConfig } from '../formats/hf-config.js';
+import { loadTokenizer, type EdgeTokenizer } from '../formats/tokenizer.js';
 import { loadJsonl, type Example } from '../data/jsonl.js';
-import { LINEAR_PROJS, linearShape, type Proj } from '../model/llama.js';
-import { baseOf, bindingFor, loadAdapter, makePeftConfig, saveAdapter, loraScale, type LoraModule, type PeftConfig } from '../adapters/peft.js';
+import { LINEAR_PROJS, linearShape, siteKey } from '../model/llama.js';
+import { baseOf, bindingFor, loadAdapter, makePeftConfig, saveAdapter, loraScale, ADAPTER_CONFIG, type LoraModule, type PeftConfig } from '../adapters/peft.js';
 import { canonicalJson } from '../util/canonical-json.js';
-import { checkMemoryPlan, formatBytes } from '../profiles/memory.js';
+import { checkMemoryPlan } from '../profiles/memory.js';
 import { EdgeloraError } from '../util/errors.js';
 import { Rng } from '../util/rng.js';
 import { writeDirAtomic, writeFileAtomic } from '../util/atomic.js';
-import { TrainSession, paramKey, countLabelTokens, type LoraParam, type LoraGrad, type MicroBatch } from './session.js';
+import { TrainSession, countLabelTokens, type LoraParam, type LoraGrad, type MicroBatch } from './session.js';
 import { LOSS_CHUNK, type LoraTarget } from './graph.js';
-import { optimizerUpdate, learningRate, clipByGlobalNorm, initLora, type OptimizerKind, type ScheduleKind, type TensorState } from './optim.js';
+import { optimizerUpdate, learningRate, clipByGlobalNorm, initLora, type TensorState } from './optim.js';
+import { parseFinetuneOptions, checkFinetuneNumber, FINETUNE_NUMBERS, type FinetuneOptions, type FinetunePlan } from './plan.js';
+import { describeRange, inRange } from '../util/number-check.js';
 import { estimateTrainingMemory, type TrainMemoryEstimate } from './memory.js';
 import { checkpointDir, hasCheckpoint, loadCheckpoint, saveCheckpoint, CHECKPOINT_FORMAT, type CheckpointState, type LogEntry } from './checkpoint.js';
 
-export const TRAINING_LOG = 'training_log.jsonl';
+export type { FinetuneOptions } from './plan.js';
 
-export interface FinetuneOptions {
-  /** A directory written by `edgelora quantize`. */
-  readonly model: string;
-  /** JSONL training data. */
-  readonly data: string;
-  /** Output adapter directory (must not exist). */
-  readonly out: string;
-  /** LoRA rank r, default 8 (ignored with initAdapter: the adapter's own is kept). */
-  readonly rank?: number;
-  /** LoRA alpha, default 16. */
-  readonly alpha?: number;
-  /** Projections to adapt, default q_proj, v_proj. */
-  readonly targets?: readonly Proj[];
-  /** Optimizer steps; default: `epochs` passes over the data. */
-  readonly steps?: number;
-  /** Passes over the data when `steps` is not given, default 1. */
-  readonly epochs?: number;
-  /** Peak learning rate, default 2e-4. */
-  readonly lr?: number;
-  readonly optimizer?: OptimizerKind;
-  readonly weightDecay?: number;
-  /** Rows per micro-batch, default 4. */
-  readonly batchSize?: number;
-  /** Micro-batches per optimizer step, default 1. */
-  readonly gradAccum?: number;
-  /** Rows longer than this many tokens are truncated with a warning; default min(512, context). */
-  readonly seqLen?: number;
-  /** Clip gradients to this global norm; 0 disables. Default 1.0. */
-  readonly maxGradNorm?: number;
-  /** LoRA dropout probability; 0 disables. Default 0.05 (with initAdapter: its lora_dropout). */
-  readonly loraDropout?: number;
-  /** Continue from this adapter (its rank, alpha and targets are kept). */
-  readonly initAdapter?: string;
-  /** JSONL data scored (mean NLL) after training. */
-  readonly evalData?: string;
-  /** Write a checkpoint every N steps; 0 = never. Default 0. */
-  readonly saveEvery?: number;
-  /**
-   * Write a checkpoint when this many seconds passed since the last one (or the start), at a step
-   * boundary; 0 = never. Default 0 (the CLI defaults to 300: at most ~5 minutes of work lost).
-   */
-  readonly saveEverySeconds?: number;
-  /**
-   * Continue from `<out>.checkpoint`. true: the checkpoint must exist (else an error);
-   * 'if-present': start from step 0 when there is none.
-   */
-  readonly resume?: boolean | 'if-present';
-  /**
-   * Aborting stops at the next step boundary: a checkpoint is written there (whatever the cadence)
-   * and the result says interrupted (no adapter written). SIGINT/SIGTERM in the CLI.
-   */
-  readonly signal?: AbortSignal;
-  /** Seed of the init, data order and dropout masks; default 0. */
-  readonly seed?: number;
-  /** Refuse plans whose estimated peak exceeds this many bytes. */
-  readonly memoryBudget?: number;
-  /**
-   * A device profile (src/profiles) supplying the budget when `memoryBudget` is not set; the lead
-   * wires `--profile` here. Only these fields are read.
-   */
-  readonly profile?: { readonly id: string; readonly memoryBudgetBytes: number };
-  /** Recompute each layer's activations in backward (less memory, ~1 extra forward). */
-  readonly recompute?: boolean;
-  /** Linear warmup steps, default 0. */
-  readonly warmup?: number;
-  /** Decay after warmup, default linear (the Hugging Face Trainer default). */
-  readonly schedule?: ScheduleKind;
-  /** Adapter tensor dtype on disk, default F32. */
-  readonly dtype?: StDType;
-  /** dX through a 4-bit base: 'dequantize' (CPU-correct, default) or 'transB0' (CUDA EP only). */
-  readonly bnb4Backward?: 'dequantize' | 'transB0';
-  readonly sessionOptions?: ort.InferenceSession.SessionOptions;
-  readonly onWarning?: (msg: string) => void;
-  /** Called after every optimizer step. */
-  readonly onStep?: (e: LogEntry, total: number) => void;
-  /** Test hook: stop (as if killed) after this step's checkpoint, writing no adapter. */
-  readonly stopAfterStep?: number;
-}
+export const TRAINING_LOG = 'training_log.jsonl';
 
 export interface FinetuneResult {
   readonly out: string;
@@ -124,120 +47,155 @@ export interface FinetuneResult {
   readonly seconds: number;
 }
 
-const flagError = (flag: string, msg: string, hint?: string) => new EdgeloraError(msg, { where: `--${flag}`, ...(hint ? { hint } : {}) });
-
-function checkInt(flag: string, v: number, min: number): number {
-  if (!Number.isInteger(v) || v < min) throw flagError(flag, `--${flag} ${v}: must be an integer ≥ ${min}`);
-  return v;
-}
-
-function checkNum(flag: string, v: number, ok: (x: number) => boolean, what: string): number {
-  if (!Number.isFinite(v) || !ok(v)) throw flagError(flag, `--${flag} ${v}: ${what}`);
-  return v;
-}
-
 /** Deterministic 32-bit seed from parts (for per-epoch / per-micro-batch generators). */
 function subSeed(...parts: (string | number)[]): number {
   return createHash('sha256').update(parts.join('|')).digest().readUInt32LE(0);
 }
 
+/**
+ * Trains and writes the adapter: the options are validated once into a plan (src/train/plan.ts), then each
+ * phase below consumes it: base, data, adapter, memory plan, step plan, optimizer state and resume, the
+ * steps, output.
+ */
 export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
   const t0 = performance.now();
-  const warn = o.onWarning ?? (() => undefined);
-  // --- options ---
-  const lr = checkNum('lr', o.lr ?? 2e-4, (x) => x > 0, 'must be a positive number');
-  const batchSize = checkInt('batch-size', o.batchSize ?? 4, 1);
-  const gradAccum = checkInt('grad-accum', o.gradAccum ?? 1, 1);
-  const maxGradNorm = checkNum('max-grad-norm', o.maxGradNorm ?? 1.0, (x) => x >= 0, 'must be ≥ 0 (0 disables clipping)');
-  const saveEvery = checkInt('save-every', o.saveEvery ?? 0, 0);
-  const saveEverySeconds = o.saveEverySeconds ?? 0;
-  if (!(Number.isFinite(saveEverySeconds) && saveEverySeconds >= 0)) throw new EdgeloraError(`saveEverySeconds ${saveEverySeconds}: must be a number ≥ 0`, { where: '--save-interval' });
-  const seed = checkInt('seed', o.seed ?? 0, 0);
-  const warmup = checkInt('warmup', o.warmup ?? 0, 0);
-  const weightDecay = checkNum('weight-decay', o.weightDecay ?? 0, (x) => x >= 0, 'must be ≥ 0');
-  const optimizer = o.optimizer ?? 'adamw';
-  const schedule = o.schedule ?? 'linear';
-  if (o.steps !== undefined && o.epochs !== undefined) throw flagError('steps', 'give --steps or --epochs, not both');
-  if (o.steps !== undefined) checkInt('steps', o.steps, 1);
-  if (o.epochs !== undefined) checkNum('epochs', o.epochs, (x) => x > 0, 'must be a positive number');
-  if (o.rank !== undefined) checkInt('rank', o.rank, 1);
-  if (o.alpha !== undefined) checkNum('alpha', o.alpha, (x) => x > 0, 'must be a positive number');
-  if (o.loraDropout !== undefined) checkNum('lora-dropout', o.loraDropout, (x) => x >= 0 && x < 1, 'must be in [0, 1)');
-  if (o.memoryBudget !== undefined) checkNum('memory-budget', o.memoryBudget, (x) => x > 0, 'must be a positive number of bytes');
-  const out = path.resolve(o.out);
-  if (await fs.stat(out).then(() => true, () => false)) {
-    throw flagError('out', `${out} already exists`, 'choose a new --out directory (or remove the old adapter)');
+  const plan = parseFinetuneOptions(o);
+  if (await fs.stat(plan.out).then(() => true, () => false)) {
+    throw new EdgeloraError(`${plan.out} already exists`, { where: '--out', hint: 'choose a new --out directory (or remove the old adapter)' });
   }
+  const base = await loadBase(plan);
+  const data = await loadData(plan, base);
+  const adapter = await startAdapter(plan, base);
+  const memory = await memoryPlan(plan, base, data.examples, adapter);
+  const steps = stepPlan(plan, data.examples);
+  const planHash = await hashPlan(plan, base, adapter, steps);
+  const state = await resumeState(plan, adapter.params, planHash);
+  const run = await trainSteps(plan, base, data, adapter, steps, planHash, state);
+  if (!run.interrupted) await writeOutput(plan, base, adapter, state.log);
+  const losses = state.log.map((e) => e.loss);
+  return {
+    out: plan.out,
+    interrupted: run.interrupted,
+    steps: state.log.length,
+    resumedFrom: state.startStep,
+    finalLoss: losses[losses.length - 1] ?? NaN,
+    losses,
+    log: state.log,
+    tokens: state.tokens,
+    tokensPerSecond: run.trainSeconds > 0 ? run.trainTokens / run.trainSeconds : 0,
+    peakRssBytes: process.resourceUsage().maxRSS * 1024,
+    evalLoss: run.evalLoss,
+    memory,
+    parameters: adapter.parameters,
+    seconds: (performance.now() - t0) / 1000,
+  };
+}
 
-  // --- model, data ---
-  const manifest = await readManifest(o.model);
-  const cfg = parseHfConfig(manifest.sourceConfig, path.join(o.model, 'manifest.json'));
-  const tok = await loadTokenizer(o.model);
-  const seqLen = checkInt('seq-len', o.seqLen ?? Math.min(512, cfg.maxPositionEmbeddings), 2);
-  if (seqLen > cfg.maxPositionEmbeddings) throw flagError('seq-len', `--seq-len ${seqLen} exceeds the model's context (${cfg.maxPositionEmbeddings})`);
-  const examples = await loadJsonl(o.data, tok, { seqLen, onWarning: warn });
-  if (examples.length === 0) throw new EdgeloraError('no row of the data set has tokens to learn from', { where: o.data, hint: 'check the warnings above' });
-  const evalExamples = o.evalData ? await loadJsonl(o.evalData, tok, { seqLen, onWarning: warn }) : null;
+/** The frozen base: its manifest, config and tokenizer, and the sequence length (checked against its context). */
+interface Base {
+  readonly manifest: Manifest;
+  readonly cfg: ModelConfig;
+  readonly tok: EdgeTokenizer;
+  readonly seqLen: number;
+}
 
-  // --- adapter: new (PEFT init) or continued ---
+async function loadBase(plan: FinetunePlan): Promise<Base> {
+  const manifest = await readManifest(plan.model);
+  const cfg = parseHfConfig(manifest.sourceConfig, path.join(plan.model, 'manifest.json'));
+  const tok = await loadTokenizer(plan.model);
+  const seqLen = plan.seqLen ?? checkFinetuneNumber('seqLen', Math.min(512, cfg.maxPositionEmbeddings));
+  if (seqLen > cfg.maxPositionEmbeddings) throw new EdgeloraError(`--seq-len ${seqLen} exceeds the model's context (${cfg.maxPositionEmbeddings})`, { where: '--seq-len' });
+  return { manifest, cfg, tok, seqLen };
+}
+
+interface Data {
+  readonly examples: Example[];
+  readonly evalExamples: Example[] | null;
+}
+
+async function loadData(plan: FinetunePlan, base: Base): Promise<Data> {
+  const opts = { seqLen: base.seqLen, onWarning: plan.warn };
+  const examples = await loadJsonl(plan.data, base.tok, opts);
+  if (examples.length === 0) throw new EdgeloraError('no row of the data set has tokens to learn from', { where: plan.data, hint: 'check the warnings above' });
+  const evalExamples = plan.evalData ? await loadJsonl(plan.evalData, base.tok, opts) : null;
+  return { examples, evalExamples };
+}
+
+/** The adapter being trained: its PEFT config, its parameters by site, the graph's targets. */
+interface Adapter {
+  readonly config: PeftConfig;
+  readonly params: Map<string, LoraParam>;
+  readonly targets: LoraTarget[];
+  /** The LoRA dropout probability (config.lora_dropout); 0: no masks. */
+  readonly dropoutP: number;
+  readonly parameters: number;
+}
+
+/** A new adapter (PEFT init) or a continued one (its rank, alpha and targets kept). */
+async function startAdapter(plan: FinetunePlan, base: Base): Promise<Adapter> {
+  const { cfg, manifest } = base;
   const params = new Map<string, LoraParam>();
   let config: PeftConfig;
-  if (o.initAdapter) {
-    const ad = await loadAdapter(o.initAdapter, { cfg, ...baseOf(manifest) });
-    if (ad.baseNote) warn(`${o.initAdapter}: ${ad.baseNote}`);
-    for (const [flag, given] of [['rank', o.rank], ['alpha', o.alpha], ['targets', o.targets]] as const) {
-      if (given !== undefined) warn(`--${flag} is ignored with --init-adapter: the adapter's own ${flag} is kept`);
-    }
-    if (ad.baseFingerprint === null) warn(`${o.initAdapter}: adapter is not bound to a base fingerprint; assuming it fits this base`);
+  if (plan.lora.kind === 'continue') {
+    const ad = await loadAdapter(plan.lora.dir, { cfg, ...baseOf(manifest) });
+    if (ad.baseNote) plan.warn(`${plan.lora.dir}: ${ad.baseNote}`);
+    for (const flag of plan.lora.ignored) plan.warn(`--${flag} is ignored with --init-adapter: the adapter's own ${flag} is kept`);
+    if (ad.baseFingerprint === null) plan.warn(`${plan.lora.dir}: adapter is not bound to a base fingerprint; assuming it fits this base`);
     config = { ...ad.config, inference_mode: true };
-    if (o.loraDropout !== undefined) config = { ...config, lora_dropout: o.loraDropout };
+    if (plan.loraDropout !== undefined) config = { ...config, lora_dropout: plan.loraDropout };
+    // PEFT's schema takes lora_dropout up to 1; training takes the flag's range (p = 1 drops every LoRA input: nothing learns).
+    const drop = FINETUNE_NUMBERS.loraDropout;
+    if (!inRange(config.lora_dropout, drop.check)) {
+      throw new EdgeloraError(`lora_dropout ${config.lora_dropout} of the adapter to continue: must be ${describeRange(drop.check)}`, { where: path.join(plan.lora.dir, ADAPTER_CONFIG), hint: `give --${drop.flag} to override it` });
+    }
     for (const m of ad.modules.values()) {
       const { N, K } = linearShape(cfg, m.proj);
-      params.set(paramKey(m.layer, m.proj), { layer: m.layer, proj: m.proj, r: m.r, K, N, alpha: m.alpha, scale: m.scale, a: Float32Array.from(m.a), b: Float32Array.from(m.b) });
+      params.set(siteKey(m), { layer: m.layer, proj: m.proj, r: m.r, K, N, alpha: m.alpha, scale: m.scale, a: Float32Array.from(m.a), b: Float32Array.from(m.b) });
     }
   } else {
-    const rank = o.rank ?? 8;
-    const alpha = o.alpha ?? 16;
-    const projs = o.targets ?? (['q_proj', 'v_proj'] as Proj[]);
-    if (projs.length === 0) throw flagError('targets', 'no target projections', `choose from ${LINEAR_PROJS.join(', ')} or all-linear`);
-    config = makePeftConfig({ r: rank, alpha, targets: [...projs], dropout: o.loraDropout ?? 0.05, baseModel: path.basename(path.resolve(o.model)) });
-    const rng = new Rng(seed);
+    const { rank, alpha, targets: projs } = plan.lora;
+    config = makePeftConfig({ r: rank, alpha, targets: [...projs], dropout: plan.loraDropout ?? 0.05, baseModel: path.basename(path.resolve(plan.model)) });
+    const rng = new Rng(plan.seed);
     for (let layer = 0; layer < cfg.numLayers; layer++) {
       for (const proj of LINEAR_PROJS.filter((p) => projs.includes(p))) {
         const { N, K } = linearShape(cfg, proj);
         const { a, b } = initLora(rng, rank, K, N);
-        params.set(paramKey(layer, proj), { layer, proj, r: rank, K, N, alpha, scale: loraScale(alpha, rank, false), a, b });
+        params.set(siteKey({ layer, proj }), { layer, proj, r: rank, K, N, alpha, scale: loraScale(alpha, rank, false), a, b });
       }
     }
   }
-  const dropoutP = config.lora_dropout;
   const targets: LoraTarget[] = [...params.values()].map((p) => ({ layer: p.layer, proj: p.proj, rank: p.r, K: p.K, N: p.N }));
   let parameters = 0;
   for (const p of params.values()) parameters += p.a.length + p.b.length;
+  return { config, params, targets, dropoutP: config.lora_dropout, parameters };
+}
 
-  // --- memory plan ---
-  const sizeOf = (f: string) => fs.stat(path.join(o.model, f)).then((s) => s.size, () => 0);
+/** The itemized estimate of the job's peak, refused (checkMemoryPlan) when over the plan's budget. */
+async function memoryPlan(plan: FinetunePlan, base: Base, examples: readonly Example[], adapter: Adapter): Promise<TrainMemoryEstimate> {
+  const { cfg, manifest } = base;
+  const sizeOf = (f: string) => fs.stat(path.join(plan.model, f)).then((s) => s.size, () => 0);
   const baseBytes = (await sizeOf(MODEL_FILE)) + (await sizeOf(DATA_FILE));
   let dequantBytes = 0;
   if (manifest.quant.format !== 'fp32') for (const p of LINEAR_PROJS) { const { N, K } = linearShape(cfg, p); dequantBytes = Math.max(dequantBytes, 12 * N * K); }
   const longest = Math.max(...examples.map((e) => e.inputIds.length));
-  const memory = estimateTrainingMemory({ cfg, baseBytes, dequantBytes, batch: Math.min(batchSize, examples.length), seqLen: Math.min(seqLen, longest), targets, dropout: dropoutP > 0, optimizer, recompute: o.recompute ?? false, lossChunkRows: LOSS_CHUNK });
-  if (o.memoryBudget !== undefined) {
-    if (memory.bytes > o.memoryBudget) {
-      const biggest = Object.entries(memory.breakdown).sort((a, b) => b[1] - a[1]).slice(0, 3).map(([k, v]) => `${k} ${formatBytes(v)}`).join(', ');
-      throw new EdgeloraError(`${memory.what} needs about ${formatBytes(memory.bytes)}, over the budget of ${formatBytes(o.memoryBudget)} (biggest: ${biggest})`, {
-        where: '--memory-budget',
-        hint: `lower ${memory.lower.join(', ')}, or raise --memory-budget`,
-      });
-    }
-  } else if (o.profile) {
-    checkMemoryPlan(memory, o.profile.memoryBudgetBytes, o.profile.id);
-  }
+  const memory = estimateTrainingMemory({ cfg, baseBytes, dequantBytes, batch: Math.min(plan.batchSize, examples.length), seqLen: Math.min(base.seqLen, longest), targets: adapter.targets, dropout: adapter.dropoutP > 0, optimizer: plan.optimizer, recompute: plan.recompute, lossChunkRows: LOSS_CHUNK });
+  if (plan.budget) checkMemoryPlan(memory, plan.budget.bytes, plan.budget.source);
+  return memory;
+}
 
-  // --- plan: data order, steps ---
+/** The data order and the number of steps: micro-batch m is a slice of its epoch's seeded permutation. */
+interface StepPlan {
+  readonly totalSteps: number;
+  readonly rows: number;
+  readonly batchesPerEpoch: number;
+  microBatch(m: number): Example[];
+}
+
+function stepPlan(plan: FinetunePlan, examples: readonly Example[]): StepPlan {
+  const { batchSize, gradAccum, seed } = plan;
   const n = examples.length;
   const batchesPerEpoch = Math.ceil(n / batchSize);
-  const totalSteps = o.steps ?? Math.max(1, Math.ceil(((o.epochs ?? 1) * batchesPerEpoch) / gradAccum));
+  const totalSteps = 'steps' in plan.length ? plan.length.steps : Math.max(1, Math.ceil((plan.length.epochs * batchesPerEpoch) / gradAccum));
   const epochPerm = new Map<number, number[]>();
   const microBatch = (m: number): Example[] => {
     const epoch = Math.floor(m / batchesPerEpoch);
@@ -255,44 +213,71 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
     const chunk = m % batchesPerEpoch;
     return perm.slice(chunk * batchSize, (chunk + 1) * batchSize).map((i) => examples[i]!);
   };
-  const dataHash = createHash('sha256').update(await fs.readFile(o.data)).digest('hex');
-  const planHash = createHash('sha256')
-    .update(canonicalJson({ base: manifest.fingerprint, dataHash, config, targets, lr, optimizer, weightDecay, batchSize, gradAccum, seqLen, maxGradNorm, seed, warmup, schedule, totalSteps }))
-    .digest('hex');
+  return { totalSteps, rows: n, batchesPerEpoch, microBatch };
+}
 
-  // --- optimizer state, resume ---
+/** What a checkpoint must have been written for: base, data, adapter config and every training option. */
+async function hashPlan(plan: FinetunePlan, base: Base, adapter: Adapter, steps: StepPlan): Promise<string> {
+  const { lr, optimizer, weightDecay, batchSize, gradAccum, maxGradNorm, seed, warmup, schedule } = plan;
+  const dataHash = createHash('sha256').update(await fs.readFile(plan.data)).digest('hex');
+  return createHash('sha256')
+    .update(canonicalJson({ base: base.manifest.fingerprint, dataHash, config: adapter.config, targets: adapter.targets, lr, optimizer, weightDecay, batchSize, gradAccum, seqLen: base.seqLen, maxGradNorm, seed, warmup, schedule, totalSteps: steps.totalSteps }))
+    .digest('hex');
+}
+
+/** Optimizer state, and where training starts: step 0, or the checkpoint's step (params and state loaded). */
+interface TrainState {
+  readonly opt: Map<string, TensorState>;
+  readonly ckDir: string;
+  readonly startStep: number;
+  /** Appended to as steps run. */
+  readonly log: LogEntry[];
+  tokens: number;
+}
+
+async function resumeState(plan: FinetunePlan, params: Map<string, LoraParam>, planHash: string): Promise<TrainState> {
   const opt = new Map<string, TensorState>();
-  if (optimizer === 'adamw') {
+  if (plan.optimizer === 'adamw') {
     for (const [key, p] of params) {
       opt.set(`${key}.a`, { m: new Float32Array(p.a.length), v: new Float32Array(p.a.length) });
       opt.set(`${key}.b`, { m: new Float32Array(p.b.length), v: new Float32Array(p.b.length) });
     }
   }
-  const ckDir = checkpointDir(out);
-  let startStep = 0;
-  let log: LogEntry[] = [];
-  let tokens = 0;
-  if (o.resume && (await hasCheckpoint(ckDir))) {
+  const ckDir = checkpointDir(plan.out);
+  if (plan.resume && (await hasCheckpoint(ckDir))) {
     const st = await loadCheckpoint(ckDir, params, opt);
     if (st.planHash !== planHash) {
       throw new EdgeloraError('the checkpoint was written for another plan (data, model or options differ)', { where: ckDir, hint: 'resume with the same flags, or remove the checkpoint directory to start over' });
     }
-    startStep = st.step;
-    log = st.log;
-    tokens = st.tokens;
-  } else if (o.resume === true) {
+    return { opt, ckDir, startStep: st.step, log: st.log, tokens: st.tokens };
+  }
+  if (plan.resume === true) {
     throw new EdgeloraError(`--resume: there is no checkpoint at ${ckDir}`, { where: ckDir, hint: 'run without --resume to start from step 0 (or with --resume-or-start), or check --out' });
   }
+  return { opt, ckDir, startStep: 0, log: [], tokens: 0 };
+}
 
-  // --- train ---
-  const session = await TrainSession.create(o.model, manifest, cfg, targets, {
+interface RunResult {
+  readonly interrupted: boolean;
+  readonly trainTokens: number;
+  readonly trainSeconds: number;
+  readonly evalLoss: number | null;
+}
+
+/** The optimizer steps from state.startStep, with checkpoints and the abort / stopAfterStep stops, then eval. */
+async function trainSteps(plan: FinetunePlan, base: Base, data: Data, adapter: Adapter, steps: StepPlan, planHash: string, state: TrainState): Promise<RunResult> {
+  const { batchSize, seed, saveEvery, saveEverySeconds } = plan;
+  const { params, dropoutP } = adapter;
+  const { totalSteps } = steps;
+  const { opt, log } = state;
+  const session = await TrainSession.create(plan.model, base.manifest, base.cfg, adapter.targets, {
     dropout: dropoutP > 0,
-    recompute: o.recompute ?? false,
-    bnb4Backward: o.bnb4Backward ?? 'dequantize',
+    recompute: plan.recompute,
+    bnb4Backward: plan.bnb4Backward,
     // Every micro-batch (training and eval) is at most batchSize rows of at most seqLen tokens.
-    maxTokens: batchSize * seqLen,
-    padTokenId: tok.padTokenId,
-    ...(o.sessionOptions ? { sessionOptions: o.sessionOptions } : {}),
+    maxTokens: batchSize * base.seqLen,
+    padTokenId: base.tok.padTokenId,
+    ...(plan.sessionOptions ? { sessionOptions: plan.sessionOptions } : {}),
   });
   const dropoutMasks = (m: number) => {
     const r = new Rng(subSeed('dropout', seed, m));
@@ -310,99 +295,105 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
   let trainSeconds = 0;
   let evalLoss: number | null = null;
   try {
-    for (let step = startStep; step < totalSteps; step++) {
+    for (let step = state.startStep; step < totalSteps; step++) {
       const ts = performance.now();
-      const micro: MicroBatch[] = [];
-      for (let k = 0; k < gradAccum; k++) {
-        const rows = microBatch(step * gradAccum + k);
-        micro.push({ inputIds: rows.map((e) => e.inputIds), labels: rows.map((e) => e.labels) });
-      }
-      const count = micro.reduce((s, mb) => s + countLabelTokens(mb.labels), 0);
-      let loss = 0;
-      let grads: Map<string, LoraGrad> | null = null;
-      let stepTokens = 0;
-      for (let k = 0; k < gradAccum; k++) {
-        const mb = micro[k]!;
-        const r = await session.step(mb, params, 1 / Math.max(1, count), dropoutP > 0 ? dropoutMasks(step * gradAccum + k) : undefined);
-        loss += r.loss;
-        stepTokens += mb.inputIds.reduce((s, row) => s + row.length, 0);
-        if (!grads) grads = r.grads;
-        else for (const [key, g] of r.grads) addInto(grads.get(key)!, g);
-      }
-      const flat = [...grads!.values()].flatMap((g) => [g.a, g.b]);
-      const norm = clipByGlobalNorm(flat, maxGradNorm);
-      const lrNow = learningRate(schedule, lr, step, totalSteps, warmup);
-      for (const [key, p] of params) {
-        const g = grads!.get(key)!;
-        const cfgOpt = { kind: optimizer, lr, weightDecay };
-        optimizerUpdate(cfgOpt, p.a, g.a, opt.get(`${key}.a`) ?? null, lrNow, step + 1);
-        optimizerUpdate(cfgOpt, p.b, g.b, opt.get(`${key}.b`) ?? null, lrNow, step + 1);
-      }
-      if (!Number.isFinite(loss)) throw new EdgeloraError(`loss is ${loss} at step ${step + 1}`, { where: '--lr', hint: 'training diverged: lower --lr or keep --max-grad-norm on' });
-      tokens += stepTokens;
+      const { loss, norm, lrNow, stepTokens } = await optimizerStep(plan, session, adapter, steps, opt, step, dropoutMasks);
+      state.tokens += stepTokens;
       trainTokens += stepTokens;
       const entry: LogEntry = { step: step + 1, loss, lr: lrNow, grad_norm: norm, tokens: stepTokens, seconds: (performance.now() - ts) / 1000 };
       log.push(entry);
-      o.onStep?.(entry, totalSteps);
-      const aborted = o.signal?.aborted === true && step + 1 < totalSteps;
+      plan.onStep?.(entry, totalSteps);
+      const aborted = plan.signal?.aborted === true && step + 1 < totalSteps;
       const timeDue = saveEverySeconds > 0 && performance.now() - lastSave >= saveEverySeconds * 1000;
       if ((aborted || timeDue || (saveEvery > 0 && (step + 1) % saveEvery === 0)) && step + 1 < totalSteps) {
         lastSave = performance.now();
-        const st: CheckpointState = {
-          format: CHECKPOINT_FORMAT,
-          step: step + 1,
-          totalSteps,
-          planHash,
-          dataOrder: { seed, rows: n, batchSize, batchesPerEpoch },
-          rng: { kind: 'derived-per-micro-batch', seed, nextMicroBatch: (step + 1) * gradAccum },
-          tokens,
-          log,
-          modules: [...params.keys()],
-        };
-        await saveCheckpoint(ckDir, st, params, opt);
+        await writeCheckpoint(plan, steps, planHash, state, params, step + 1);
       }
-      if (aborted || (o.stopAfterStep !== undefined && step + 1 >= o.stopAfterStep && step + 1 < totalSteps)) {
+      if (aborted || (plan.stopAfterStep !== undefined && step + 1 >= plan.stopAfterStep && step + 1 < totalSteps)) {
         interrupted = true;
         break;
       }
     }
     trainSeconds = (performance.now() - trainStart) / 1000;
-    if (!interrupted && evalExamples && evalExamples.length > 0) {
-      evalLoss = await evaluateLoss(session, params, evalExamples, batchSize, dropoutP > 0);
+    if (!interrupted && data.evalExamples && data.evalExamples.length > 0) {
+      evalLoss = await evaluateLoss(session, params, data.evalExamples, batchSize, dropoutP > 0);
     }
   } finally {
     await session.release();
   }
+  return { interrupted, trainTokens, trainSeconds, evalLoss };
+}
 
-  // --- output ---
-  if (!interrupted) {
-    const modules: LoraModule[] = [...params.values()].map((p) => ({ layer: p.layer, proj: p.proj, r: p.r, alpha: p.alpha, scale: p.scale, a: p.a, b: p.b }));
-    await writeDirAtomic(out, async (tmp) => {
-      const inner = path.join(tmp, 'adapter');
-      await saveAdapter(inner, { config, modules, ...bindingFor(manifest) }, { dtype: o.dtype ?? 'F32' });
-      for (const f of await fs.readdir(inner)) await fs.rename(path.join(inner, f), path.join(tmp, f));
-      await fs.rmdir(inner);
-      await writeFileAtomic(path.join(tmp, TRAINING_LOG), log.map((e) => JSON.stringify(e)).join('\n') + '\n');
-    });
-    await fs.rm(ckDir, { recursive: true, force: true });
+/** Optimizer step `step`: its G micro-batches forward + backward, gradients summed, clipped and applied. */
+async function optimizerStep(
+  plan: FinetunePlan,
+  session: TrainSession,
+  adapter: Adapter,
+  steps: StepPlan,
+  opt: ReadonlyMap<string, TensorState>,
+  step: number,
+  dropoutMasks: (m: number) => (key: string, B: number, T: number, K: number) => Float32Array,
+): Promise<{ loss: number; norm: number; lrNow: number; stepTokens: number }> {
+  const { gradAccum, optimizer, lr, weightDecay } = plan;
+  const { params, dropoutP } = adapter;
+  const micro: MicroBatch[] = [];
+  for (let k = 0; k < gradAccum; k++) {
+    const rows = steps.microBatch(step * gradAccum + k);
+    micro.push({ inputIds: rows.map((e) => e.inputIds), labels: rows.map((e) => e.labels) });
   }
-  const losses = log.map((e) => e.loss);
-  return {
-    out,
-    interrupted,
-    steps: log.length,
-    resumedFrom: startStep,
-    finalLoss: losses[losses.length - 1] ?? NaN,
-    losses,
-    log,
-    tokens,
-    tokensPerSecond: trainSeconds > 0 ? trainTokens / trainSeconds : 0,
-    peakRssBytes: process.resourceUsage().maxRSS * 1024,
-    evalLoss,
-    memory,
-    parameters,
-    seconds: (performance.now() - t0) / 1000,
+  const count = micro.reduce((s, mb) => s + countLabelTokens(mb.labels), 0);
+  let loss = 0;
+  let grads: Map<string, LoraGrad> | null = null;
+  let stepTokens = 0;
+  for (let k = 0; k < gradAccum; k++) {
+    const mb = micro[k]!;
+    const r = await session.step(mb, params, 1 / Math.max(1, count), dropoutP > 0 ? dropoutMasks(step * gradAccum + k) : undefined);
+    loss += r.loss;
+    stepTokens += mb.inputIds.reduce((s, row) => s + row.length, 0);
+    if (!grads) grads = r.grads;
+    else for (const [key, g] of r.grads) addInto(grads.get(key)!, g);
+  }
+  const flat = [...grads!.values()].flatMap((g) => [g.a, g.b]);
+  const norm = clipByGlobalNorm(flat, plan.maxGradNorm);
+  const lrNow = learningRate(plan.schedule, lr, step, steps.totalSteps, plan.warmup);
+  for (const [key, p] of params) {
+    const g = grads!.get(key)!;
+    const cfgOpt = { kind: optimizer, lr, weightDecay };
+    optimizerUpdate(cfgOpt, p.a, g.a, opt.get(`${key}.a`) ?? null, lrNow, step + 1);
+    optimizerUpdate(cfgOpt, p.b, g.b, opt.get(`${key}.b`) ?? null, lrNow, step + 1);
+  }
+  if (!Number.isFinite(loss)) throw new EdgeloraError(`loss is ${loss} at step ${step + 1}`, { where: '--lr', hint: 'training diverged: lower --lr or keep --max-grad-norm on' });
+  return { loss, norm, lrNow, stepTokens };
+}
+
+/** The checkpoint after `done` steps: parameters, optimizer state, log, and where the data order stands. */
+async function writeCheckpoint(plan: FinetunePlan, steps: StepPlan, planHash: string, state: TrainState, params: ReadonlyMap<string, LoraParam>, done: number): Promise<void> {
+  const { seed, batchSize, gradAccum } = plan;
+  const st: CheckpointState = {
+    format: CHECKPOINT_FORMAT,
+    step: done,
+    totalSteps: steps.totalSteps,
+    planHash,
+    dataOrder: { seed, rows: steps.rows, batchSize, batchesPerEpoch: steps.batchesPerEpoch },
+    rng: { kind: 'derived-per-micro-batch', seed, nextMicroBatch: done * gradAccum },
+    tokens: state.tokens,
+    log: state.log,
+    modules: [...params.keys()],
   };
+  await saveCheckpoint(state.ckDir, st, params, state.opt);
+}
+
+/** The PEFT adapter directory (+ training_log.jsonl), written atomically; the checkpoint is then removed. */
+async function writeOutput(plan: FinetunePlan, base: Base, adapter: Adapter, log: readonly LogEntry[]): Promise<void> {
+  const modules: LoraModule[] = [...adapter.params.values()].map((p) => ({ layer: p.layer, proj: p.proj, r: p.r, alpha: p.alpha, scale: p.scale, a: p.a, b: p.b }));
+  await writeDirAtomic(plan.out, async (tmp) => {
+    const inner = path.join(tmp, 'adapter');
+    await saveAdapter(inner, { config: adapter.config, modules, ...bindingFor(base.manifest) }, { dtype: plan.dtype });
+    for (const f of await fs.readdir(inner)) await fs.rename(path.join(inner, f), path.join(tmp, f));
+    await fs.rmdir(inner);
+    await writeFileAtomic(path.join(tmp, TRAINING_LOG), log.map((e) => JSON.stringify(e)).join('\n') + '\n');
+  });
+  await fs.rm(checkpointDir(plan.out), { recursive: true, force: true });
 }
 
 function addInto(acc: LoraGrad, g: LoraGrad): void {

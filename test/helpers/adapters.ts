@@ -11,6 +11,8 @@ export interface RandomAdapterOptions {
   targets: Proj[];
   seed: number;
   rslora?: boolean;
+  /** lora_dropout in adapter_config.json; default 0. */
+  dropout?: number;
   rankPattern?: Record<string, number>;
   alphaPattern?: Record<string, number>;
   fingerprint?: string | null;
@@ -24,6 +26,7 @@ export async function randomAdapter(dir: string, cfg: ModelConfig, o: RandomAdap
     alpha: o.alpha,
     targets: o.targets,
     rslora: o.rslora ?? false,
+    ...(o.dropout !== undefined ? { dropout: o.dropout } : {}),
     ...(o.rankPattern ? { rankPattern: o.rankPattern } : {}),
     ...(o.alphaPattern ? { alphaPattern: o.alphaPattern } : {}),
   });

@@ -10,9 +10,9 @@ import { readManifest } from '../../src/model/manifest.js';
 import { parseHfConfig, type ModelConfig } from '../../src/formats/hf-config.js';
 import { loadTokenizer } from '../../src/formats/tokenizer.js';
 import { loadJsonl } from '../../src/data/jsonl.js';
-import { LINEAR_PROJS, linearShape, type Proj } from '../../src/model/llama.js';
+import { LINEAR_PROJS, linearShape, siteKey, type Proj } from '../../src/model/llama.js';
 import { loadAdapter, makePeftConfig, saveAdapter, loraScale, type LoraModule } from '../../src/adapters/peft.js';
-import { TrainSession, paramKey, countLabelTokens, type LoraParam } from '../../src/train/session.js';
+import { TrainSession, countLabelTokens, type LoraParam } from '../../src/train/session.js';
 import { finetune } from '../../src/train/trainer.js';
 import { checkpointDir } from '../../src/train/checkpoint.js';
 import { learningRate, optimizerUpdate, initLora, clipByGlobalNorm } from '../../src/train/optim.js';
@@ -85,7 +85,7 @@ test('one SGD step from a given adapter equals adapter − lr·gradient', async 
   const params = new Map<string, LoraParam>();
   for (const m of modules) {
     const { N, K } = linearShape(cfg, m.proj);
-    params.set(paramKey(m.layer, m.proj), { layer: m.layer, proj: m.proj, r: m.r, K, N, alpha: m.alpha, scale: m.scale, a: m.a, b: m.b });
+    params.set(siteKey(m), { layer: m.layer, proj: m.proj, r: m.r, K, N, alpha: m.alpha, scale: m.scale, a: m.a, b: m.b });
   }
   const targets = [...params.values()].map((p) => ({ layer: p.layer, proj: p.proj, rank: p.r, K: p.K, N: p.N }));
   const session = await TrainSession.create(model, manifest, cfg, targets, { dropout: false, padTokenId: tok.padTokenId });

@@ -10,8 +10,8 @@ import { tempDir, tinyCheckpoint, quantized, dequantizedWeights } from '../helpe
 import { referenceForward, type RefLora } from '../helpers/reference.js';
 import { readManifest } from '../../src/model/manifest.js';
 import { parseHfConfig, type ModelConfig } from '../../src/formats/hf-config.js';
-import { LINEAR_PROJS } from '../../src/model/llama.js';
-import { TrainSession, paramKey, countLabelTokens, type LoraParam, type MicroBatch } from '../../src/train/session.js';
+import { LINEAR_PROJS, siteKey } from '../../src/model/llama.js';
+import { TrainSession, countLabelTokens, type LoraParam, type MicroBatch } from '../../src/train/session.js';
 import { loraTargets } from '../../src/train/graph.js';
 import { Rng } from '../../src/util/rng.js';
 
@@ -49,7 +49,7 @@ function randomParams(cfg: ModelConfig, seed: number): Map<string, LoraParam> {
   const rng = new Rng(seed);
   const params = new Map<string, LoraParam>();
   for (const t of loraTargets(cfg, LINEAR_PROJS, () => RANK)) {
-    params.set(paramKey(t.layer, t.proj), {
+    params.set(siteKey(t), {
       layer: t.layer, proj: t.proj, r: RANK, K: t.K, N: t.N, alpha: 1.5 * RANK, scale: 1.5,
       a: Float32Array.from({ length: RANK * t.K }, () => 0.1 * rng.normal()),
       b: Float32Array.from({ length: RANK * t.N }, () => 0.1 * rng.normal()),

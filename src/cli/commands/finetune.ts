@@ -8,6 +8,7 @@ import { parseHfConfig } from '../../formats/hf-config.js';
 import { readPeftConfig } from '../../adapters/peft.js';
 import type { FinetuneDefaults } from '../../profiles/schema.js';
 import { finetune, type FinetuneOptions } from '../../train/trainer.js';
+import { FINETUNE_NUMBERS, type FinetuneNumber } from '../../train/plan.js';
 import { checkpointDir } from '../../train/checkpoint.js';
 import { LINEAR_PROJS, type Proj } from '../../model/llama.js';
 import { EdgeloraError } from '../../util/errors.js';
@@ -188,25 +189,29 @@ export const finetuneCommand: Command = {
       return 0;
     }
     const s = (k: string) => v[k as keyof typeof v] as string | undefined;
-    const num = (flag: string, check: Parameters<typeof numberFlag>[3] = {}) => (s(flag) === undefined ? undefined : numberFlag(flag, s(flag), 0, check));
+    // Each numeric flag by the trainer's own rule for the option it sets (one range for both).
+    const num = (option: FinetuneNumber): number | undefined => {
+      const { flag, check } = FINETUNE_NUMBERS[option];
+      return s(flag) === undefined ? undefined : numberFlag(flag, s(flag), 0, check);
+    };
     const json = Boolean(v.json);
     const dtype = choiceFlag('dtype', s('dtype'), ['f32', 'f16', 'bf16'] as const);
     const model = requireFlag('finetune', 'model', s('model'));
     const data = requireFlag('finetune', 'data', s('data'));
     const out = requireFlag('finetune', 'out', s('out'));
-    const lr = num('lr', { positive: true });
+    const lr = num('lr');
     const memoryBudget = s('memory-budget') === undefined ? undefined : parseByteSize('memory-budget', s('memory-budget')!);
     if (v.recompute && v['no-recompute']) throw new EdgeloraError('give --recompute or --no-recompute, not both', { where: 'edgelora finetune' });
     // Flags are checked before the profile is resolved and before any file is read.
     const flagged = {
-      rank: num('rank', { integer: true, min: 1 }),
-      alpha: num('alpha', { positive: true }),
+      rank: num('rank'),
+      alpha: num('alpha'),
       targets: parseTargets(s('targets')),
-      batchSize: num('batch-size', { integer: true, min: 1 }),
-      seqLen: num('seq-len', { integer: true, min: 2 }),
+      batchSize: num('batchSize'),
+      seqLen: num('seqLen'),
       recompute: v.recompute ? true : v['no-recompute'] ? false : undefined,
     };
-    const loraDropout = num('lora-dropout', { min: 0, below: 1 });
+    const loraDropout = num('loraDropout');
     await checkOutputPath(out, { what: 'the --out adapter directory', hint: 'choose a new --out directory (or remove the old adapter); --resume continues from <out>.checkpoint' });
     // The device profile gives the memory budget (unless --memory-budget is set), the execution
     // providers, and the fine-tune settings no flag gave.
@@ -235,23 +240,23 @@ export const finetuneCommand: Command = {
       batchSize: settings.batchSize.value,
       seqLen: settings.seqLen.value,
       recompute: settings.recompute.value,
-      ...(num('steps', { integer: true, min: 1 }) !== undefined ? { steps: num('steps')! } : {}),
-      ...(num('epochs', { positive: true }) !== undefined ? { epochs: num('epochs')! } : {}),
+      ...(num('steps') !== undefined ? { steps: num('steps')! } : {}),
+      ...(num('epochs') !== undefined ? { epochs: num('epochs')! } : {}),
       ...(lr !== undefined ? { lr } : {}),
       ...(choiceFlag('optimizer', s('optimizer'), ['adamw', 'sgd'] as const) ? { optimizer: s('optimizer') as 'adamw' | 'sgd' } : {}),
-      ...(num('weight-decay', { min: 0 }) !== undefined ? { weightDecay: num('weight-decay')! } : {}),
-      ...(num('grad-accum', { integer: true, min: 1 }) !== undefined ? { gradAccum: num('grad-accum')! } : {}),
-      ...(num('max-grad-norm', { min: 0 }) !== undefined ? { maxGradNorm: num('max-grad-norm')! } : {}),
+      ...(num('weightDecay') !== undefined ? { weightDecay: num('weightDecay')! } : {}),
+      ...(num('gradAccum') !== undefined ? { gradAccum: num('gradAccum')! } : {}),
+      ...(num('maxGradNorm') !== undefined ? { maxGradNorm: num('maxGradNorm')! } : {}),
       ...(loraDropout !== undefined ? { loraDropout } : {}),
-      ...(num('warmup', { integer: true, min: 0 }) !== undefined ? { warmup: num('warmup')! } : {}),
+      ...(num('warmup') !== undefined ? { warmup: num('warmup')! } : {}),
       ...(choiceFlag('schedule', s('schedule'), ['cosine', 'linear', 'constant'] as const) ? { schedule: s('schedule') as 'cosine' | 'linear' | 'constant' } : {}),
       ...(s('init-adapter') ? { initAdapter: s('init-adapter')! } : {}),
       ...(s('eval-data') ? { evalData: s('eval-data')! } : {}),
-      ...(num('save-every', { integer: true, min: 0 }) !== undefined ? { saveEvery: num('save-every')! } : {}),
+      ...(num('saveEvery') !== undefined ? { saveEvery: num('saveEvery')! } : {}),
       ...(v.resume ? { resume: true } : v['resume-or-start'] ? { resume: 'if-present' as const } : {}),
-      saveEverySeconds: numberFlag('save-interval', s('save-interval'), 300, { min: 0 }),
+      saveEverySeconds: numberFlag('save-interval', s('save-interval'), 300, FINETUNE_NUMBERS.saveEverySeconds.check),
       signal: stopper.signal,
-      ...(num('seed', { integer: true, min: 0 }) !== undefined ? { seed: num('seed')! } : {}),
+      ...(num('seed') !== undefined ? { seed: num('seed')! } : {}),
       ...(memoryBudget !== undefined ? { memoryBudget } : {}),
       profile: { id: rp.profile.id, memoryBudgetBytes: rp.memoryBudgetBytes },
       sessionOptions: rp.sessionOptions({ graphOptimizationLevel: 'all', enableCpuMemArena: false }),

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { readManifest } from '../../model/manifest.js';
 import { QuantizedWeights, WEIGHT_SUFFIX } from '../../model/weights.js';
 import { parseHfConfig, type ModelConfig } from '../hf-config.js';
-import { LINEAR_PROJS, linearShape, linearWeightName, type Proj } from '../../model/llama.js';
+import { LINEAR_PROJS, compareSites, linearShape, linearWeightName, type Proj } from '../../model/llama.js';
 import { baseOf, loadAdapter } from '../../adapters/peft.js';
 import { rawToF32, f32ToF16Bits, f16BitsToF32 } from '../safetensors.js';
 import { EdgeloraError } from '../../util/errors.js';
@@ -207,7 +207,7 @@ export async function exportGgufAdapter(adapterDir: string, outFile: string, bas
     ['adapter.lora.alpha', { type: 'f32', value: alpha }],
   ];
   const tensors: GgufTensorOut[] = [];
-  const modules = [...adapter.modules.values()].sort((a, b) => a.layer - b.layer || LINEAR_PROJS.indexOf(a.proj) - LINEAR_PROJS.indexOf(b.proj));
+  const modules = [...adapter.modules.values()].sort(compareSites);
   for (const m of modules) {
     const { N, K } = linearShape(cfg, m.proj);
     const heads = permutedHeads(arch, m.proj, cfg.numHeads, cfg.numKvHeads);
