@@ -121,6 +121,8 @@ export class ServeEngine {
   private readonly defaultScales = new Map<string, number>();
   /** What a request for the bare base id gets: an adapter id (the fleet's active one), or null (the base alone). */
   private baseDefault: string | null = null;
+  /** Serving paused for a fine-tuning job (pauseServing): no rows admitted; `released` once the session is. */
+  private pause: { released: boolean; ready: () => void; fail: (e: unknown) => void } | null = null;
 
   private constructor(
     readonly model: ModelRuntime,
@@ -237,6 +239,40 @@ export class ServeEngine {
     });
   }
 
+  /**
+   * Serving queues during a fine-tuning job: rows running now finish, then the base's session is
+   * released (its weights leave memory for the job's training session) and requests wait in the queue
+   * (up to maxQueue; none fails) until the returned resume() recreates the session and serves them.
+   * Adapter swaps (between()) still run while paused.
+   */
+  async pauseServing(): Promise<{ resume: () => Promise<void> }> {
+    if (this.pause) throw new EdgeloraError('serving is already paused');
+    if (this.stopping) throw new EdgeloraError('the engine is shutting down');
+    await new Promise<void>((ready, fail) => {
+      this.pause = { released: false, ready, fail };
+      this.wake?.();
+    });
+    let resumed = false;
+    return {
+      resume: async () => {
+        if (resumed) return;
+        resumed = true;
+        try {
+          await this.model.resume();
+        } finally {
+          // Even when the session could not be recreated: queued rows then fail with the forward's error, not hang.
+          this.pause = null;
+          this.wake?.();
+        }
+      },
+    };
+  }
+
+  /** Whether serving is paused for a fine-tuning job (requests queue). */
+  get paused(): boolean {
+    return this.pause !== null;
+  }
+
   get queueDepth(): number {
     return this.queue.length;
   }
@@ -325,6 +361,26 @@ export class ServeEngine {
       for (const fn of this.betweenBatches.splice(0)) await fn();
       this.dropCancelled();
       if (this.stopping && this.running.length === 0) return;
+      const pause = this.pause;
+      if (pause && this.running.length === 0) {
+        if (!pause.released) {
+          try {
+            await this.model.suspend();
+            pause.released = true;
+            pause.ready();
+          } catch (err) {
+            this.pause = null;
+            pause.fail(err);
+          }
+          continue;
+        }
+        // Released: wait for resume(), a between() or shutdown.
+        await new Promise<void>((r) => {
+          this.wake = r;
+        });
+        this.wake = null;
+        continue;
+      }
       if (this.running.length === 0 && this.queue.length === 0) {
         await new Promise<void>((r) => {
           this.wake = r;
@@ -332,7 +388,7 @@ export class ServeEngine {
         this.wake = null;
         continue;
       }
-      const admitted = this.queue.splice(0, this.maxBatch - this.running.length);
+      const admitted = pause ? [] : this.queue.splice(0, this.maxBatch - this.running.length);
       try {
         if (admitted.length > 0) {
           this.observer.queueDepth?.(this.queue.length);
