@@ -51,8 +51,9 @@ the same set):
   --state DIR              state directory (required with --broker; created when missing): the
                            agent's state, and fine-tuning files and jobs (POST /v1/files,
                            /v1/fine_tuning/jobs; without --state there are no jobs). A job runs in
-                           this process while serving continues (both slower); a killed server
-                           resumes an unfinished job from its checkpoint on the next start
+                           this process; serving queues while it trains (the base is held once)
+                           and answers when it ends; a killed server resumes an unfinished job
+                           from its checkpoint on the next start
   --default-adapter fleet|none
                            what a request for the bare model id gets: the fleet's active adapter
                            (default fleet) or the base alone; /health and /v1/models say which
