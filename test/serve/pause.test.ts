@@ -2,15 +2,19 @@
 // asked finish first; then the session is released (the model refuses forwards) and a request
 // submitted meanwhile waits in the queue, neither failed nor served, while between() swaps still
 // run; resume() recreates the session and the waiting request gets exactly what it gets unpaused.
+// Over HTTP, /health says serving is paused and how many requests wait.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { tempDir, tinyCheckpoint, quantized } from '../helpers/fixtures.js';
 import { ServeEngine, type CompletionRequest } from '../../src/serve/engine.js';
+import { startServe } from '../../src/serve/server.js';
 
 const tmp = tempDir();
 let engine: ServeEngine;
+let modelDir = '';
 before(async () => {
   const dir = await quantized(await tinyCheckpoint(tmp.dir), tmp.dir, 'tiny', { format: 'int4', int4AccuracyLevel: 0 });
+  modelDir = dir;
   engine = await ServeEngine.start(dir, { ctx: 64 });
 });
 after(async () => {
@@ -49,4 +53,23 @@ test('pauseServing: running rows finish, later requests queue until resume and t
   await again.resume();
   assert.equal(engine.paused, false);
   assert.deepEqual((await engine.submit(req(20))).tokenIds, ref);
+});
+
+test('over HTTP: /health says serving is paused and how deep the queue is; a completion sent meanwhile is answered after resume', async () => {
+  const s = await startServe({ modelDir, port: 0, ctx: 64, modelId: 'tiny' });
+  try {
+    const eng = await s.ready;
+    const body = { model: 'tiny', prompt: 'Pause here', max_tokens: 8, temperature: 0 };
+    const complete = async () => ((await (await fetch(`${s.url}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) })).json()) as { choices: { text: string }[] }).choices[0]!.text;
+    const ref = await complete();
+    const { resume } = await eng.pauseServing();
+    const waiting = complete();
+    while (eng.queueDepth < 1) await new Promise((r) => setTimeout(r, 10));
+    assert.deepEqual(await (await fetch(`${s.url}/health`)).json(), { status: 'ok', serving: 'paused for a fine-tuning job; requests queue until it ends', queue_depth: 1 });
+    await resume();
+    assert.equal(await waiting, ref);
+    assert.deepEqual(await (await fetch(`${s.url}/health`)).json(), { status: 'ok' });
+  } finally {
+    await s.close(0);
+  }
 });
