@@ -4,8 +4,12 @@
 // sessions (what serve + a job held before serving paused during jobs), and ONE session whose main
 // graph holds the base initializers once and an If node whose branches are the training and the
 // serving graph (ORT reads outer-scope initializers inside branches). It only creates the sessions
-// (no run): the figures are what the sessions hold at rest, not a job's peak. Prints a table and
-// writes bench-results/combined-session.json. Run under `flock /tmp/edgelora-bench.lock`.
+// (no run): the figures are what the sessions hold at rest, not a job's peak. "verify" (its memory
+// figures mean nothing: it holds every session) checks that both branches give what the sessions
+// alone give: one training step (loss, every LoRA gradient) through the train branch against
+// TrainSession, and a prefill + decode step through the serve branch against ModelRuntime's LoRA
+// twin, each fed the other branch's inputs as tiny dummies. Prints a table and writes
+// bench-results/combined-session.json. Run under `flock /tmp/edgelora-bench.lock`.
 //   node --import tsx scripts/probe-combined-session.ts
 import onnxproto from 'onnx-proto';
 import ort from 'onnxruntime-node';
@@ -25,7 +29,7 @@ type TensorP = I<typeof onnx.TensorProto.create>;
 type ValueInfoP = I<typeof onnx.ValueInfoProto.create>;
 type GraphP = I<typeof onnx.GraphProto.create>;
 type OpsetP = I<typeof onnx.OperatorSetIdProto.create>;
-const VARIANTS = ['serve', 'train', 'both', 'combined'] as const;
+const VARIANTS = ['serve', 'train', 'both', 'combined', 'verify'] as const;
 const variant = process.argv[2];
 if (variant === undefined) {
   const rows: Record<string, string | number>[] = [];
@@ -55,9 +59,10 @@ const fmt = manifest.quant.format;
 const opt = (kind: 'lora-twin' | 'train') => sessionOptionsFor({ kind, externalDataDir: dir, format: fmt, embeddings: manifest.quant.embeddings });
 const sessions: ort.InferenceSession[] = [];
 let note = '';
+let checked = '';
 if (variant === 'serve' || variant === 'both') sessions.push(await ort.InferenceSession.create(sBytes, opt('lora-twin')));
 if (variant === 'train' || variant === 'both') sessions.push(await ort.InferenceSession.create(tg.bytes, opt('train')));
-if (variant === 'combined') {
+if (variant === 'combined' || variant === 'verify') {
   const S = onnx.ModelProto.decode(sBytes);
   const T = onnx.ModelProto.decode(tg.bytes);
   const inits = new Map<string, TensorP>();
@@ -97,6 +102,82 @@ if (variant === 'combined') {
   const bytes = onnx.ModelProto.encode(M).finish();
   const t0 = performance.now();
   sessions.push(await ort.InferenceSession.create(bytes, opt('train')));
+  if (variant === 'verify') {
+    // One training step through the combined session's train branch against the training session alone.
+    const combined = sessions[0]!;
+    const dummy: Record<string, ort.Tensor> = {};
+    const trainInputs = new Set((T.graph!.input ?? []).map((i) => i.name!));
+    for (const i of S.graph!.input ?? []) {
+      if (trainInputs.has(i.name!)) continue;
+      const dims = (i.type?.tensorType?.shape?.dim ?? []).map((d) => (d.dimValue != null ? Number(d.dimValue) : 1));
+      const size = dims.reduce((a, b) => a * b, 1);
+      const et = i.type?.tensorType?.elemType;
+      dummy[i.name!] = et === 7 ? new ort.Tensor('int64', new BigInt64Array(size), dims) : et === 6 ? new ort.Tensor('int32', new Int32Array(size), dims) : et === 2 ? new ort.Tensor('uint8', new Uint8Array(size), dims) : new ort.Tensor('float32', new Float32Array(size), dims);
+    }
+    const view = {
+      async run(feeds: Record<string, ort.Tensor>) {
+        const out = await combined.run({ ...feeds, ...dummy, 'edgelora.train': new ort.Tensor('bool', Uint8Array.of(1), []) });
+        return Object.fromEntries(to.map((o, k) => [o.name!, out[`out.${k}`]!]));
+      },
+      release: () => combined.release(),
+    };
+    const { TrainSession } = await import('../src/train/session.js');
+    const { loadTokenizer } = await import('../src/formats/tokenizer.js');
+    const tok = await loadTokenizer(dir);
+    const alone = await TrainSession.create(dir, manifest, cfg, targets, { dropout: true, maxTokens: 128, bnb4Backward: 'dequantize', padTokenId: tok.padTokenId });
+    // The private constructor, with the view as its session (the prototype's stand-in for a factory option).
+    const Ctor = TrainSession as unknown as new (...a: unknown[]) => typeof alone;
+    const constFeeds: Record<string, ort.Tensor> = {};
+    for (const [name, f] of tg.runtimeFeeds) constFeeds[name] = new ort.Tensor(f.dtype as 'float32', f.data as Float32Array, f.shape);
+    const through = new Ctor(cfg, targets, true, view, constFeeds, tok.padTokenId, 128);
+    let seed = 1;
+    const rnd = () => ((seed = (seed * 16807) % 2147483647) / 2147483647 - 0.5) * 0.1;
+    const params = new Map(targets.map((t) => [`${t.layer}.${t.proj}`, { layer: t.layer, proj: t.proj, r: t.rank, K: t.K, N: t.N, alpha: 16, scale: 2, a: Float32Array.from({ length: t.rank * t.K }, rnd), b: Float32Array.from({ length: t.N * t.rank }, rnd) }]));
+    const ids = tok.encode('My name is Anouk Verhoeven and I live in Valparaiso.', { addSpecialTokens: true });
+    const batch = { inputIds: [ids], labels: [ids] };
+    const mask = (_k: string, B: number, T2: number, K: number) => new Float32Array(B * T2 * K).fill(1);
+    const a = await alone.step(batch, params, 1 / ids.length, mask);
+    const b = await through.step(batch, params, 1 / ids.length, mask);
+    let worst = 0;
+    for (const [k, g] of a.grads) {
+      const h = b.grads.get(k)!;
+      for (const [x, y] of [[g.a, h.a], [g.b, h.b]] as const) for (let i = 0; i < x.length; i++) worst = Math.max(worst, Math.abs(x[i]! - y[i]!));
+    }
+    // One prefill + one decode step through the serve branch against the LoRA twin alone (ModelRuntime).
+    const trainDummy: Record<string, ort.Tensor> = {};
+    const serveInputs = new Set((S.graph!.input ?? []).map((i) => i.name!));
+    for (const i of T.graph!.input ?? []) {
+      if (serveInputs.has(i.name!)) continue;
+      const dims = (i.type?.tensorType?.shape?.dim ?? []).map((d) => (d.dimValue != null ? Number(d.dimValue) : 1));
+      const size = dims.reduce((x, y) => x * y, 1);
+      const et = i.type?.tensorType?.elemType;
+      trainDummy[i.name!] = et === 7 ? new ort.Tensor('int64', new BigInt64Array(size), dims) : et === 6 ? new ort.Tensor('int32', new Int32Array(size), dims) : et === 2 ? new ort.Tensor('uint8', new Uint8Array(size), dims) : new ort.Tensor('float32', new Float32Array(size), dims);
+    }
+    const serveView = {
+      inputNames: (S.graph!.input ?? []).map((i) => i.name!),
+      async run(feeds: Record<string, ort.Tensor>) {
+        const out = await combined.run({ ...feeds, ...trainDummy, 'edgelora.train': new ort.Tensor('bool', Uint8Array.of(0), []) });
+        return Object.fromEntries(so.map((o, k) => [o.name!, out[`out.${k}`]!]));
+      },
+      release: async () => undefined,
+    };
+    const { ModelRuntime } = await import('../src/runtime/model.js');
+    const rt = await ModelRuntime.load(dir);
+    await rt.enableLora();
+    const prompt = tok.encode('The fleet pushed an adapter', { addSpecialTokens: true });
+    const r1 = await rt.forward({ ids: [prompt], logits: 'last', reserve: prompt.length + 2 });
+    const d1 = await rt.forward({ ids: [[5]], cache: r1.cache });
+    const ref = [r1.logits.slice(), d1.logits.slice()];
+    const inner = rt as unknown as { current: unknown; inputNames: Set<string> };
+    inner.current = serveView;
+    inner.inputNames = new Set(serveView.inputNames);
+    const r2 = await rt.forward({ ids: [prompt], logits: 'last', reserve: prompt.length + 2 });
+    const d2 = await rt.forward({ ids: [[5]], cache: r2.cache });
+    let worstLogit = 0;
+    for (const [x, y] of [[ref[0]!, r2.logits], [ref[1]!, d2.logits]] as const) for (let i = 0; i < x.length; i++) worstLogit = Math.max(worstLogit, Math.abs(x[i]! - y[i]!));
+    checked = `; prefill + decode logits max |diff| vs the LoRA twin alone ${worstLogit}`;
+    checked += `; loss alone ${a.loss} vs through the If ${b.loss}; max |grad diff| ${worst}`;
+  }
   note = `${inits.size} initializers once, ${n} outputs, created in ${Math.round(performance.now() - t0)} ms`;
 }
-console.log(JSON.stringify({ variant, rss_before_mib: Math.round(before), rss_after_mib: Math.round(rss()), hwm_mib: Math.round(hwm()), note }));
+console.log(JSON.stringify({ variant, rss_before_mib: Math.round(before), rss_after_mib: Math.round(rss()), hwm_mib: Math.round(hwm()), note: note + checked }));
