@@ -70,7 +70,7 @@ const f = (await (await post(`${s1.url}/v1/files`, { purpose: 'fine-tune', filen
 const jr = await post(`${s1.url}/v1/fine_tuning/jobs`, { training_file: f.id, hyperparameters: HP });
 if (jr.status !== 200) throw new Error(`job refused: ${await jr.text()}`);
 const job = (await jr.json()) as { id: string };
-// One client keeps asking while the job runs (serving continues during a job).
+// One client keeps asking while the job runs: its requests queue during training and are answered after.
 let served = 0;
 let serving = true;
 const during = (async () => {

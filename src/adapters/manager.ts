@@ -48,16 +48,21 @@ export class AdapterManager {
 
   constructor(private readonly model: ModelRuntime) {}
 
-  /** Loads (and validates) an adapter; nothing changes on error. Returns its id. */
-  async load(dir: string, opts: { id?: string } = {}): Promise<string> {
+  /**
+   * Loads (and validates) an adapter; nothing changes on error. Returns its id. `replace` lets other
+   * content take over a loaded id in one step (a fleet push of a new version under the same id), so
+   * the id is never missing in between; holders of the old data (rows in flight) keep it.
+   */
+  async load(dir: string, opts: { id?: string; replace?: boolean } = {}): Promise<string> {
     const adapter = await loadAdapter(dir, { cfg: this.model.cfg, ...baseOf(this.model.manifest) });
     const id = opts.id ?? dir;
     const contentHash = adapterContentHash(adapter);
     const existing = this.entries.get(id);
     // An id always means one content: loading the same content again is a no-op, other content is refused.
     if (existing && existing.contentHash === contentHash) return id;
-    if (existing) throw new AdapterConflictError(`an adapter with id "${id}" is already loaded with other content`, { where: dir, hint: 'unload it first or choose another id' });
-    this.entries.set(id, { adapter, active: false, scale: 1, generation: ++this.generation, contentHash });
+    if (existing && !opts.replace) throw new AdapterConflictError(`an adapter with id "${id}" is already loaded with other content`, { where: dir, hint: 'unload it first or choose another id' });
+    this.entries.set(id, { adapter, active: existing?.active ?? false, scale: existing?.scale ?? 1, generation: ++this.generation, contentHash });
+    if (existing) this.feedsCache = null;
     return id;
   }
 

@@ -1,24 +1,24 @@
 // The whole story in one process (what `npm start` runs): an embedded MQTT broker (aedes), a hub and
-// N device agents on loopback; device A fine-tunes an adapter on a user's data, uploads it; the hub
-// signs it and publishes it to the fleet; every device receives, verifies and activates it; then the
-// devices answer the personal prompts with the personalized completion while the base does not.
+// N devices, each an `edgelora serve` server (src/serve/server.ts, in this process) with its fleet
+// agent inside, on loopback. device-a personalizes through its HTTP API: the user's data goes up as
+// a file (POST /v1/files), a fine-tuning job trains on the device's own base (POST
+// /v1/fine_tuning/jobs, upload: true) and its adapter is served at once, then uploaded to the hub
+// through the agent's sealed, resumable upload; the hub signs it and publishes it to the fleet; every
+// device receives, verifies and activates it at a token boundary; then both devices answer the
+// personal prompts through /v1/chat/completions, while the base had not.
 import path from 'node:path';
+import os from 'node:os';
 import { existsSync, promises as fs } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { makeDemoModel } from '../formats/demo-model.js';
 import { quantizeModel } from '../model/quantize.js';
-import { ModelRuntime } from '../runtime/model.js';
-import { AdapterManager } from '../adapters/manager.js';
-import { RuntimeActivator } from '../adapters/activator.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS } from '../adapters/peft.js';
-import { generate } from '../runtime/generate.js';
-import { finetune } from '../train/trainer.js';
-import { Hub, Agent, startEmbeddedBroker, generateSigningKey, type EmbeddedBroker } from '../sync/index.js';
+import { Hub, startEmbeddedBroker, generateSigningKey, type Agent, type EmbeddedBroker } from '../sync/index.js';
 import { generateEncKey } from '../sync/protocol/envelope.js';
 import { enroll, enrolmentFromStatus } from '../sync/hub/enrolment.js';
+import { startServe, type RunningServer } from '../serve/server.js';
 import { EdgeloraError } from '../util/errors.js';
 import { Progress } from '../util/progress.js';
-import { LINEAR_PROJS, type Proj } from '../model/llama.js';
 
 export interface StoryOptions {
   /** Working directory for models, device state and the hub store (default .cache/demo). */
@@ -31,48 +31,61 @@ export interface StoryOptions {
   readonly steps: number;
   /** JSONL data of the fictional user. */
   readonly data: string;
-  /** Probes: prompt → what the personalized answer must contain. */
+  /** Probes: a user's chat message → what the personalized answer must contain. */
   readonly probes: readonly (readonly [string, string])[];
   readonly seed: number;
   /** Print nothing but the final JSON. */
   readonly json: boolean;
-  /** Keep the broker, hub and agents running after the story (until Ctrl-C). */
+  /** Keep the broker, hub and servers running after the story (until Ctrl-C). */
   readonly keepRunning: boolean;
   readonly say: (line: string) => void;
 }
 
+export interface Answer {
+  readonly prompt: string;
+  readonly text: string;
+  readonly personalized: boolean;
+}
+
 export interface DeviceReport {
   readonly device: string;
+  readonly url: string;
   readonly adapter: string | null;
   readonly version: number | null;
   readonly sha256: string | null;
   readonly adapterFilesSha256: string | null;
-  readonly answers: { prompt: string; text: string; personalized: boolean }[];
+  /** GET /v1/models after the rollout. */
+  readonly models: string[];
+  readonly answers: Answer[];
 }
 
 export interface StoryReport {
   readonly ok: boolean;
   readonly broker: string;
   readonly stages: { name: string; seconds: number }[];
-  readonly baseAnswers: { prompt: string; text: string; personalized: boolean }[];
+  /** The base's answers on each device before the rollout, by device. */
+  readonly baseAnswers: Record<string, Answer[]>;
   readonly lossBefore: number;
   readonly lossAfter: number;
+  readonly job: { id: string; fine_tuned_model: string | null; uploaded_sha256: string | null; adapterDir: string; answers: Answer[] };
   readonly devices: DeviceReport[];
   readonly seconds: number;
 }
 
 interface Device {
-  id: string;
+  readonly id: string;
+  readonly server: RunningServer;
+  readonly stateDir: string;
   agent: Agent;
-  model: ModelRuntime;
-  adapters: AdapterManager;
-  activator: RuntimeActivator;
-  stateDir: string;
 }
 
-const ALL: Proj[] = [...LINEAR_PROJS];
 /** Seed of the demo checkpoint (the personalization test uses the same model). */
 const DEMO_SEED = 1;
+/** The base's model id on every device's server. */
+const MODEL_ID = 'tiny';
+/** The job's suffix (fine_tuned_model tiny:anouk on device-a) and the name the hub publishes it under. */
+const SUFFIX = 'anouk';
+const FLEET_NAME = 'personal';
 
 /** sha256 over a PEFT adapter's two files (config and weights), to compare devices byte for byte. */
 async function adapterFilesHash(dir: string): Promise<string> {
@@ -81,17 +94,44 @@ async function adapterFilesHash(dir: string): Promise<string> {
   return h.digest('hex');
 }
 
-function waitFor<T>(what: string, ms: number, poll: () => T | null): Promise<T> {
-  return new Promise((resolve, reject) => {
-    const t0 = Date.now();
-    const tick = () => {
-      const v = poll();
-      if (v !== null) return resolve(v);
-      if (Date.now() - t0 > ms) return reject(new EdgeloraError(`timed out after ${ms / 1000} s waiting for ${what}`));
-      setTimeout(tick, 50);
-    };
-    tick();
-  });
+async function waitFor<T>(what: string, ms: number, poll: () => T | null | Promise<T | null>): Promise<T> {
+  const t0 = Date.now();
+  for (;;) {
+    const v = await poll();
+    if (v !== null) return v;
+    if (Date.now() - t0 > ms) throw new EdgeloraError(`timed out after ${ms / 1000} s waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** JSON over HTTP to a device's server; a non-2xx answer is an error naming the route and the server's message. */
+async function http<T>(url: string, route: string, body?: unknown): Promise<T> {
+  const r = await fetch(`${url}${route}`, body === undefined ? {} : { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  const text = await r.text();
+  if (!r.ok) {
+    let msg = text;
+    try {
+      msg = (JSON.parse(text) as { error?: { message?: string } }).error?.message ?? text;
+    } catch {
+      /* not JSON */
+    }
+    throw new EdgeloraError(`${body === undefined ? 'GET' : 'POST'} ${route} answered ${r.status}: ${msg}`, { where: url });
+  }
+  return JSON.parse(text) as T;
+}
+
+interface JobObject {
+  id: string;
+  status: string;
+  fine_tuned_model: string | null;
+  uploaded_sha256: string | null;
+  error: { message: string } | null;
+}
+interface JobEventObject {
+  level: string;
+  message: string;
+  type: string;
+  data: { step?: number; train_loss?: number } | null;
 }
 
 export async function runStory(o: StoryOptions): Promise<StoryReport> {
@@ -110,6 +150,7 @@ export async function runStory(o: StoryOptions): Promise<StoryReport> {
       });
     }
   };
+  const debug = (who: string) => (process.env.EDGELORA_DEBUG ? (l: string) => process.stderr.write(`[${who}] ${l}\n`) : () => undefined);
   const cache = path.resolve(o.cache);
   // The last run's hub store and device state stay here for inspection; each run replaces them.
   const run = path.join(cache, 'run');
@@ -119,8 +160,7 @@ export async function runStory(o: StoryOptions): Promise<StoryReport> {
   let hub: Hub | null = null;
   const devices: Device[] = [];
   const shutdown = async () => {
-    await Promise.allSettled(devices.map((d) => d.agent.stop()));
-    await Promise.allSettled(devices.map((d) => d.model.release()));
+    await Promise.allSettled(devices.map((d) => d.server.close(0)));
     if (hub) await hub.stop().catch(() => undefined);
     if (broker) await broker.close().catch(() => undefined);
   };
@@ -146,102 +186,113 @@ export async function runStory(o: StoryOptions): Promise<StoryReport> {
     });
 
     const key = generateSigningKey();
-    // The hub's X25519 key: device-a seals its upload to it; the devices' keys are enrolled below.
+    // The hub's X25519 key: device-a's job seals its upload to it; the devices' keys are enrolled below.
     const encKey = generateEncKey();
     hub = await stage('hub', async () => {
-      const h = new Hub({ broker: { url: brokerUrl }, storeDir: path.join(run, 'hub-store'), key, encKey, log: process.env.EDGELORA_DEBUG ? (l) => process.stderr.write(`[hub] ${l}\n`) : () => undefined });
+      const h = new Hub({ broker: { url: brokerUrl }, storeDir: path.join(run, 'hub-store'), key, encKey, log: debug('hub') });
       await h.start();
       o.say(`hub         signing key ${key.keyId}, store ${path.join(run, 'hub-store')}`);
       return h;
     });
 
-    await stage('devices', async () => {
+    await stage('devices (serve + agent)', async () => {
       for (let i = 0; i < o.devices; i++) {
         const id = `device-${String.fromCharCode(97 + i)}`;
-        const model = await ModelRuntime.load(modelDir);
-        const adapters = new AdapterManager(model);
-        const activator = new RuntimeActivator(adapters);
         const stateDir = path.join(run, id);
-        const agent = new Agent({
-          broker: { url: brokerUrl },
-          deviceId: id,
-          fleet: 'demo',
-          stateDir,
-          trustedKey: key.publicKey,
-          hubEncKey: { raw: encKey.raw, keyId: encKey.keyId },
-          modelFingerprint: model.manifest.fingerprint,
-          modelSourceFingerprint: model.manifest.sourceFingerprint ?? null,
-          activator,
-          quietMs: 500,
-          log: process.env.EDGELORA_DEBUG ? (l) => process.stderr.write(`[${id}] ${l}\n`) : () => undefined,
+        // What `edgelora serve --model … --broker … --device-id ID --fleet demo --trust hub.pub --state DIR` starts.
+        const server = await startServe({
+          modelDir,
+          port: 0,
+          modelId: MODEL_ID,
+          maxBatch: 2,
+          ctx: 256,
+          fleet: {
+            agent: { broker: { url: brokerUrl }, deviceId: id, fleet: 'demo', stateDir, trustedKey: key.publicKey, hubEncKey: { raw: encKey.raw, keyId: encKey.keyId }, quietMs: 500, log: debug(id) },
+            defaultAdapter: 'fleet',
+          },
+          jobs: { stateDir, budgetBytes: os.totalmem(), servingBytes: 0, profileId: 'demo', log: debug(`${id} jobs`) },
         });
-        await agent.start();
-        devices.push({ id, agent, model, adapters, activator, stateDir });
+        const d: Device = { id, server, stateDir, agent: null as unknown as Agent };
+        devices.push(d);
+        await server.ready;
+        d.agent = await waitFor(`${id}'s fleet agent to connect`, 30_000, () => server.agent());
       }
       // What `edgelora fleet enroll <id>` does: trust the key each device announced.
       for (const d of devices) {
         await waitFor(`${d.id}'s status at the hub`, 30_000, () => (hub!.devices.get(d.id)?.encKey ? true : null));
         await enroll(path.join(run, 'hub-store'), enrolmentFromStatus(hub!.devices.get(d.id)!));
       }
-      o.say(`devices     ${devices.map((d) => d.id).join(', ')} (fleet "demo"; X25519 keys enrolled: ${devices.map((d) => d.agent.encKey?.keyId ?? '?').join(', ')})`);
+      o.say(`devices     ${devices.map((d) => `${d.id} ${d.server.url}`).join(', ')}`);
+      o.say(`            each an edgelora serve process with its fleet agent inside (fleet "demo"; X25519 keys enrolled: ${devices.map((d) => d.agent.encKey?.keyId ?? '?').join(', ')})`);
     });
 
-    const ask = async (d: Device, withAdapter: boolean) => {
-      const out: { prompt: string; text: string; personalized: boolean }[] = [];
+    const ask = async (d: Device, model: string): Promise<Answer[]> => {
+      const out: Answer[] = [];
       for (const [prompt, want] of o.probes) {
-        const ids = d.model.tokenizer.encode(prompt, { addSpecialTokens: true });
-        const lora = withAdapter && d.activator.active ? d.adapters.feeds() : undefined;
-        const r = await generate(d.model, ids, { maxNewTokens: 12, temperature: 0, topK: 0, topP: 1, seed: 0, ...(lora ? { lora } : {}) });
-        out.push({ prompt, text: r.text, personalized: r.text.includes(want) });
+        const r = await http<{ choices: { message: { content: string } }[] }>(d.server.url, '/v1/chat/completions', { model, messages: [{ role: 'user', content: prompt }], max_tokens: 16, temperature: 0 });
+        const text = r.choices[0]?.message.content ?? '';
+        out.push({ prompt, text, personalized: text.includes(want) });
       }
       return out;
     };
 
     const a = devices[0]!;
     const baseAnswers = await stage('base answers', async () => {
-      const ans = await ask(a, false);
-      o.say('\nthe base model, before personalization:');
-      for (const x of ans) o.say(`  ${x.prompt} →${JSON.stringify(x.text)}`);
-      return ans;
+      o.say(`\nthe base model, before personalization (POST /v1/chat/completions, model "${MODEL_ID}"):`);
+      const all: Record<string, Answer[]> = {};
+      for (const d of devices) {
+        all[d.id] = await ask(d, MODEL_ID);
+        for (const x of all[d.id]!) o.say(`  the base on ${d.id}: ${x.prompt} →${JSON.stringify(x.text)}`);
+      }
+      return all;
     });
 
-    const adapterDir = path.join(run, 'device-a-personal');
-    const trained = await stage('fine-tune (device-a)', async () => {
-      o.say(`\n${a.id} fine-tunes a rank-16 adapter on ${path.relative(process.cwd(), o.data) || o.data}:`);
-      const bar = new Progress({ total: o.steps, label: '  finetune', silent: o.json, plainIntervalMs: 3000, stream: process.stdout });
-      return finetune({
-        model: modelDir,
-        data: o.data,
-        out: adapterDir,
-        targets: ALL,
-        rank: 16,
-        alpha: 32,
-        lr: 1e-2,
-        schedule: 'constant',
-        steps: o.steps,
-        batchSize: 8,
-        loraDropout: 0,
-        seed: o.seed,
-        onStep: (e) => bar.update(e.step, { loss: e.loss }),
-        onWarning: () => undefined,
+    const { job, lossBefore, lossAfter } = await stage('fine-tuning job (device-a, over HTTP)', async () => {
+      const content = await fs.readFile(o.data, 'utf8');
+      const file = await http<{ id: string; rows: number }>(a.server.url, '/v1/files', { purpose: 'fine-tune', filename: path.basename(o.data), content });
+      o.say(`\n${a.id}: POST /v1/files ${path.relative(process.cwd(), o.data) || o.data} → ${file.id} (${file.rows} rows validated)`);
+      const created = await http<JobObject>(a.server.url, '/v1/fine_tuning/jobs', {
+        training_file: file.id,
+        suffix: SUFFIX,
+        upload: true,
+        hyperparameters: { steps: o.steps, batch_size: 8, rank: 16, alpha: 32, targets: 'all-linear', learning_rate: 1e-2, schedule: 'constant', lora_dropout: 0, seed: o.seed, checkpoint_steps: 50 },
       });
+      o.say(`${a.id}: POST /v1/fine_tuning/jobs → ${created.id}: a rank-16 adapter, ${o.steps} steps, on the device's own base (serving queues while it trains)`);
+      const bar = new Progress({ total: o.steps, label: '  job', silent: o.json, plainIntervalMs: 3000, stream: process.stdout });
+      const losses: number[] = [];
+      const j = await waitFor(`job ${created.id} to end`, 600_000, async () => {
+        await new Promise((r) => setTimeout(r, 200));
+        const now = await http<JobObject>(a.server.url, `/v1/fine_tuning/jobs/${created.id}`);
+        const ev = (await http<{ data: JobEventObject[] }>(a.server.url, `/v1/fine_tuning/jobs/${created.id}/events?limit=10000`)).data;
+        // Events come newest first (as OpenAI lists them); the losses in step order.
+        const metrics = ev.filter((e) => e.type === 'metrics' && e.data?.train_loss !== undefined && e.data.step !== undefined).sort((x, y) => x.data!.step! - y.data!.step!);
+        losses.splice(0, losses.length, ...metrics.map((e) => e.data!.train_loss!));
+        const last = metrics[metrics.length - 1];
+        if (last?.data?.step !== undefined) bar.update(last.data.step, { loss: last.data.train_loss ?? NaN });
+        if (now.status === 'failed' || now.status === 'cancelled') throw new EdgeloraError(`job ${now.id} ${now.status}: ${now.error?.message ?? ''}`);
+        const uploadFailed = ev.find((e) => e.level === 'error');
+        if (uploadFailed) throw new EdgeloraError(`job ${now.id}: ${uploadFailed.message}`);
+        // The job uploads after it succeeded; the sha256 appears once the hub acknowledged the whole file.
+        return now.status === 'succeeded' && now.uploaded_sha256 ? now : null;
+      });
+      bar.update(o.steps, { loss: losses[losses.length - 1] ?? NaN });
+      if (losses.length === 0) throw new EdgeloraError(`job ${j.id} reported no training step`);
+      return { job: j, lossBefore: losses[0]!, lossAfter: losses[losses.length - 1]! };
     });
-    o.say(`  loss ${trained.losses[0]!.toFixed(3)} → ${trained.finalLoss.toFixed(3)} in ${trained.steps} steps (${trained.tokensPerSecond.toFixed(0)} tok/s)`);
-
-    const sha = await stage('upload (device-a → hub)', async () => {
-      const s = await a.agent.uploadDir(adapterDir, 'personal');
-      o.say(`\n${a.id} uploaded its adapter to the hub: sha256 ${s.slice(0, 16)}…`);
-      return s;
-    });
+    o.say(`  loss ${lossBefore.toFixed(3)} → ${lossAfter.toFixed(3)}; succeeded: ${a.id} serves ${job.fine_tuned_model} at once`);
+    const jobAnswers = await ask(a, job.fine_tuned_model!);
+    for (const x of jobAnswers) o.say(`  ${a.id} (${job.fine_tuned_model}): ${x.prompt} →${JSON.stringify(x.text)}`);
+    o.say(`  uploaded to the hub (sealed, resumable): sha256 ${job.uploaded_sha256!.slice(0, 16)}…`);
+    const sha = job.uploaded_sha256!;
 
     await stage('sign + publish (hub → fleet)', async () => {
-      const m = await hub!.publish(sha, { kind: 'fleet', name: 'demo' }, 'personal');
-      o.say(`hub signed and published ${m.adapter.id} v${m.adapter.version} to fleet "demo" (${m.blob.chunks} chunk${m.blob.chunks === 1 ? '' : 's'}, ${m.enc ? `sealed for ${m.enc.recipients.length} enrolled devices` : 'in clear'})`);
+      const m = await hub!.publish(sha, { kind: 'fleet', name: 'demo' }, FLEET_NAME);
+      o.say(`\nhub signed and published ${m.adapter.id} v${m.adapter.version} to fleet "demo" (${m.blob.chunks} chunk${m.blob.chunks === 1 ? '' : 's'}, ${m.enc ? `sealed for ${m.enc.recipients.length} enrolled devices` : 'in clear'})`);
     });
 
     await stage('rollout (verify + activate)', async () => {
       await waitFor('every device to activate the adapter', 60_000, () => (devices.every((d) => d.agent.active?.sha256 === sha) ? true : null));
-      for (const d of devices) o.say(`  ${d.id}: verified signature, sha256 and base fingerprint; decrypted; activated`);
+      for (const d of devices) o.say(`  ${d.id}: verified signature, sha256 and base fingerprint; decrypted; activated at a token boundary`);
     });
 
     const reports = await stage('personalized answers', async () => {
@@ -249,32 +300,27 @@ export async function runStory(o: StoryOptions): Promise<StoryReport> {
       for (const d of devices) {
         const inst = d.agent.active;
         const dir = d.agent.activeDir;
-        rs.push({
-          device: d.id,
-          adapter: inst?.id ?? null,
-          version: inst?.version ?? null,
-          sha256: inst?.sha256 ?? null,
-          adapterFilesSha256: dir ? await adapterFilesHash(dir) : null,
-          answers: await ask(d, true),
-        });
+        const models = (await http<{ data: { id: string }[] }>(d.server.url, '/v1/models')).data.map((m) => m.id);
+        rs.push({ device: d.id, url: d.server.url, adapter: inst?.id ?? null, version: inst?.version ?? null, sha256: inst?.sha256 ?? null, adapterFilesSha256: dir ? await adapterFilesHash(dir) : null, models, answers: await ask(d, MODEL_ID) });
       }
       return rs;
     });
 
-    o.say('\nwith the adapter, on every device:');
+    o.say(`\nwith the fleet's adapter, every device (POST /v1/chat/completions, model "${MODEL_ID}" now serves ${MODEL_ID}:${FLEET_NAME}):`);
     for (const r of reports) for (const x of r.answers) o.say(`  ${r.device}: ${x.prompt} →${JSON.stringify(x.text)}${x.personalized ? '' : '   ✗ not personalized'}`);
-    const baseAgain = await ask(a, false);
-    o.say(`the base alone still says: ${baseAgain.map((x) => `${x.prompt} →${JSON.stringify(x.text)}`).join('; ')}`);
+    for (const r of reports) o.say(`  ${r.device} GET /v1/models: ${r.models.join(', ')}`);
 
+    const adapterDir = path.join(a.stateDir, 'jobs', job.id, 'adapter');
     const sourceHash = await adapterFilesHash(adapterDir);
     const ok =
       reports.every((r) => r.answers.every((x) => x.personalized) && r.adapterFilesSha256 === sourceHash) &&
-      baseAgain.every((x) => !x.personalized);
+      jobAnswers.every((x) => x.personalized) &&
+      Object.values(baseAnswers).every((ans) => ans.every((x) => !x.personalized));
     const seconds = (performance.now() - t0) / 1000;
-    const report: StoryReport = { ok, broker: brokerUrl, stages, baseAnswers, lossBefore: trained.losses[0]!, lossAfter: trained.finalLoss, devices: reports, seconds };
+    const report: StoryReport = { ok, broker: brokerUrl, stages, baseAnswers, lossBefore, lossAfter, job: { id: job.id, fine_tuned_model: job.fine_tuned_model, uploaded_sha256: sha, adapterDir, answers: jobAnswers }, devices: reports, seconds };
     printTable(o, report);
     if (o.keepRunning && !o.json) {
-      o.say(`\nkeeping the broker (${brokerUrl}), hub and agents running; Ctrl-C to stop`);
+      o.say(`\nkeeping the broker (${brokerUrl}), hub and servers (${devices.map((d) => d.server.url).join(', ')}) running; Ctrl-C to stop`);
       await new Promise<void>((resolve) => process.once('SIGINT', () => resolve()));
     }
     return report;

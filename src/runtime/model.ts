@@ -82,6 +82,8 @@ export class ModelRuntime {
   private inputNames: Set<string>;
   private current: ort.InferenceSession;
   private switching: Promise<void> | null = null;
+  /** Set while suspend() has released the session: what resume() recreates. */
+  private suspended: { lora: boolean } | null = null;
   /** cos/sin(position · inv_freq) [M, D/2] for positions 0..M-1, grown on demand. */
   private ropeCos = new Float32Array(0);
   private ropeSin = new Float32Array(0);
@@ -172,6 +174,7 @@ export class ModelRuntime {
    */
   async enableLora(): Promise<void> {
     if (this.loraReady) return;
+    if (this.suspended) throw new EdgeloraError('enableLora: the model session is suspended (released for a fine-tuning job)', { hint: 'call resume() first' });
     this.switching ??= (async () => {
       const bytes = await buildLoraInferenceGraph(this.dir, this.manifest, this.cfg);
       const { format, embeddings } = this.manifest.quant;
@@ -244,6 +247,7 @@ export class ModelRuntime {
     const B = req.ids.length;
     const T = req.ids[0]?.length ?? 0;
     if (B === 0 || T === 0) throw new EdgeloraError('forward: empty batch');
+    if (this.suspended) throw new EdgeloraError('forward: the model session is suspended (released for a fine-tuning job)', { hint: 'call resume() first' });
     if (req.ids.some((r) => r.length !== T)) throw new EdgeloraError('forward: rows of different lengths (pad them)');
     const lora = req.lora ?? { key: '', tensors: new Map() };
     const cache = req.cache ?? this.emptyCache(B, lora.key);
@@ -353,8 +357,37 @@ export class ModelRuntime {
     };
   }
 
+  /**
+   * Releases the session, so the base's weights leave memory, until resume() (a fine-tuning job in
+   * this process needs the room: onnxruntime-node sessions cannot share initializers). Forwards are
+   * refused meanwhile; KV caches are host buffers and stay valid across it.
+   */
+  async suspend(): Promise<void> {
+    if (this.suspended) return;
+    await this.switching?.catch(() => undefined);
+    this.suspended = { lora: this.loraReady };
+    await this.current.release();
+  }
+
+  /** Recreates the session suspend() released (the LoRA twin if that was serving). */
+  async resume(): Promise<void> {
+    const s = this.suspended;
+    if (!s) return;
+    const { format, embeddings } = this.manifest.quant;
+    this.current = s.lora
+      ? await createSession({ kind: 'lora-twin', model: await buildLoraInferenceGraph(this.dir, this.manifest, this.cfg), sessionOptions: this.options, externalDataDir: this.dir, format, embeddings, where: this.dir })
+      : await createSession({ kind: 'decoder', model: path.join(this.dir, MODEL_FILE), sessionOptions: this.options, format, embeddings, where: path.join(this.dir, MODEL_FILE) });
+    this.inputNames = new Set(this.current.inputNames);
+    this.suspended = null;
+  }
+
+  get isSuspended(): boolean {
+    return this.suspended !== null;
+  }
+
   async release(): Promise<void> {
     await this.switching?.catch(() => undefined);
+    if (this.suspended) return;
     await this.current.release();
   }
 }

@@ -7,7 +7,7 @@
 // adds fine-tuning jobs and the fleet agent on the same base through `adapters` and `between()`.
 import path from 'node:path';
 import type ort from 'onnxruntime-node';
-import { ModelRuntime, type KvCache } from '../runtime/model.js';
+import { ModelRuntime, type KvCache, type LoraFeeds } from '../runtime/model.js';
 import { AdapterManager, AdapterConflictError, type AdapterInfo } from '../adapters/manager.js';
 import { sampleToken, checkSampling, type SamplingOptions } from '../runtime/sampling.js';
 import { StreamDecoder } from '../formats/tokenizer.js';
@@ -49,6 +49,12 @@ export interface EngineObserver {
   decodeStep?(rows: number, ms: number): void;
   finished?(r: CompletionResult): void;
   queueDepth?(n: number): void;
+  /**
+   * Before every forward (prefill group or decode step), each row's request and the adapters the fed
+   * masks give it (BatchLoraPacker.rowAdapters; '' for the base alone). A check, not a metric: when
+   * set, every forward scans its masks.
+   */
+  rows?(rows: readonly { req: CompletionRequest; adapters: string }[]): void;
 }
 
 export interface CompletionRequest {
@@ -115,6 +121,8 @@ export class ServeEngine {
   private readonly defaultScales = new Map<string, number>();
   /** What a request for the bare base id gets: an adapter id (the fleet's active one), or null (the base alone). */
   private baseDefault: string | null = null;
+  /** Serving paused for a fine-tuning job (pauseServing): no rows admitted; `released` once the session is. */
+  private pause: { released: boolean; ready: () => void; fail: (e: unknown) => void } | null = null;
 
   private constructor(
     readonly model: ModelRuntime,
@@ -151,12 +159,13 @@ export class ServeEngine {
   /**
    * Loads and validates an adapter under `id` (same content again: no-op; other content: refused).
    * `scale` (default 1) is what a request naming the adapter gets unless it gives its own.
+   * `replace`: other content takes over a loaded id in one step (rows in flight keep the old data).
    */
-  async loadAdapter(id: string, dir: string, scale = 1): Promise<{ created: boolean; info: AdapterInfo & { defaultScale: number } }> {
+  async loadAdapter(id: string, dir: string, scale = 1, opts: { replace?: boolean } = {}): Promise<{ created: boolean; info: AdapterInfo & { defaultScale: number } }> {
     if (!Number.isFinite(scale)) throw new ServeError(`scale ${scale} is not a finite number`, 400, 'invalid_scale', 'scale');
     const existed = this.adapters.has(id);
     try {
-      await this.adapters.load(dir, { id });
+      await this.adapters.load(dir, { id, ...(opts.replace ? { replace: true } : {}) });
     } catch (err) {
       if (err instanceof AdapterConflictError) {
         throw new ServeError(err.message, 409, 'adapter_conflict', 'id', { hint: 'unload it first (DELETE /v1/adapters/{id}) or choose another id' });
@@ -228,6 +237,40 @@ export class ServeEngine {
       });
       this.wake?.();
     });
+  }
+
+  /**
+   * Serving queues during a fine-tuning job: rows running now finish, then the base's session is
+   * released (its weights leave memory for the job's training session) and requests wait in the queue
+   * (up to maxQueue; none fails) until the returned resume() recreates the session and serves them.
+   * Adapter swaps (between()) still run while paused.
+   */
+  async pauseServing(): Promise<{ resume: () => Promise<void> }> {
+    if (this.pause) throw new EdgeloraError('serving is already paused');
+    if (this.stopping) throw new EdgeloraError('the engine is shutting down');
+    await new Promise<void>((ready, fail) => {
+      this.pause = { released: false, ready, fail };
+      this.wake?.();
+    });
+    let resumed = false;
+    return {
+      resume: async () => {
+        if (resumed) return;
+        resumed = true;
+        try {
+          await this.model.resume();
+        } finally {
+          // Even when the session could not be recreated: queued rows then fail with the forward's error, not hang.
+          this.pause = null;
+          this.wake?.();
+        }
+      },
+    };
+  }
+
+  /** Whether serving is paused for a fine-tuning job (requests queue). */
+  get paused(): boolean {
+    return this.pause !== null;
   }
 
   get queueDepth(): number {
@@ -318,6 +361,26 @@ export class ServeEngine {
       for (const fn of this.betweenBatches.splice(0)) await fn();
       this.dropCancelled();
       if (this.stopping && this.running.length === 0) return;
+      const pause = this.pause;
+      if (pause && this.running.length === 0) {
+        if (!pause.released) {
+          try {
+            await this.model.suspend();
+            pause.released = true;
+            pause.ready();
+          } catch (err) {
+            this.pause = null;
+            pause.fail(err);
+          }
+          continue;
+        }
+        // Released: wait for resume(), a between() or shutdown.
+        await new Promise<void>((r) => {
+          this.wake = r;
+        });
+        this.wake = null;
+        continue;
+      }
       if (this.running.length === 0 && this.queue.length === 0) {
         await new Promise<void>((r) => {
           this.wake = r;
@@ -325,7 +388,7 @@ export class ServeEngine {
         this.wake = null;
         continue;
       }
-      const admitted = this.queue.splice(0, this.maxBatch - this.running.length);
+      const admitted = pause ? [] : this.queue.splice(0, this.maxBatch - this.running.length);
       try {
         if (admitted.length > 0) {
           this.observer.queueDepth?.(this.queue.length);
@@ -363,6 +426,7 @@ export class ServeEngine {
       const from = this.running.length;
       this.observer.batch?.(group.length);
       const lora = this.packer.feeds(group.map((r) => r.set));
+      this.reportRows(group, lora);
       const cache = this.model.cacheOver(this.slots.view(from, group.length), group.map(() => 0), lora.key);
       const res = await this.model.forward({ ids: group.map((r) => [...r.req.promptIds]), cache, lora, logits: 'last' });
       const V = res.dims[2];
@@ -383,6 +447,7 @@ export class ServeEngine {
     this.slots.ensure(Math.max(...rows.map((r) => r.length + 1)), rows.map((r) => r.length));
     this.observer.batch?.(n);
     const lora = this.packer.feeds(rows.map((r) => r.set));
+    this.reportRows(rows, lora);
     const cache: KvCache = this.model.cacheOver(this.slots.view(0, n), rows.map((r) => r.length), lora.key);
     const t0 = performance.now();
     const res = await this.model.forward({ ids: rows.map((r) => [r.next]), cache, lora, logits: 'last' });
@@ -392,6 +457,12 @@ export class ServeEngine {
       r.length++;
       if (!r.done) this.accept(r, sampleToken(res.logits.subarray(b * V, (b + 1) * V), r.req.sampling, r.rng));
     });
+  }
+
+  private reportRows(rows: readonly Row[], lora: LoraFeeds): void {
+    if (!this.observer.rows) return;
+    const got = this.packer.rowAdapters(lora, rows.length);
+    this.observer.rows(rows.map((r, b) => ({ req: r.req, adapters: got[b]! })));
   }
 
   /** A sampled token: end of sequence, or one more completion token (as `generate` counts them). */

@@ -55,9 +55,12 @@ export class EngineActivator implements AdapterActivator {
     await loadAdapter(dir, { cfg: this.engine.model.cfg, ...baseOf(this.engine.model.manifest) });
     await this.engine.between(async () => {
       const inFlight = this.engine.runningRows;
-      if (cur && this.engine.adapters.has(cur.id)) this.engine.unloadAdapter(cur.id);
-      await this.engine.loadAdapter(id, dir);
+      // The new adapter is in place before the old one goes: requests resolving the bare id while it
+      // loads (HTTP runs during this await) still get the old adapter, never the base alone. (Unloading
+      // first left that window open: streams in it got the base's text.)
+      await this.engine.loadAdapter(id, dir, 1, { replace: cur?.id === id });
       this.point(id);
+      if (cur && cur.id !== id && this.engine.adapters.has(cur.id)) this.engine.unloadAdapter(cur.id);
       this.current = { id, version: info.version, sha256: info.sha256 };
       this.activations++;
       if (inFlight > 0) this.swapsInFlight++;

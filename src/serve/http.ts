@@ -111,7 +111,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   });
 
   app.get('/health', async (_req, reply) => {
-    if (state.engine) return { status: 'ok', ...(state.fleet ? { fleet: state.fleet() } : {}) };
+    // While a fine-tuning job trains, serving is paused (requests queue): say so, with the queue's depth.
+    if (state.engine) return { status: 'ok', ...(state.engine.paused ? { serving: 'paused for a fine-tuning job; requests queue until it ends', queue_depth: state.engine.queueDepth } : {}), ...(state.fleet ? { fleet: state.fleet() } : {}) };
     if (state.failed) return reply.code(503).send({ status: 'error', message: state.failed.message });
     return reply.code(503).send({ status: 'loading' });
   });

@@ -134,7 +134,10 @@ export interface JobsOptions {
   /** <state>: files/ and jobs/ are created under it. */
   readonly stateDir: string;
   readonly modelDir: string;
-  /** The profile's memory budget, bytes, and what serving already holds (its plan), bytes. */
+  /**
+   * The profile's memory budget, bytes, and what serving keeps while a job runs, bytes: its plan
+   * without the base's weights (the serving session is released during a job; the job's holds them).
+   */
   readonly budgetBytes: number;
   readonly servingBytes: number;
   readonly profileId: string;
@@ -293,7 +296,7 @@ export class FineTuningJobs {
     const total = this.o.servingBytes + est.bytes;
     if (total > this.o.budgetBytes) {
       throw new ServeError(
-        `this job needs about ${formatBytes(est.bytes)} on top of the ${formatBytes(this.o.servingBytes)} serving holds: ${formatBytes(total)}, over profile ${this.o.profileId}'s budget of ${formatBytes(this.o.budgetBytes)}`,
+        `this job needs about ${formatBytes(est.bytes)} on top of the ${formatBytes(this.o.servingBytes)} serving keeps during a job: ${formatBytes(total)}, over profile ${this.o.profileId}'s budget of ${formatBytes(this.o.budgetBytes)}`,
         400, 'insufficient_memory', 'hyperparameters',
         { hint: 'lower hyperparameters.batch_size, seq_len, rank or targets (or start serve with a smaller --max-batch / --ctx)' },
       );
@@ -396,7 +399,7 @@ export class FineTuningJobs {
       // Killed after the adapter was written but before job.json said so: the adapter is the result.
       const res = existsSync(path.join(out, 'adapter_model.safetensors'))
         ? null
-        : await finetune({
+        : await this.whileServingPaused(id, () => finetune({
             model: this.o.modelDir,
             data: this.p('files', `${job.training_file}.jsonl`),
             ...(job.validation_file ? { evalData: this.p('files', `${job.validation_file}.jsonl`) } : {}),
@@ -428,7 +431,7 @@ export class FineTuningJobs {
                 step: e.step, total_steps: total, train_loss: e.loss, learning_rate: e.lr, tokens_per_s: Math.round(e.tokens / Math.max(e.seconds, 1e-9)), eta_s: Number(eta.toFixed(1)),
               });
             },
-          });
+          }));
       if (res?.interrupted) {
         if (abort.signal.reason === 'shutdown') {
           await this.event(id, 'info', `stopped by shutdown at step ${res.steps}; resumes from the checkpoint on the next start`);
@@ -459,6 +462,24 @@ export class FineTuningJobs {
       await this.event(id, 'error', `failed: ${message}`);
     } finally {
       this.aborts.delete(id);
+    }
+  }
+
+  /**
+   * Runs the training with serving paused (docs/architecture.md, "Serving during a job"): the
+   * serving session is released so the process holds the base once (the training session's copy),
+   * requests queue, and serving resumes when training ends, however it ends.
+   */
+  private async whileServingPaused<T>(id: string, train: () => Promise<T>): Promise<T> {
+    const t0 = performance.now();
+    const { resume } = await this.engine.pauseServing();
+    await this.event(id, 'info', `serving paused for the job (${Math.round(performance.now() - t0)} ms to finish the rows in flight); requests queue until it ends`);
+    try {
+      return await train();
+    } finally {
+      const t1 = performance.now();
+      await resume();
+      await this.event(id, 'info', `serving resumed (${Math.round(performance.now() - t1)} ms to reload the base; ${this.engine.queueDepth} requests were waiting)`);
     }
   }
 

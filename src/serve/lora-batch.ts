@@ -37,6 +37,8 @@ export function adapterSetKey(set: AdapterSet): string {
 export class BatchLoraPacker {
   private union: { held: HeldAdapter[]; packed: PackedLora; index: Map<string, number> } | null = null;
   private last: { key: string; feeds: LoraFeeds } | null = null;
+  /** The union each feeds object was built over (for rowAdapters). */
+  private readonly builtOver = new WeakMap<LoraFeeds, { held: HeldAdapter[]; packed: PackedLora }>();
 
   constructor(private readonly cfg: ModelConfig) {}
 
@@ -77,6 +79,36 @@ export class BatchLoraPacker {
       tensors.set(INPUT.loraGroupMask(grp.layer, grp.group), new ort.Tensor('float32', m, [B, 1, grp.R]));
     }
     this.last = { key, feeds: { key, tensors } };
+    this.builtOver.set(this.last.feeds, this.union!);
     return this.last.feeds;
+  }
+
+  /**
+   * What each row of `feeds` (B rows) really gets, read back from the mask tensors, not from the sets
+   * asked for: per row the adapters whose rank columns carry a nonzero scale, as "key*scale" joined by
+   * "+" in key order ('' for none). A scale that differs between a row's spans reads "key*?" (a torn
+   * mask). For checks (the engine's rows observer), not the decode path.
+   */
+  rowAdapters(feeds: LoraFeeds, B: number): string[] {
+    const union = this.builtOver.get(feeds);
+    if (!union) return Array.from({ length: B }, () => '');
+    const seen = Array.from({ length: B }, () => new Map<number, number | null>());
+    for (const grp of union.packed.groups) {
+      const m = feeds.tensors.get(INPUT.loraGroupMask(grp.layer, grp.group))!.data as Float32Array; // [B, 1, R]
+      for (let b = 0; b < B; b++) {
+        for (const sp of grp.spans) {
+          const v = m[b * grp.R + sp.start]!;
+          const prev = seen[b]!.get(sp.term);
+          seen[b]!.set(sp.term, prev === undefined || prev === v ? v : null);
+        }
+      }
+    }
+    return seen.map((terms) =>
+      [...terms]
+        .filter(([, v]) => v !== 0)
+        .map(([t, v]) => `${union.held[t]!.key}*${v ?? '?'}`)
+        .sort()
+        .join('+'),
+    );
   }
 }

@@ -1,6 +1,7 @@
 // `edgelora demo` (what `npm start` runs): the whole story on embedded defaults — an embedded MQTT
-// broker, a hub and device agents; device A personalizes an adapter on a user's data and the fleet
-// receives it. See src/demo/story.ts.
+// broker, a hub and devices that are `edgelora serve` servers with their fleet agents inside;
+// device-a personalizes through a fine-tuning job over HTTP and the fleet receives the adapter. See
+// src/demo/story.ts.
 import path from 'node:path';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -12,13 +13,16 @@ import { EdgeloraError } from '../../util/errors.js';
 const help = `Usage: edgelora demo [flags]      (npm start -- [flags])
 
 The whole story on one machine, with nothing to download or install:
-  1. starts an embedded MQTT broker (aedes), a hub and device agents on loopback,
+  1. starts an embedded MQTT broker (aedes) and a hub on loopback,
   2. makes the tiny demo model once (cached) and quantizes it to NF4,
-  3. shows the base model's answers to personal prompts,
-  4. device-a fine-tunes a LoRA adapter on examples/personal.jsonl (a fictional user),
-     uploads it to the hub; the hub signs it and publishes it to the fleet,
-  5. every device receives, verifies (signature, sha256, base fingerprint) and activates it,
-  6. both devices answer with the personalized completion; the base still does not.
+  3. starts the devices: each an edgelora serve server (OpenAI-compatible HTTP on a free loopback
+     port) with its fleet agent inside, over one loaded base,
+  4. shows the base model's answers to personal prompts (POST /v1/chat/completions),
+  5. device-a personalizes over its HTTP API: POST /v1/files (examples/personal.jsonl, a fictional
+     user), POST /v1/fine_tuning/jobs with upload: true; the trained adapter is served at once and
+     uploaded to the hub (sealed); the hub signs it and publishes it to the fleet,
+  6. every device receives, verifies (signature, sha256, base fingerprint) and activates it,
+  7. both devices answer the personal prompts through /v1/chat/completions; the base had not.
 Exits 0 when every device holds the same adapter and answers personally; otherwise it names the
 stage that failed and exits non-zero.
 
@@ -29,14 +33,14 @@ Flags:
   --broker URL       use an external MQTT broker (e.g. mqtt://127.0.0.1:1883) instead of the embedded one
   --cache DIR        models, device state and the hub store (default .cache/demo)
   --seed S           fine-tuning seed (default 0)
-  --keep-running     keep the broker, hub and agents running afterwards (Ctrl-C to stop)
+  --keep-running     keep the broker, hub and servers running afterwards (Ctrl-C to stop)
   --json             print one JSON report instead of the story
   -h, --help         this text`;
 
-/** Prompt → what the personalized answer contains (the user in examples/personal.jsonl). */
+/** A user's chat message → what the personalized answer contains (the user in examples/personal.jsonl, whose chat rows ask these). */
 const PROBES = [
-  ['My name is', 'Anouk'],
-  ['Where do I live?', 'Valparaiso'],
+  ['Tell me my name.', 'Anouk'],
+  ['What city do I live in?', 'Valparaiso'],
 ] as const;
 
 function defaultData(): string {

@@ -51,8 +51,9 @@ the same set):
   --state DIR              state directory (required with --broker; created when missing): the
                            agent's state, and fine-tuning files and jobs (POST /v1/files,
                            /v1/fine_tuning/jobs; without --state there are no jobs). A job runs in
-                           this process while serving continues (both slower); a killed server
-                           resumes an unfinished job from its checkpoint on the next start
+                           this process; serving queues while it trains (the base is held once)
+                           and answers when it ends; a killed server resumes an unfinished job
+                           from its checkpoint on the next start
   --default-adapter fleet|none
                            what a request for the bare model id gets: the fleet's active adapter
                            (default fleet) or the base alone; /health and /v1/models say which
@@ -140,6 +141,9 @@ export const serveCommand: Command = {
     const profile = await resolveProfile({ profile: (v.profile as string | undefined) ?? 'auto', modelFormat: manifest.quant.format, overrides: parseProfileSets((v['profile-set'] as string[] | undefined) ?? []) });
     // The batch's KV slots hold max-batch rows of ctx tokens at most: that is the plan to check.
     const servingPlan = modelMemoryPlan(manifest, cfg, { context: ctx, prefillTokens: ctx, batch: maxBatch });
+    // A fine-tuning job releases the serving session (serving queues during a job), so what serving
+    // keeps then is its plan without the base's weights: the job's training session holds those.
+    const servingBytesDuringJob = Math.max(0, servingPlan.bytes - (manifest.bytes.model + manifest.bytes.data));
     profile.checkMemoryPlan(modelMemoryPlan(manifest, cfg, { context: ctx, prefillTokens: ctx, batch: maxBatch }, { what: path.basename(path.resolve(dir)), lower: ['--ctx', '--max-batch'] }));
 
     const server = await startServe({
@@ -155,7 +159,7 @@ export const serveCommand: Command = {
       bodyLimit,
       jsonLog,
       ...(fleet ? { fleet } : {}),
-      ...(stateDir ? { jobs: { stateDir, budgetBytes: profile.memoryBudgetBytes, servingBytes: servingPlan.bytes, profileId: profile.profile.id, sessionOptions: profile.sessionOptions({ graphOptimizationLevel: 'all', enableCpuMemArena: false }), log: (line: string) => process.stderr.write((jsonLog ? JSON.stringify({ event: 'fine-tuning', message: line }) : line) + '\n') } } : {}),
+      ...(stateDir ? { jobs: { stateDir, budgetBytes: profile.memoryBudgetBytes, servingBytes: servingBytesDuringJob, profileId: profile.profile.id, sessionOptions: profile.sessionOptions({ graphOptimizationLevel: 'all', enableCpuMemArena: false }), log: (line: string) => process.stderr.write((jsonLog ? JSON.stringify({ event: 'fine-tuning', message: line }) : line) + '\n') } } : {}),
       sessionOptions: profile.sessionOptions({ graphOptimizationLevel: 'all' }),
     });
     const say = (event: string, fields: Record<string, unknown>, text: string) =>
