@@ -19,7 +19,7 @@ import { checkMemoryPlan, formatBytes } from '../profiles/memory.js';
 import { EdgeloraError } from '../util/errors.js';
 import { Rng } from '../util/rng.js';
 import { writeDirAtomic, writeFileAtomic } from '../util/atomic.js';
-import { TrainSession, paramKey, countLabelTokens, type LoraParam, type LoraGrad, type MicroBatch } from './session.js';
+import { TrainSession, paramKey, countLabelTokens, dropoutBits, NO_DROPOUT, type LoraParam, type LoraGrad, type MicroBatch } from './session.js';
 import { LOSS_CHUNK, type LoraTarget } from './graph.js';
 import { optimizerUpdate, learningRate, clipByGlobalNorm, initLora, type OptimizerKind, type ScheduleKind, type TensorState } from './optim.js';
 import { estimateTrainingMemory, type TrainMemoryEstimate } from './memory.js';
@@ -295,12 +295,7 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
   });
   const dropoutMasks = (m: number) => {
     const r = new Rng(subSeed('dropout', seed, m));
-    const keep = 1 / (1 - dropoutP);
-    return (_key: string, B: number, T: number, K: number) => {
-      const mask = new Float32Array(B * T * K);
-      for (let i = 0; i < mask.length; i++) mask[i] = r.next() < dropoutP ? 0 : keep;
-      return mask;
-    };
+    return { scale: 1 / (1 - dropoutP), bits: (_key: string, B: number, T: number, K: number) => dropoutBits(() => r.next(), dropoutP, B, T, K) };
   };
   const trainStart = performance.now();
   let lastSave = trainStart;
@@ -415,8 +410,7 @@ export async function evaluateLoss(session: TrainSession, params: ReadonlyMap<st
   let loss = 0;
   for (let i = 0; i < examples.length; i += batchSize) {
     const rows = examples.slice(i, i + batchSize);
-    const ones = (_k: string, B: number, T: number, K: number) => new Float32Array(B * T * K).fill(1);
-    const r = await session.step({ inputIds: rows.map((e) => e.inputIds), labels: rows.map((e) => e.labels) }, params, 1 / Math.max(1, count), dropout ? ones : undefined);
+    const r = await session.step({ inputIds: rows.map((e) => e.inputIds), labels: rows.map((e) => e.labels) }, params, 1 / Math.max(1, count), dropout ? NO_DROPOUT : undefined);
     loss += r.loss;
   }
   return loss;
