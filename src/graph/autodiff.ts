@@ -504,15 +504,20 @@ export function differentiate(g: Graph, loss: Value, wrt: readonly Value[], opts
     for (const d of unfenced) b0 = g.add(b0, first(d));
     unfenced = [];
     const zero = g.mul(b0, g.constF32([0], [1]));
+    let nan: Value | null = null;
+    const isNan = () => (nan ??= g.node('IsNaN', [b0], [{ dtype: 'bool', shape: [1] }])[0]!);
     const fenced = new Map<string, Value>();
     const inputOf = (name: string): Value | null => {
       if (name === '') return null;
       if (inSeg.has(name)) return g.value(remap.get(name)!);
       const v = g.value(name);
-      if (v.dtype !== 'float32' || !producer.has(name)) return v;
+      // Constants stay as they are. Everything else from outside is fenced, graph inputs and non-float values too:
+      // a recomputed chain that starts only from inputs (a dropout mask unpacked from its fed bits) would otherwise
+      // run whenever ORT likes, e.g. at the start of the step, and every layer's copy would wait there for its use.
+      if (g.initializers.has(name)) return v;
       let f = fenced.get(name);
       if (!f) {
-        f = g.add(v, zero);
+        f = v.dtype === 'float32' ? g.add(v, zero) : g.node('Where', [isNan(), v, v], [{ dtype: v.dtype, shape: [...v.shape] }])[0]!;
         fenced.set(name, f);
       }
       return f;

@@ -243,6 +243,19 @@ test('LoRA dropout (keep bits unpacked in the graph) matches the float64 referen
   const plain = await TrainSession.create(dir, manifest, cfg, targets, { dropout: false, padTokenId: 609 });
   const ref = await plain.step(BATCH, params, 1 / count);
   await plain.release();
+  // Recomputation rebuilds the masks from their bits inside each layer's backward: the same step.
+  const rcSession = await TrainSession.create(dir, manifest, cfg, targets, { dropout: true, padTokenId: 609, recompute: true });
+  const rc = await rcSession.step(BATCH, params, 1 / count, masks);
+  await rcSession.release();
+  let rcDiff = 0;
+  let rcScale = 0;
+  for (const [key, g] of res.grads) for (const w of ['a', 'b'] as const) for (let i = 0; i < g[w].length; i++) {
+    rcDiff = Math.max(rcDiff, Math.abs(g[w][i]! - rc.grads.get(key)![w][i]!));
+    rcScale = Math.max(rcScale, Math.abs(g[w][i]!));
+  }
+  console.log(`dropout with recomputation: loss ${rc.loss} vs ${res.loss}, max |Δgrad| ${rcDiff.toExponential(2)}`);
+  assert.equal(rc.loss, res.loss);
+  assert.ok(rcDiff / rcScale < TOL_RECOMPUTE, `recomputation changed dropout gradients by ${rcDiff} (relative ${rcDiff / rcScale})`);
   const lossRef = referenceLoss(cfg, W, params, { masks, T });
   console.log(`dropout: loss ${res.loss} vs reference ${lossRef} (no dropout ${ref.loss}); all-keep ${keepAll.loss}`);
   assert.ok(Math.abs(res.loss - lossRef) / lossRef < 1e-5, `dropout loss ${res.loss} vs reference ${lossRef}`);
