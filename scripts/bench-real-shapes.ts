@@ -9,17 +9,41 @@
 // BENCH_PRESETS (default "qwen2.5-0.5b,llama-3.2-1b"), BENCH_FORMATS ("int4,nf4"), BENCH_EMBEDDINGS ("int8,float"),
 // BENCH_FT_STEPS (3, first untimed), BENCH_FT=0 skips fine-tuning, BENCH_GEN=0 skips generation, BENCH_TAG=x writes
 // real-shapes-x.json (runs split over subsets keep each other's results), BENCH_FT_EMBEDDINGS limits the fine-tunes to those tables.
+// The same as flags (a flag wins over its variable): --presets, --formats, --embeddings, --ft-embeddings, --ft-steps,
+// --tag, --no-gen, --no-ft; e.g. `npm run bench:real-shapes -- --presets qwen2.5-0.5b --formats int4 --embeddings int8`.
+// Fine-tune children run with MALLOC_MMAP_THRESHOLD_ set, as `edgelora finetune` re-runs itself (src/runtime/malloc.ts).
+// BENCH_CACHE puts the checkpoints and quantized models somewhere else than .cache/bench (they are GBs).
 import os from 'node:os';
 import path from 'node:path';
 import { existsSync, promises as fs, mkdtempSync } from 'node:fs';
-import { benchPrompt, bundleScript, runChild, printTable, writeJson, dirBytes, peakRssMiB, timeGreedyRun, CACHE } from './bench-common.js';
+import { benchPrompt, bundleScript, runChild, printTable, writeJson, dirBytes, peakRssMiB, timeGreedyRun, CACHE as DEFAULT_CACHE } from './bench-common.js';
+import { MALLOC_ENV } from '../src/runtime/malloc.js';
 import type { DemoPreset } from '../src/formats/demo-model.js';
 import type { EmbeddingFormat, QuantFormat } from '../src/model/weights.js';
 
+const FLAG_ENV: Record<string, string> = {
+  '--presets': 'BENCH_PRESETS',
+  '--formats': 'BENCH_FORMATS',
+  '--embeddings': 'BENCH_EMBEDDINGS',
+  '--ft-embeddings': 'BENCH_FT_EMBEDDINGS',
+  '--ft-steps': 'BENCH_FT_STEPS',
+  '--tag': 'BENCH_TAG',
+};
+if (process.argv[2] !== '--gen' && process.argv[2] !== '--ft') {
+  const args = process.argv.slice(2);
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === '--no-gen') process.env.BENCH_GEN = '0';
+    else if (a === '--no-ft') process.env.BENCH_FT = '0';
+    else if (FLAG_ENV[a] && args[i + 1] !== undefined) process.env[FLAG_ENV[a]!] = args[++i]!;
+    else throw new Error(`bench-real-shapes: unknown flag ${a} (flags: ${Object.keys(FLAG_ENV).join(', ')}, --no-gen, --no-ft)`);
+  }
+}
 const PROMPT_TOKENS = 128;
 const NEW_TOKENS = 128;
 const FT_SEQ = 512;
 const FT_STEPS = Number(process.env.BENCH_FT_STEPS ?? 3);
+const CACHE = process.env.BENCH_CACHE ? path.resolve(process.env.BENCH_CACHE) : DEFAULT_CACHE;
 /** The process baseline the disk-relative RSS target adds (the issue's 70 MiB). */
 const BASELINE_MIB = 70;
 const list = <T extends string>(env: string | undefined, def: string): T[] => (env ?? def).split(',').filter(Boolean) as T[];
@@ -157,7 +181,10 @@ async function main(): Promise<void> {
         }
         if (doFt && list<EmbeddingFormat>(process.env.BENCH_FT_EMBEDDINGS, tables.join(',')).includes(embeddings)) {
           process.stderr.write(`${key}: fine-tune r16 all-linear 1 × ${FT_SEQ} --recompute, ${FT_STEPS} steps…\n`);
+          const given = process.env[MALLOC_ENV.name];
+          process.env[MALLOC_ENV.name] = given ?? MALLOC_ENV.value;
           const f = await runChild<FtSample>(bundle, ['--ft', dir, data]);
+          if (given === undefined) delete process.env[MALLOC_ENV.name];
           Object.assign(row, { ft_tok_s: f.ft_tok_s, ft_s_per_step: f.ft_s_per_step, ft_peak_rss_mib: f.ft_peak_rss_mib, ft_plan_mib: f.ft_plan_mib, ft_plan_err: f.ft_plan_mib / f.ft_peak_rss_mib - 1 });
           plans[`${key} fine-tune`] = f.ft_plan;
         }

@@ -121,7 +121,7 @@ if (variant === 'combined' || variant === 'verify') {
       },
       release: () => combined.release(),
     };
-    const { TrainSession } = await import('../src/train/session.js');
+    const { TrainSession, NO_DROPOUT } = await import('../src/train/session.js');
     const { loadTokenizer } = await import('../src/formats/tokenizer.js');
     const tok = await loadTokenizer(dir);
     const alone = await TrainSession.create(dir, manifest, cfg, targets, { dropout: true, maxTokens: 128, bnb4Backward: 'dequantize', padTokenId: tok.padTokenId });
@@ -135,7 +135,7 @@ if (variant === 'combined' || variant === 'verify') {
     const params = new Map(targets.map((t) => [`${t.layer}.${t.proj}`, { layer: t.layer, proj: t.proj, r: t.rank, K: t.K, N: t.N, alpha: 16, scale: 2, a: Float32Array.from({ length: t.rank * t.K }, rnd), b: Float32Array.from({ length: t.N * t.rank }, rnd) }]));
     const ids = tok.encode('My name is Anouk Verhoeven and I live in Valparaiso.', { addSpecialTokens: true });
     const batch = { inputIds: [ids], labels: [ids] };
-    const mask = (_k: string, B: number, T2: number, K: number) => new Float32Array(B * T2 * K).fill(1);
+    const mask = NO_DROPOUT;
     const a = await alone.step(batch, params, 1 / ids.length, mask);
     const b = await through.step(batch, params, 1 / ids.length, mask);
     let worst = 0;

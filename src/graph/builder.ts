@@ -191,6 +191,11 @@ export class Graph {
     return this.constant('int64', shape, BigInt64Array.from(values.map((x) => BigInt(x))));
   }
 
+  /** A small uint8 constant (deduplicated). */
+  constU8(values: number[], shape: number[] = [values.length]): Value {
+    return this.constant('uint8', shape, Uint8Array.from(values));
+  }
+
   private constant(dtype: DType, shape: number[], data: TypedData): Value {
     const bytes = toBytes(data);
     const key = `${dtype}|${shape.join(',')}|${Buffer.from(bytes).toString('base64')}`;

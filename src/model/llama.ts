@@ -139,6 +139,23 @@ export interface LoraOperands {
   readonly rowMask?: Value;
 }
 
+/**
+ * A LoRA dropout mask float [B, T, K] (0 or 1 / (1 − p)) from its fed keep bits uint8 [B, T, ⌈K/8⌉] (INPUT.loraDropout):
+ * a float mask fed per target would be 32× larger (Qwen2.5-0.5B, r16 on all seven projections, 1 × 512 tokens: 503 MB
+ * of masks alive for the whole step, 16 MB as bits). Unpacked inside the layer, so under recomputation the float
+ * mask is rebuilt in the backward, never kept.
+ */
+function dropoutMask(g: Graph, name: string, K: number): Value {
+  const Kb = Math.ceil(K / 8);
+  const bits = g.input(name, 'uint8', ['B', 'T', Kb]);
+  const scale = g.inputs.some((v) => v.name === INPUT.loraDropoutScale) ? g.value(INPUT.loraDropoutScale) : g.input(INPUT.loraDropoutScale, 'float32', [1]);
+  const shifted = g.node('BitShift', [g.unsqueeze(bits, [3]), g.constU8([0, 1, 2, 3, 4, 5, 6, 7], [8])], [{ dtype: 'uint8', shape: ['B', 'T', Kb, 8] }], { direction: { kind: 'string', value: 'RIGHT' } })[0]!;
+  const bit = g.node('BitwiseAnd', [shifted, g.constU8([1], [1])], [{ dtype: 'uint8', shape: ['B', 'T', Kb, 8] }])[0]!;
+  let keep = g.reshape(g.cast(bit, 'float32'), ['B', 'T', Kb * 8]);
+  if (Kb * 8 !== K) keep = g.slice(keep, 2, 0, K, K);
+  return g.mul(keep, scale); // [B, T, K]
+}
+
 /** The LoRA delta ((x ⊙ dropout) · aT ⊙ rowMask) · bT [B, T, N]: the one place it is computed. */
 function loraDelta(g: Graph, x: Value, lora: LoraOperands): Value {
   const xin = lora.dropout ? g.mul(x, lora.dropout) : x;
@@ -251,7 +268,9 @@ export const INPUT = {
   pastValue: (i: number) => `past_value.${i}`,
   loraA: (layer: number, proj: Proj) => `lora.${layer}.${proj}.a`, // float32 [K, R]
   loraB: (layer: number, proj: Proj) => `lora.${layer}.${proj}.b`, // float32 [R, N]
-  loraDropout: (layer: number, proj: Proj) => `lora.${layer}.${proj}.dropout`, // float32 [B, T, K]
+  // uint8 [B, T, ⌈K/8⌉]: the keep bits of one target's dropout mask, element k in bit k % 8 of byte k / 8 (LSB first).
+  loraDropout: (layer: number, proj: Proj) => `lora.${layer}.${proj}.dropout`,
+  loraDropoutScale: 'lora.dropout_scale', // float32 [1]: what a kept element is multiplied by, 1 / (1 − p)
 };
 export const OUTPUT = {
   logits: 'logits', // float32 [B, T, V] (inference: [B, L, V] at logit_positions)
@@ -509,7 +528,7 @@ async function trainLayers(
       if (l) {
         const aT = g.input(INPUT.loraA(layer, proj), 'float32', [K, l.rank]);
         const bT = g.input(INPUT.loraB(layer, proj), 'float32', [l.rank, N]);
-        const dropout = l.dropout ? g.input(INPUT.loraDropout(layer, proj), 'float32', ['B', 'T', K]) : undefined;
+        const dropout = l.dropout ? dropoutMask(g, INPUT.loraDropout(layer, proj), K) : undefined;
         lora = dropout ? { aT, bT, dropout } : { aT, bT };
         loraInputs.set(siteKey(spec), lora);
       }

@@ -96,13 +96,14 @@ export async function buildTrainGraph(dir: string, manifest: Manifest, cfg: Mode
   const byKey = new Map(opts.targets.map((t) => [siteKey(t), t]));
   if (byKey.size === 0) throw new EdgeloraError('no LoRA targets to train', { where: '--targets' });
   const chunked = opts.maxTokens !== undefined;
-  const { logits, hidden, head, loraInputs } = await buildLlama(g, cfg, qw, {
+  const { hidden, head, loraInputs } = await buildLlama(g, cfg, qw, {
     mode: 'train',
     lora: (layer, proj) => {
       const t = byKey.get(siteKey({ layer, proj }));
       return t ? { rank: t.rank, dropout: opts.dropout } : null;
     },
-    lmHead: !chunked,
+    // The lm_head is emitted here: through a quantized table it reads the table in dequantized slices (logitsThroughTable).
+    lmHead: false,
   });
   const V = cfg.vocabSize;
   const targets = g.input(TRAIN_INPUT.targets, 'int64', ['B', 'T']);
@@ -114,10 +115,9 @@ export async function buildTrainGraph(dir: string, manifest: Manifest, cfg: Mode
     g.output(r.loss, TRAIN_OUTPUT.loss);
     seed = r.dHidden;
   } else {
-    // logits stay internal: the training run returns only the loss and the gradients.
-    g.outputs.splice(g.outputs.indexOf(logits!), 1);
     const loss = g.withScope('loss', () => {
-      const scores = g.reshape(logits!, ['BT', V]); // [B·T, V]
+      const flat = g.reshape(hidden, ['BT', cfg.hiddenSize]); // [B·T, C]
+      const scores = head.kind === 'float' ? lmHead(g, flat, head, V, cfg.hiddenSize) : logitsThroughTable(g, flat, head, V, cfg.hiddenSize, vocabIdsOf(g, V, extraFeeds), opts.tableChunk ?? TABLE_CHUNK, false); // [B·T, V]
       const labels = g.reshape(targets, ['BT']);
       const [nllSum] = g.node('SoftmaxCrossEntropyLoss', [scores, labels], [{ dtype: 'float32', shape: [] }, { dtype: 'float32', shape: ['BT', V] }], {
         reduction: { kind: 'string', value: 'sum' },
@@ -137,12 +137,28 @@ export async function buildTrainGraph(dir: string, manifest: Manifest, cfg: Mode
     ...(seed ? { seed } : {}),
     ...(opts.recompute ? { segmentOf: (n) => /^layers\.\d+(?=\.)/.exec(n.name)?.[0] ?? null } : {}),
   });
+  // The quantized table's own initializers are declared by the weight provider but read here only through their
+  // lookup aliases (tableRows); dropped, so ORT does not warn about them on every run.
+  const used = new Set(g.nodes.flatMap((n) => n.inputs));
+  for (const v of g.outputs) used.add(v.name);
+  for (const name of [...g.initializers.keys()]) if (!used.has(name)) g.initializers.delete(name);
   const bytes = toOnnxBytes(g, { name: `edgelora train ${cfg.architecture}` });
   return {
     bytes,
     dataFile: qw.dataFile ? `${dir.replace(/\/$/, '')}/${qw.dataFile}` : null,
     runtimeFeeds: new Map([...ad.runtimeFeeds, ...extraFeeds]),
     nodes: g.nodes.length,
+  };
+}
+
+/** The runtime-fed row ids 0..V−1 (VOCAB_IDS), added to the graph and `feeds` on first use. */
+function vocabIdsOf(g: Graph, V: number, feeds: Map<string, RuntimeFeed>): () => Value {
+  return () => {
+    if (!feeds.has(VOCAB_IDS)) {
+      feeds.set(VOCAB_IDS, { dtype: 'int64', shape: [V], data: BigInt64Array.from({ length: V }, (_, i) => BigInt(i)) });
+      g.input(VOCAB_IDS, 'int64', [V]);
+    }
+    return g.value(VOCAB_IDS);
   };
 }
 
@@ -178,6 +194,28 @@ function dxThroughTable(g: Graph, d: Value, head: TableWeight, V: number, C: num
 }
 
 /**
+ * logits = h · tableᵀ for h [M, C] through a quantized table, dequantized TABLE_CHUNK rows at a time like
+ * dxThroughTable: the training graph never hands the table to MatMulNBits, so ORT never prepacks it (a second,
+ * anonymous copy beside the file-backed one: ~150 MiB for Qwen2.5's int8 table, and ~290 MiB more while it
+ * packs at session start). [M, C] → [M, V].
+ */
+function logitsThroughTable(g: Graph, h: Value, head: TableWeight, V: number, C: number, vocabIds: () => Value, chunk: number, fenced: boolean): Value {
+  const parts: Value[] = [];
+  let prev: Value = h;
+  for (let v0 = 0; v0 < V; v0 += chunk) {
+    const v1 = Math.min(V, v0 + chunk);
+    // Fenced (chunked loss): each slice waits for the previous product. Unfenced (the full-logits graph, which
+    // autodiff differentiates): a fence would put the row ids on the path from the LoRA inputs.
+    const slice = g.slice(vocabIds(), 0, v0, v1, v1 - v0);
+    const ids = fenced ? g.add(slice, fenceI64(g, prev)) : slice;
+    const w = tableRows(g, head, ids, C); // [Vc, C]
+    prev = g.matmul(h, g.transpose(w, [1, 0])); // [M, Vc] (ORT fuses the transpose into the product)
+    parts.push(prev);
+  }
+  return parts.length === 1 ? parts[0]! : g.concat(parts, 1, V);
+}
+
+/**
  * Σ NLL · lossScale over all positions, and its gradient with respect to `hidden` [B, T, C], computed
  * LOSS_CHUNK positions at a time. Per chunk the gradient of the summed NLL by the logits is
  * (softmax − onehot(target)) · lossScale on counted rows (the SoftmaxCrossEntropyLoss rule in autodiff.ts),
@@ -197,13 +235,7 @@ function chunkedLoss(
   const Tc = sizes.rows;
   const chunks = Math.max(1, Math.ceil(sizes.maxTokens / Tc));
   const P = chunks * Tc;
-  const vocabIds = (): Value => {
-    if (!feeds.has(VOCAB_IDS)) {
-      feeds.set(VOCAB_IDS, { dtype: 'int64', shape: [V], data: BigInt64Array.from({ length: V }, (_, i) => BigInt(i)) });
-      g.input(VOCAB_IDS, 'int64', [V]);
-    }
-    return g.value(VOCAB_IDS);
-  };
+  const vocabIds = vocabIdsOf(g, V, feeds);
   return g.withScope('loss', () => {
     const flat = g.reshape(hidden, ['BT', C]); // [B·T, C]
     const labels = g.reshape(targets, ['BT']);
@@ -222,7 +254,7 @@ function chunkedLoss(
       let h = g.slice(hP, 0, a, a + Tc, Tc); // [Tc, C]
       if (prev) h = g.add(h, fenceF32(g, prev));
       const t = g.slice(tP, 0, a, a + Tc, Tc); // [Tc]
-      const logitsJ = lmHead(g, h, head, V, C); // [Tc, V]
+      const logitsJ = head.kind === 'float' ? lmHead(g, h, head, V, C) : logitsThroughTable(g, h, head, V, C, vocabIds, sizes.tableRows, true); // [Tc, V]
       const [nll, logp] = g.node('SoftmaxCrossEntropyLoss', [logitsJ, t], [{ dtype: 'float32', shape: [] }, { dtype: 'float32', shape: [Tc, V] }], {
         reduction: { kind: 'string', value: 'sum' },
         ignore_index: { kind: 'int', value: IGNORE },

@@ -42,10 +42,25 @@ function layerFloatsPerToken(cfg: ModelConfig, T: number, targets: readonly Lora
   return n;
 }
 
+/**
+ * Table rows dequantized at once by the chunked lm_head (src/train/graph.ts TABLE_CHUNK; repeated here so that this
+ * file, which the serve process imports, does not pull in the graph builder).
+ */
+const TABLE_ROWS = 8192;
+
+/**
+ * What ORT holds beyond the tensors counted below, as a fraction of one layer's activations, per layer: measured peaks
+ * at 1 × 512, r16 all-linear, --recompute, less every other item, were 0.23 × (24 layers × 103 MiB) on Qwen2.5-0.5B and
+ * 0.20 × (16 × 208 MiB) on Llama-3.2-1B (int4 + int8 tables; docs/architecture.md "Training memory"). Its tensors are
+ * not in ORT's plan as replayed from its profile (that peaks at one layer), so it is calibrated, not derived.
+ */
+const RESIDUE_PER_LAYER = 0.22;
+
 export function estimateTrainingMemory(input: TrainMemoryInput): TrainMemoryEstimate {
   const { cfg, batch: B, seqLen: T, targets } = input;
   const tokens = B * T;
   const per = (l: number) => 4 * tokens * layerFloatsPerToken(cfg, T, targets, l, input.dropout);
+  const perPlain = (l: number) => 4 * tokens * layerFloatsPerToken(cfg, T, targets, l, false);
   let all = 0;
   let maxLayer = 0;
   for (let l = 0; l < cfg.numLayers; l++) {
@@ -53,22 +68,34 @@ export function estimateTrainingMemory(input: TrainMemoryInput): TrainMemoryEsti
     maxLayer = Math.max(maxLayer, per(l));
   }
   const boundary = 4 * tokens * cfg.hiddenSize;
-  const activations = input.recompute ? cfg.numLayers * boundary + 2 * maxLayer : all + 2 * maxLayer / cfg.numLayers;
-  // Full: logits, log-probabilities and their gradient, [B·T, V] each. Chunked: one chunk's logits,
-  // log-probabilities, one-hot targets and gradient, [rows, V] each.
-  const logits = input.lossChunkRows ? 4 * 4 * Math.min(tokens, input.lossChunkRows) * cfg.vocabSize : 3 * 4 * tokens * cfg.vocabSize;
   let params = 0;
   for (const t of targets) params += t.rank * (t.K + t.N);
-  const breakdown: Record<string, number> = {
-    'base model': input.baseBytes,
-    [`activations (${B} × ${T} tokens${input.recompute ? ', recomputed per layer' : ''})`]: activations,
-    'logits and their gradient': logits,
+  const act = `activations (${B} × ${T} tokens${input.recompute ? ', recomputed per layer' : ''})`;
+  const breakdown: Record<string, number> = { 'base model (read in place)': input.baseBytes };
+  if (input.lossChunkRows && input.recompute) {
+    // Between forward and backward only the layer inputs stay. The step's other peak is whichever is larger: one
+    // layer recomputed with its backward's temporaries (2 × its activations), or one loss chunk: its logits and the
+    // SoftmaxCrossEntropyLoss body's [rows, V] tensors (six alive at once in ORT's plan) and two table slices.
+    const rows = Math.min(tokens, input.lossChunkRows);
+    const lossChunk = 6 * 4 * rows * cfg.vocabSize + 2 * 4 * TABLE_ROWS * cfg.hiddenSize;
+    breakdown[`${act}: layer inputs`] = cfg.numLayers * boundary;
+    breakdown['working set: max(one layer and its backward, one loss chunk)'] = Math.max(2 * maxLayer, lossChunk);
+    let layers = 0;
+    for (let l = 0; l < cfg.numLayers; l++) layers += perPlain(l);
+    breakdown[`ORT residue, ${RESIDUE_PER_LAYER} of each layer's activations (calibrated)`] = RESIDUE_PER_LAYER * layers;
+  } else {
+    breakdown[act] = input.recompute ? cfg.numLayers * boundary + 2 * maxLayer : all + 2 * maxLayer / cfg.numLayers;
+    // Full: logits, log-probabilities and their gradient, [B·T, V] each. Chunked: one chunk's logits,
+    // log-probabilities, one-hot targets and gradient, [rows, V] each.
+    breakdown['logits and their gradient'] = input.lossChunkRows ? 4 * 4 * Math.min(tokens, input.lossChunkRows) * cfg.vocabSize : 3 * 4 * tokens * cfg.vocabSize;
+  }
+  Object.assign(breakdown, {
     'dequantized weight in backward': input.dequantBytes,
     'LoRA parameters': 4 * params * 2, // host copy + fed copy
     'LoRA gradients': 4 * params * 2,
     'optimizer state': input.optimizer === 'adamw' ? 8 * params : 0,
     runtime: input.runtimeBytes ?? 120e6,
-  };
+  });
   const bytes = Object.values(breakdown).reduce((a, b) => a + b, 0);
   return {
     what: `fine-tuning (batch ${B} × seq-len ${T}, ${targets.length} LoRA modules)`,

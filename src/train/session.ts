@@ -31,6 +31,31 @@ export interface LoraGrad {
   readonly b: Float32Array; // [N, R]
 }
 
+/**
+ * LoRA dropout of one micro-batch: the keep probability's scale 1 / (1 − p) and, per target, its mask as keep bits
+ * uint8 [B, T, ⌈K/8⌉] (element k in bit k % 8 of byte k / 8: see dropoutBits).
+ */
+export interface DropoutMasks {
+  readonly scale: number;
+  bits(key: string, B: number, T: number, K: number): Uint8Array;
+}
+
+/**
+ * Keep bits of a [B, T, K] dropout mask, one `next()` of the generator per element in row-major order (element dropped
+ * when next() < p): the same draws as the float mask it replaces, 1/32 of its size.
+ */
+export function dropoutBits(next: () => number, p: number, B: number, T: number, K: number): Uint8Array {
+  const Kb = Math.ceil(K / 8);
+  const out = new Uint8Array(B * T * Kb);
+  for (let row = 0; row < B * T; row++) {
+    for (let k = 0; k < K; k++) if (next() >= p) out[row * Kb + (k >> 3)]! |= 1 << (k & 7);
+  }
+  return out;
+}
+
+/** Masks that keep everything (evaluation on a graph built with dropout). */
+export const NO_DROPOUT: DropoutMasks = { scale: 1, bits: (_key, B, T, K) => new Uint8Array(B * T * Math.ceil(K / 8)).fill(255) };
+
 /** One micro-batch: rows right-padded to a common length by the session. */
 export interface MicroBatch {
   readonly inputIds: readonly (readonly number[])[];
@@ -82,10 +107,10 @@ export class TrainSession {
 
   /**
    * Runs forward + backward on one micro-batch. `lossScale` = 1 / label tokens of the whole optimizer
-   * step (so micro-batch losses and gradients add up to the step's mean). `dropoutMask(key, size)`
-   * returns the mask [B, T, K] for a target when dropout is on.
+   * step (so micro-batch losses and gradients add up to the step's mean). `dropout` gives each target's mask
+   * when the graph was built with dropout.
    */
-  async step(batch: MicroBatch, params: ReadonlyMap<string, LoraParam>, lossScale: number, dropoutMask?: (key: string, B: number, T: number, K: number) => Float32Array): Promise<StepResult> {
+  async step(batch: MicroBatch, params: ReadonlyMap<string, LoraParam>, lossScale: number, dropout?: DropoutMasks): Promise<StepResult> {
     const B = batch.inputIds.length;
     if (B === 0) throw new EdgeloraError('empty micro-batch');
     const T = Math.max(...batch.inputIds.map((r) => r.length));
@@ -131,10 +156,11 @@ export class TrainSession {
       feeds[INPUT.loraA(t.layer, t.proj)] = new ort.Tensor('float32', transpose(p.a, p.r, p.K), [p.K, p.r]);
       feeds[INPUT.loraB(t.layer, t.proj)] = new ort.Tensor('float32', transpose(p.b, p.N, p.r, p.scale), [p.r, p.N]);
       if (this.dropout) {
-        if (!dropoutMask) throw new EdgeloraError('the training graph takes dropout masks but none were given');
-        feeds[INPUT.loraDropout(t.layer, t.proj)] = new ort.Tensor('float32', dropoutMask(key, B, T, p.K), [B, T, p.K]);
+        if (!dropout) throw new EdgeloraError('the training graph takes dropout masks but none were given', { where: 'TrainSession.step', hint: 'pass NO_DROPOUT to run it without dropout' });
+        feeds[INPUT.loraDropout(t.layer, t.proj)] = new ort.Tensor('uint8', dropout.bits(key, B, T, p.K), [B, T, Math.ceil(p.K / 8)]);
       }
     }
+    if (this.dropout) feeds[INPUT.loraDropoutScale] = new ort.Tensor('float32', Float32Array.of(dropout!.scale), [1]);
     const out = await this.session.run(feeds);
     const loss = (out[TRAIN_OUTPUT.loss]!.data as Float32Array)[0]!;
     const grads = new Map<string, LoraGrad>();

@@ -17,7 +17,7 @@ import { checkMemoryPlan } from '../profiles/memory.js';
 import { EdgeloraError } from '../util/errors.js';
 import { Rng } from '../util/rng.js';
 import { writeDirAtomic, writeFileAtomic } from '../util/atomic.js';
-import { TrainSession, countLabelTokens, type LoraParam, type LoraGrad, type MicroBatch } from './session.js';
+import { TrainSession, countLabelTokens, dropoutBits, NO_DROPOUT, type DropoutMasks, type LoraParam, type LoraGrad, type MicroBatch } from './session.js';
 import { LOSS_CHUNK, type LoraTarget } from './graph.js';
 import { optimizerUpdate, learningRate, clipByGlobalNorm, initLora, type TensorState } from './optim.js';
 import { parseFinetuneOptions, checkFinetuneNumber, FINETUNE_NUMBERS, type FinetuneOptions, type FinetunePlan } from './plan.js';
@@ -281,12 +281,7 @@ async function trainSteps(plan: FinetunePlan, base: Base, data: Data, adapter: A
   });
   const dropoutMasks = (m: number) => {
     const r = new Rng(subSeed('dropout', seed, m));
-    const keep = 1 / (1 - dropoutP);
-    return (_key: string, B: number, T: number, K: number) => {
-      const mask = new Float32Array(B * T * K);
-      for (let i = 0; i < mask.length; i++) mask[i] = r.next() < dropoutP ? 0 : keep;
-      return mask;
-    };
+    return { scale: 1 / (1 - dropoutP), bits: (_key: string, B: number, T: number, K: number) => dropoutBits(() => r.next(), dropoutP, B, T, K) };
   };
   const trainStart = performance.now();
   let lastSave = trainStart;
@@ -332,7 +327,7 @@ async function optimizerStep(
   steps: StepPlan,
   opt: ReadonlyMap<string, TensorState>,
   step: number,
-  dropoutMasks: (m: number) => (key: string, B: number, T: number, K: number) => Float32Array,
+  dropoutMasks: (m: number) => DropoutMasks,
 ): Promise<{ loss: number; norm: number; lrNow: number; stepTokens: number }> {
   const { gradAccum, optimizer, lr, weightDecay } = plan;
   const { params, dropoutP } = adapter;
@@ -407,8 +402,7 @@ export async function evaluateLoss(session: TrainSession, params: ReadonlyMap<st
   let loss = 0;
   for (let i = 0; i < examples.length; i += batchSize) {
     const rows = examples.slice(i, i + batchSize);
-    const ones = (_k: string, B: number, T: number, K: number) => new Float32Array(B * T * K).fill(1);
-    const r = await session.step({ inputIds: rows.map((e) => e.inputIds), labels: rows.map((e) => e.labels) }, params, 1 / Math.max(1, count), dropout ? ones : undefined);
+    const r = await session.step({ inputIds: rows.map((e) => e.inputIds), labels: rows.map((e) => e.labels) }, params, 1 / Math.max(1, count), dropout ? NO_DROPOUT : undefined);
     loss += r.loss;
   }
   return loss;

@@ -12,6 +12,8 @@ export interface RefLora {
   b: Float32Array;
   r: number;
   scale: number;
+  /** LoRA dropout: the multiplier of input element k at position t on the LoRA path (0 or 1 / (1 − p)); absent: 1. */
+  dropout?: (t: number, k: number) => number;
 }
 export type LoraFn = (layer: number, proj: string) => RefLora[];
 
@@ -27,7 +29,7 @@ function linearRef(x: Float64Array, T: number, K: number, w: Float32Array, N: nu
       const ax = new Float64Array(l.r);
       for (let j = 0; j < l.r; j++) {
         let s = 0;
-        for (let k = 0; k < K; k++) s += l.a[j * K + k]! * x[t * K + k]!;
+        for (let k = 0; k < K; k++) s += l.a[j * K + k]! * x[t * K + k]! * (l.dropout ? l.dropout(t, k) : 1);
         ax[j] = s;
       }
       for (let n = 0; n < N; n++) {

@@ -70,3 +70,11 @@ test('a quantized vocabulary table keeps prepacking on for nf4/fp4 inference (it
     }
   }
 });
+
+test('int4 and fp32 training sessions run unprepacked (one copy of each linear: the file-backed one)', () => {
+  const prepackOff = (format: 'nf4' | 'fp4' | 'int4' | 'fp32') => (sessionOptionsFor({ kind: 'train', format }).extra as { session?: Record<string, string> } | undefined)?.session?.disable_prepacking === '1';
+  assert.equal(prepackOff('int4'), true);
+  assert.equal(prepackOff('fp32'), true);
+  assert.equal(prepackOff('nf4'), false);
+  assert.equal(prepackOff('fp4'), false);
+});

@@ -11,7 +11,7 @@ import { referenceForward, type RefLora } from '../helpers/reference.js';
 import { readManifest } from '../../src/model/manifest.js';
 import { parseHfConfig, type ModelConfig } from '../../src/formats/hf-config.js';
 import { LINEAR_PROJS, siteKey } from '../../src/model/llama.js';
-import { TrainSession, countLabelTokens, type LoraParam, type MicroBatch } from '../../src/train/session.js';
+import { TrainSession, countLabelTokens, dropoutBits, NO_DROPOUT, type DropoutMasks, type LoraParam, type MicroBatch } from '../../src/train/session.js';
 import { loraTargets } from '../../src/train/graph.js';
 import { Rng } from '../../src/util/rng.js';
 
@@ -58,16 +58,24 @@ function randomParams(cfg: ModelConfig, seed: number): Map<string, LoraParam> {
   return params;
 }
 
-/** Float64 mean token NLL of the batch under the reference forward. */
-function referenceLoss(cfg: ModelConfig, W: (n: string) => Float32Array, params: Map<string, LoraParam>): number {
-  const lora = (layer: number, proj: string): RefLora[] => {
-    const p = params.get(`${layer}.${proj}`);
-    return p ? [{ a: p.a, b: p.b, r: p.r, scale: p.scale }] : [];
+/** Float64 mean token NLL of the batch under the reference forward (with `dropout`: those masks on the LoRA inputs). */
+function referenceLoss(cfg: ModelConfig, W: (n: string) => Float32Array, params: Map<string, LoraParam>, dropout?: { masks: DropoutMasks; T: number }): number {
+  const bitsOf = new Map<string, Uint8Array>();
+  const lora = (b: number) => (layer: number, proj: string): RefLora[] => {
+    const key = `${layer}.${proj}`;
+    const p = params.get(key);
+    if (!p) return [];
+    if (!dropout) return [{ a: p.a, b: p.b, r: p.r, scale: p.scale }];
+    if (!bitsOf.has(key)) bitsOf.set(key, dropout.masks.bits(key, BATCH.inputIds.length, dropout.T, p.K));
+    const bits = bitsOf.get(key)!;
+    const Kb = Math.ceil(p.K / 8);
+    const at = (t: number, k: number) => ((bits[(b * dropout.T + t) * Kb + (k >> 3)]! >> (k & 7)) & 1) * dropout.masks.scale;
+    return [{ a: p.a, b: p.b, r: p.r, scale: p.scale, dropout: at }];
   };
   const V = cfg.vocabSize;
   let nll = 0;
   BATCH.inputIds.forEach((ids, b) => {
-    const logits = referenceForward(cfg, W, [...ids], lora);
+    const logits = referenceForward(cfg, W, [...ids], lora(b));
     const labels = BATCH.labels[b]!;
     for (let t = 0; t + 1 < ids.length; t++) {
       const y = labels[t + 1]!;
@@ -214,3 +222,69 @@ for (const [format, embeddings] of [['fp32', 'float'], ['int4', 'int8']] as cons
     assert.ok(maxDiff / scale < TOL_CHUNKED, `chunked changed gradients by ${maxDiff} (relative ${maxDiff / scale})`);
   });
 }
+
+/** Dropout masks fed as keep bits: the loss and its gradients against the float64 reference with the same masks. */
+test('LoRA dropout (keep bits unpacked in the graph) matches the float64 reference with the same masks; all-keep masks equal no dropout', async () => {
+  const dir = await quantized(hf, root.dir, 'fp32-drop', { format: 'fp32' });
+  const manifest = await readManifest(dir);
+  const cfg = parseHfConfig(manifest.sourceConfig, dir);
+  const { W } = await dequantizedWeights(dir);
+  const targets = loraTargets(cfg, LINEAR_PROJS, () => RANK);
+  const params = randomParams(cfg, 23);
+  const count = countLabelTokens(BATCH.labels);
+  const T = Math.max(...BATCH.inputIds.map((r) => r.length));
+  const P = 0.3;
+  // Fixed masks per target (a fresh generator per key), so the reference and every finite difference see the same ones.
+  const masks: DropoutMasks = { scale: 1 / (1 - P), bits: (key, B, TT, K) => { const r = new Rng(key.length * 1000 + K); return dropoutBits(() => r.next(), P, B, TT, K); } };
+  const session = await TrainSession.create(dir, manifest, cfg, targets, { dropout: true, padTokenId: 609 });
+  const res = await session.step(BATCH, params, 1 / count, masks);
+  const keepAll = await session.step(BATCH, params, 1 / count, NO_DROPOUT);
+  await session.release();
+  const plain = await TrainSession.create(dir, manifest, cfg, targets, { dropout: false, padTokenId: 609 });
+  const ref = await plain.step(BATCH, params, 1 / count);
+  await plain.release();
+  // Recomputation rebuilds the masks from their bits inside each layer's backward: the same step.
+  const rcSession = await TrainSession.create(dir, manifest, cfg, targets, { dropout: true, padTokenId: 609, recompute: true });
+  const rc = await rcSession.step(BATCH, params, 1 / count, masks);
+  await rcSession.release();
+  let rcDiff = 0;
+  let rcScale = 0;
+  for (const [key, g] of res.grads) for (const w of ['a', 'b'] as const) for (let i = 0; i < g[w].length; i++) {
+    rcDiff = Math.max(rcDiff, Math.abs(g[w][i]! - rc.grads.get(key)![w][i]!));
+    rcScale = Math.max(rcScale, Math.abs(g[w][i]!));
+  }
+  console.log(`dropout with recomputation: loss ${rc.loss} vs ${res.loss}, max |Δgrad| ${rcDiff.toExponential(2)}`);
+  assert.equal(rc.loss, res.loss);
+  assert.ok(rcDiff / rcScale < TOL_RECOMPUTE, `recomputation changed dropout gradients by ${rcDiff} (relative ${rcDiff / rcScale})`);
+  const lossRef = referenceLoss(cfg, W, params, { masks, T });
+  console.log(`dropout: loss ${res.loss} vs reference ${lossRef} (no dropout ${ref.loss}); all-keep ${keepAll.loss}`);
+  assert.ok(Math.abs(res.loss - lossRef) / lossRef < 1e-5, `dropout loss ${res.loss} vs reference ${lossRef}`);
+  assert.ok(Math.abs(res.loss - ref.loss) > 1e-4 * ref.loss, 'the masks changed nothing');
+  assert.equal(keepAll.loss, ref.loss);
+  let keepDiff = 0;
+  for (const [key, g] of ref.grads) for (const w of ['a', 'b'] as const) for (let i = 0; i < g[w].length; i++) keepDiff = Math.max(keepDiff, Math.abs(g[w][i]! - keepAll.grads.get(key)![w][i]!));
+  assert.equal(keepDiff, 0, `all-keep masks changed gradients by ${keepDiff}`);
+  let worst = { err: 0, where: '' };
+  for (const key of ['0.q_proj', '1.down_proj', '2.v_proj']) {
+    const p = params.get(key)!;
+    const g = res.grads.get(key)!;
+    for (const which of ['a', 'b'] as const) {
+      const gx = g[which];
+      let i = 0;
+      for (let j = 0; j < gx.length; j++) if (Math.abs(gx[j]!) > Math.abs(gx[i]!)) i = j;
+      const orig = p[which][i]!;
+      p[which][i] = orig + EPS;
+      const hi = p[which][i]!;
+      const lp = referenceLoss(cfg, W, params, { masks, T });
+      p[which][i] = orig - EPS;
+      const lo = p[which][i]!;
+      const lm = referenceLoss(cfg, W, params, { masks, T });
+      p[which][i] = orig;
+      const fd = (lp - lm) / (hi - lo);
+      const err = Math.abs(gx[i]! - fd) / Math.abs(fd);
+      if (err > worst.err) worst = { err, where: `${key}.${which}[${i}] analytic ${gx[i]} fd ${fd}` };
+    }
+  }
+  console.log(`dropout: max relative error vs finite differences ${worst.err.toExponential(2)} (${worst.where})`);
+  assert.ok(worst.err < TOL_REL, `dropout gradients: relative error ${worst.err} ≥ ${TOL_REL} at ${worst.where}`);
+});

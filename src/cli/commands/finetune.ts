@@ -26,7 +26,8 @@ ignored), on the JSONL formats of \`edgelora eval\`. Each row is its own right-p
 The output is a PEFT adapter directory (+ training_log.jsonl), bound to the base's fingerprint.
 Batch size, sequence length, rank, alpha, targets and recomputation default to the device profile's
 fine-tune settings (\`edgelora doctor\` shows them); a flag overrides one, and the settings used are
-printed before training (and in --json).
+printed before training (and in --json). On Linux (glibc) the command re-runs itself once with
+MALLOC_MMAP_THRESHOLD_=131072, which lowers a step's peak RSS (set the variable yourself to skip that).
 
 Flags:
   --model DIR            a directory written by \`edgelora quantize\` (required)
