@@ -17,6 +17,9 @@ import { BatchLoraPacker, type AdapterSet } from './lora-batch.js';
 import { KvSlots } from './kv-slots.js';
 import { StopMatcher } from './stop.js';
 
+/** Event-loop turns the scheduler waits at most for more arrivals before a prefill (gatherArrivals). */
+const ARRIVAL_TURNS = 4;
+
 /** An error a client caused or must handle; `status` and `code` become the OpenAI error body. */
 export class ServeError extends EdgeloraError {
   constructor(
@@ -388,6 +391,10 @@ export class ServeEngine {
         this.wake = null;
         continue;
       }
+      if (!pause) {
+        await this.gatherArrivals();
+        this.dropCancelled();
+      }
       const admitted = pause ? [] : this.queue.splice(0, this.maxBatch - this.running.length);
       try {
         if (admitted.length > 0) {
@@ -401,6 +408,23 @@ export class ServeEngine {
         // A failed forward fails the rows it touched; the engine keeps serving the others.
         for (const r of new Set([...this.running.splice(0), ...admitted])) r.reject(err);
       }
+    }
+  }
+
+  /**
+   * A forward blocks the event loop (onnxruntime-node runs a session synchronously), so requests that
+   * came in during it are still being read when the scheduler gets here, and the first one submitted
+   * may be what woke it. Before admitting, yield to the event loop while that lets more requests reach
+   * the queue (at most ARRIVAL_TURNS turns, each microseconds when nothing is pending), so that
+   * requests arriving together share one prefill forward instead of one each: every prefill forward
+   * stalls all running rows and reads all the weights again.
+   */
+  private async gatherArrivals(): Promise<void> {
+    for (let turn = 0; turn < ARRIVAL_TURNS; turn++) {
+      if (this.queue.length === 0 || this.running.length + this.queue.length >= this.maxBatch) return;
+      const before = this.queue.length;
+      await new Promise<void>((r) => setImmediate(r));
+      if (this.queue.length === before) return;
     }
   }
 
