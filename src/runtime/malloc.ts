@@ -25,7 +25,9 @@ export function wantsMallocTuning(env: NodeJS.ProcessEnv = process.env): boolean
 export function rerunWithMallocTuning(): Promise<number> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1)], {
-      stdio: 'inherit',
+      // The IPC channel is the child's lifeline: if this process dies without forwarding a signal (SIGKILL,
+      // a closed terminal), the channel disconnects and the child stops as on SIGTERM (stopOnParentExit).
+      stdio: ['inherit', 'inherit', 'inherit', 'ipc'],
       env: { ...process.env, [MALLOC_ENV.name]: MALLOC_ENV.value },
       detached: true,
     });
@@ -45,4 +47,15 @@ export function rerunWithMallocTuning(): Promise<number> {
       resolve(code ?? (signal === 'SIGTERM' ? 143 : signal === 'SIGINT' ? 130 : 1));
     });
   });
+}
+
+/**
+ * In the re-run child (it has the IPC channel rerunWithMallocTuning opens): when the parent goes away without
+ * forwarding a signal (killed with SIGKILL, say), stop like on SIGTERM, checkpoint included, instead of training
+ * on as an orphan. The channel is unref'd so it never keeps the child alive by itself.
+ */
+export function stopOnParentExit(): void {
+  if (typeof process.send !== 'function') return;
+  process.channel?.unref();
+  process.once('disconnect', () => process.kill(process.pid, 'SIGTERM'));
 }

@@ -106,3 +106,38 @@ test('SIGINT writes a checkpoint and prints how to resume; resuming gives the un
   assert.ok(!existsSync(m[2]!), 'the checkpoint is removed once the adapter is written');
   await fs.rm(cut, { recursive: true });
 });
+
+test('the malloc-tuned re-run of finetune does not outlive its parent: SIGKILL of the parent stops the child at a step boundary, with a checkpoint', { skip: process.platform !== 'linux' ? 'the re-run exists on glibc only' : false }, async () => {
+  const cut = path.join(tmp.dir, 'orphan');
+  const env = { ...process.env };
+  delete env.MALLOC_MMAP_THRESHOLD_; // so the parent re-runs itself
+  const parent = spawn(process.execPath, ['--import', 'tsx', CLI, 'finetune', ...common(), '--out', cut], { stdio: ['ignore', 'pipe', 'pipe'], env });
+  let err = '';
+  const started = new Promise<void>((resolve) => {
+    parent.stderr.on('data', (d: Buffer) => {
+      err += d.toString();
+      if (/^finetune \d+\/\d+/m.test(err)) resolve();
+    });
+  });
+  await started;
+  const kids = spawnSync('pgrep', ['-P', String(parent.pid)], { encoding: 'utf8' }).stdout.trim().split('\n').filter(Boolean).map(Number);
+  assert.equal(kids.length, 1, `the re-run child of ${parent.pid}: ${kids.join(',')}\n${err}`);
+  const child = kids[0]!;
+  parent.kill('SIGKILL');
+  const alive = (pid: number) => {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  const deadline = Date.now() + 60_000;
+  while (alive(child) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+  const orphaned = alive(child);
+  if (orphaned) process.kill(child, 'SIGKILL');
+  assert.ok(!orphaned, `the child ${child} kept training after its parent was killed`);
+  assert.ok(existsSync(`${cut}.checkpoint`), 'it stopped like on SIGTERM: a checkpoint was written');
+  assert.ok(!existsSync(cut), 'and no adapter');
+  await fs.rm(`${cut}.checkpoint`, { recursive: true, force: true });
+});
