@@ -8,16 +8,15 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { spawn, type ChildProcess } from 'node:child_process';
 import OpenAI from 'openai';
 import { tempDir, tinyCheckpoint, quantized } from '../helpers/fixtures.js';
+import { CLI, startCli, stopCli, type CliProcess } from '../helpers/cli-process.js';
 import { randomAdapter } from '../helpers/adapters.js';
 import { Mosquitto, waitFor } from '../sync/helpers.js';
 import { writeKeyPair } from '../../src/sync/protocol/signing.js';
 import { readManifest } from '../../src/model/manifest.js';
 import { parseHfConfig } from '../../src/formats/hf-config.js';
 
-const CLI = path.resolve('src/cli/main.ts');
 const tmp = tempDir('edgelora-fleet-serve-');
 const MODEL = 'tiny';
 const FLEET = 'shop';
@@ -26,38 +25,17 @@ const DEVICE = 'kiosk-1';
 const TOKENS = 96;
 const PROMPT = 'The fleet pushed';
 let mosq: Mosquitto;
-let hub: Proc;
-let serve: Proc;
+let hub: CliProcess;
+let serve: CliProcess;
 let client: OpenAI;
 let baseUrl = '';
 let keys: { keyFile: string; pubFile: string };
 const dirs: Record<string, string> = {};
 
-interface Proc {
-  child: ChildProcess;
-  out: string;
-  err: string;
-}
-
-function start(args: string[]): Proc {
-  const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  const p: Proc = { child, out: '', err: '' };
-  child.stdout?.on('data', (d: Buffer) => (p.out += d.toString()));
-  child.stderr?.on('data', (d: Buffer) => (p.err += d.toString()));
-  return p;
-}
-
 async function run(args: string[]): Promise<{ code: number | null; out: string; err: string }> {
-  const p = start(args);
+  const p = startCli(args);
   const code = await new Promise<number | null>((r) => p.child.once('exit', r));
   return { code, out: p.out, err: p.err };
-}
-
-async function stop(p: Proc | undefined): Promise<void> {
-  if (!p || p.child.exitCode !== null) return;
-  const gone = new Promise((r) => p.child.once('exit', r));
-  p.child.kill('SIGTERM');
-  await gone;
 }
 
 interface FleetInfo {
@@ -102,8 +80,8 @@ before(async () => {
   }
   keys = await writeKeyPair(path.join(tmp.dir, 'hub'));
   mosq = await Mosquitto.start();
-  hub = start(['hub', '--broker', mosq.url, '--store', path.join(tmp.dir, 'store'), '--key', keys.keyFile, '--allow-plaintext', '--coalesce-ms', '50']);
-  serve = start(['serve', '--model', modelDir, '--port', '0', '--ctx', '128', '--broker', mosq.url, '--device-id', DEVICE, '--fleet', FLEET, '--trust', keys.pubFile, '--state', path.join(tmp.dir, 'state')]);
+  hub = startCli(['hub', '--broker', mosq.url, '--store', path.join(tmp.dir, 'store'), '--key', keys.keyFile, '--allow-plaintext', '--coalesce-ms', '50']);
+  serve = startCli(['serve', '--model', modelDir, '--port', '0', '--ctx', '128', '--broker', mosq.url, '--device-id', DEVICE, '--fleet', FLEET, '--trust', keys.pubFile, '--state', path.join(tmp.dir, 'state')]);
   await waitFor('serve listening', () => /listening on (http:\S+)/.test(serve.out) || serve.child.exitCode !== null, 30_000);
   baseUrl = /listening on (http:\S+)/.exec(serve.out)?.[1] ?? assert.fail(`serve did not start: ${serve.err}`);
   await waitFor('serve ready with its agent', () => /ready/.test(serve.out) || serve.child.exitCode !== null, 30_000);
@@ -112,8 +90,8 @@ before(async () => {
 });
 
 after(async () => {
-  await stop(serve);
-  await stop(hub);
+  await stopCli(serve);
+  await stopCli(hub);
   await mosq?.stop();
   tmp.cleanup();
 });

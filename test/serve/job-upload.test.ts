@@ -8,40 +8,22 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
 import { createHash } from 'node:crypto';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { tempDir, tinyCheckpoint, quantized } from '../helpers/fixtures.js';
+import { CLI, startCli, stopCli, type CliProcess } from '../helpers/cli-process.js';
 import { Mosquitto, waitFor } from '../sync/helpers.js';
 import { HubStore } from '../../src/sync/hub/store.js';
 import { packAdapterDir, unpack } from '../../src/sync/index.js';
 
-const CLI = path.resolve('src/cli/main.ts');
 const DATA = path.resolve('examples/personal.jsonl');
 const tmp = tempDir('edgelora-job-upload-');
 const STORE = path.join(tmp.dir, 'store');
 const STATE = path.join(tmp.dir, 'state');
 let mosq: Mosquitto;
-let hub: Proc;
-let serve: Proc;
+let hub: CliProcess;
+let serve: CliProcess;
 let url = '';
 
-interface Proc {
-  child: ChildProcess;
-  out: string;
-  err: string;
-}
-function start(args: string[]): Proc {
-  const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  const p: Proc = { child, out: '', err: '' };
-  child.stdout?.on('data', (d: Buffer) => (p.out += d.toString()));
-  child.stderr?.on('data', (d: Buffer) => (p.err += d.toString()));
-  return p;
-}
-async function stop(p: Proc | undefined): Promise<void> {
-  if (!p || p.child.exitCode !== null) return;
-  const gone = new Promise((r) => p.child.once('exit', r));
-  p.child.kill('SIGTERM');
-  await gone;
-}
 const post = (p: string, body: unknown) => fetch(`${url}${p}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
 
 before(async () => {
@@ -53,15 +35,15 @@ before(async () => {
   await fs.access(`${prefix}.x25519.pub`); // what serve must find beside --trust
   mosq = await Mosquitto.start();
   // No --allow-plaintext on either side: the upload must travel sealed.
-  hub = start(['hub', '--broker', mosq.url, '--store', STORE, '--key', `${prefix}.key`, '--coalesce-ms', '50']);
-  serve = start(['serve', '--model', modelDir, '--port', '0', '--ctx', '64', '--broker', mosq.url, '--device-id', 'dev-up', '--fleet', 'f', '--trust', `${prefix}.pub`, '--state', STATE, '--profile', 'generic-x86-64']);
+  hub = startCli(['hub', '--broker', mosq.url, '--store', STORE, '--key', `${prefix}.key`, '--coalesce-ms', '50']);
+  serve = startCli(['serve', '--model', modelDir, '--port', '0', '--ctx', '64', '--broker', mosq.url, '--device-id', 'dev-up', '--fleet', 'f', '--trust', `${prefix}.pub`, '--state', STATE, '--profile', 'generic-x86-64']);
   await waitFor('serve ready', () => /ready/.test(serve.out) || serve.child.exitCode !== null, 60_000);
   assert.equal(serve.child.exitCode, null, serve.err);
   url = /listening on (http:\S+)/.exec(serve.out)?.[1] ?? assert.fail(`serve did not start: ${serve.err}`);
 });
 after(async () => {
-  await stop(serve);
-  await stop(hub);
+  await stopCli(serve);
+  await stopCli(hub);
   await mosq?.stop();
   tmp.cleanup();
 });
@@ -92,7 +74,7 @@ test('a job with upload: true: the hub stores exactly the adapter the job traine
   assert.ok(names.includes('adapter_model.safetensors') && names.includes('adapter_config.json'), `the job wrote an adapter: ${names.join(', ')}`);
   assert.equal(createHash('sha256').update(await packAdapterDir(jobAdapter)).digest('hex'), sha, 'uploaded_sha256 is the pack of the job\'s adapter directory');
 
-  await stop(hub); // the store is read at rest
+  await stopCli(hub); // the store is read at rest
   const store = await HubStore.open(STORE);
   try {
     const entry = store.listBlobs().find((b) => b.sha256 === sha) ?? assert.fail(`the hub store holds no blob ${sha}: ${JSON.stringify(store.listBlobs())}`);
