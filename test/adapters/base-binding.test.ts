@@ -8,7 +8,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, promises as fs } from 'node:fs';
 import path from 'node:path';
-import { spawnSync } from 'node:child_process';
+import { runCli as cli } from '../helpers/cli-process.js';
 import { tempDir, tinyCheckpoint, quantized, dequantizedWeights } from '../helpers/fixtures.js';
 import { referenceForward, relError } from '../helpers/reference.js';
 import { randomAdapter, refLoras } from '../helpers/adapters.js';
@@ -28,7 +28,6 @@ import { startServe } from '../../src/serve/server.js';
 
 /** Graph vs the independent reference forward: float32 kernels, different summation order (as apply.test.ts). */
 const TOL = 1e-4;
-const CLI = path.resolve('src/cli/main.ts');
 const PROMPT = 'My name is Ada and I live in';
 const tmp = tempDir();
 let hf = '';
@@ -39,11 +38,6 @@ const manifests: Record<string, Manifest> = {};
 /** An adapter bound the way finetune binds one trained on the nf4 model (random B so its delta is large). */
 let nf4Adapter = '';
 let nf4Modules: LoraModule[] = [];
-
-function cli(args: string[]): { code: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', CLI, ...args], { encoding: 'utf8' });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-}
 
 before(async () => {
   hf = await tinyCheckpoint(tmp.dir);

@@ -3,18 +3,12 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
-import { spawnSync } from 'node:child_process';
+import { runCli as cli } from '../helpers/cli-process.js';
 import { tempDir, tinyCheckpoint, quantized } from '../helpers/fixtures.js';
 import { commands } from '../../src/cli/commands/index.js';
 
-const CLI = path.resolve('src/cli/main.ts');
 const tmp = tempDir();
 let model = '';
-
-function cli(args: string[]): { code: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', CLI, ...args], { encoding: 'utf8' });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-}
 
 before(async () => {
   const hf = await tinyCheckpoint(tmp.dir);

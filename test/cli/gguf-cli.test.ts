@@ -5,21 +5,15 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { readFileSync } from 'node:fs';
-import { spawnSync } from 'node:child_process';
+import { runCli as cli } from '../helpers/cli-process.js';
 import { tempDir, tinyCheckpoint, quantized } from '../helpers/fixtures.js';
 import { randomAdapter } from '../helpers/adapters.js';
 import { readManifest } from '../../src/model/manifest.js';
 import { parseHfConfig } from '../../src/formats/hf-config.js';
 import { GgufReader } from '../../src/formats/gguf/reader.js';
 
-const CLI = path.resolve('src/cli/main.ts');
 const tmp = tempDir('edgelora-gguf-cli-');
 let model = '';
-
-function cli(args: string[]): { code: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', CLI, ...args], { encoding: 'utf8' });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-}
 
 before(async () => {
   const hf = await tinyCheckpoint(tmp.dir);

@@ -1,6 +1,6 @@
 // An `edgelora` CLI process a test starts (hub, serve, agent…) with its output collected, and stops by SIGTERM.
 import path from 'node:path';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 
 export const CLI = path.resolve('src/cli/main.ts');
 
@@ -25,4 +25,10 @@ export async function stopCli(p: CliProcess | undefined): Promise<void> {
   const gone = new Promise((r) => p.child.once('exit', r));
   p.child.kill('SIGTERM');
   await gone;
+}
+
+/** Runs `edgelora <args>` to completion from the sources (tsx): its exit code and output. */
+export function runCli(args: string[]): { code: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', CLI, ...args], { encoding: 'utf8' });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }
