@@ -151,12 +151,47 @@ export class Graph {
       this.fail(`initializer ${name}: ${bytes.byteLength} bytes for shape [${shape}] ${dtype} (expected ${expect})`);
     }
     const sink = this.opts.external;
-    const init: Initializer =
-      sink && bytes.byteLength >= sink.minBytes
-        ? { name, dtype, shape, external: sink.append(bytes) }
-        : { name, dtype, shape, raw: new Uint8Array(bytes) };
+    const external = sink !== undefined && bytes.byteLength >= sink.minBytes;
+    if (external && this.deferred) this.deferred.push({ name, bytes }); // located when withExternalOrder ends
+    const init: Initializer = external
+      ? { name, dtype, shape, external: this.deferred ? { offset: -1, length: bytes.byteLength } : sink.append(bytes) }
+      : { name, dtype, shape, raw: new Uint8Array(bytes) };
     this.initializers.set(name, init);
     return this.define({ name, dtype, shape });
+  }
+
+  private deferred: { name: string; bytes: Uint8Array }[] | null = null;
+
+  /**
+   * Runs `fn`, then appends the external tensors it added to the data file in the order `rank` gives (stable:
+   * equal ranks keep the order they were added in) instead of as they came. A projection group's codes then lie
+   * back to back in the file, and so do its scales, so the group's fused weight is one initializer over the
+   * stored bytes (see externalSpan) instead of a Concat, which ORT's optimizer would fold into an in-memory copy.
+   */
+  async withExternalOrder<T>(rank: (name: string) => number, fn: () => Promise<T>): Promise<T> {
+    const sink = this.opts.external;
+    if (!sink || this.deferred) return fn();
+    this.deferred = [];
+    let out: T;
+    try {
+      out = await fn();
+    } finally {
+      const pending = this.deferred.map((e, i) => ({ ...e, i, r: rank(e.name) })).sort((a, b) => a.r - b.r || a.i - b.i);
+      this.deferred = null;
+      for (const e of pending) this.initializers.set(e.name, { ...this.initializers.get(e.name)!, external: sink.append(e.bytes) });
+    }
+    return out;
+  }
+
+  /**
+   * Where the initializers `names` lie in the external data file if they are stored back to back in this order
+   * (the byte range that holds exactly their concatenation along axis 0), else null.
+   */
+  externalSpan(names: readonly string[]): { offset: number; length: number } | null {
+    const parts = names.map((n) => this.initializers.get(n)?.external);
+    if (parts.length === 0 || parts.some((p) => p === undefined || p.offset < 0)) return null;
+    for (let i = 1; i < parts.length; i++) if (parts[i]!.offset !== parts[i - 1]!.offset + parts[i - 1]!.length) return null;
+    return { offset: parts[0]!.offset, length: parts.reduce((a, p) => a + p!.length, 0) };
   }
 
   /** An initializer that already lies in the external data file (a graph derived from a saved model). */
@@ -179,6 +214,20 @@ export class Graph {
     const init: Initializer = src.external ? { name, dtype: src.dtype, shape, external: src.external } : { name, dtype: src.dtype, shape, raw: src.raw! };
     this.initializers.set(name, init);
     return this.define({ name, dtype: src.dtype, shape });
+  }
+
+  /**
+   * Rows [r0, r1) along axis 0 of the external initializer `source`, as a new initializer over the same stored
+   * bytes (no copy).
+   */
+  rowsInitializer(source: string, name: string, r0: number, r1: number): Value {
+    const src = this.initializers.get(source);
+    if (!src?.external || src.external.offset < 0) return this.fail(`rowsInitializer: ${source} is not a located external initializer`);
+    const rows = src.shape[0]!;
+    if (!(0 <= r0 && r0 < r1 && r1 <= rows)) this.fail(`rowsInitializer ${name}: rows [${r0}, ${r1}) outside ${source}'s ${rows}`);
+    const rowBytes = src.external.length / rows;
+    const shape = [r1 - r0, ...src.shape.slice(1)];
+    return this.externalInitializer(name, src.dtype, shape, { offset: src.external.offset + r0 * rowBytes, length: (r1 - r0) * rowBytes });
   }
 
   /** A small float32 constant (deduplicated). */

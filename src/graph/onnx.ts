@@ -30,6 +30,11 @@ function attrProto(name: string, a: AttrValue): InstanceType<typeof onnx.Attribu
   }
 }
 
+/** Model metadata key listing external tensors that are stored in the data file but read by no node of this graph. */
+export const STORED_TENSORS_KEY = 'edgelora.stored_tensors';
+/** One entry of STORED_TENSORS_KEY's JSON array: name, dtype, shape, offset and length in the data file. */
+export type StoredTensorEntry = [name: string, dtype: string, shape: number[], offset: number, length: number];
+
 /** Encodes the graph as ONNX bytes. Initializers already in an external sink are referenced, not copied. */
 export function toOnnxBytes(g: Graph, opts: { name?: string; docString?: string } = {}): Uint8Array {
   const valueInfo = (name: string) => {
@@ -40,7 +45,13 @@ export function toOnnxBytes(g: Graph, opts: { name?: string; docString?: string 
     });
   };
   const location = g.opts.external?.location;
-  const initializer = [...g.initializers.values()].map((init) => {
+  // An external initializer no node reads (a projection stored inside its group's span) is not emitted as one:
+  // ORT would drop it with a warning per tensor. Its location goes into the model's metadata instead
+  // (STORED_TENSORS_KEY), where QuantizedWeights finds it for the graphs that read projections one by one.
+  const read = new Set([...g.nodes.flatMap((n) => n.inputs), ...g.outputs.map((v) => v.name)]);
+  const stored = [...g.initializers.values()].filter((init) => init.external !== undefined && !read.has(init.name));
+  const emitted = [...g.initializers.values()].filter((init) => !stored.includes(init));
+  const initializer = emitted.map((init) => {
     const t = onnx.TensorProto.create({ name: init.name, dataType: ONNX_DTYPE[init.dtype], dims: [...init.shape] });
     if (init.external) {
       t.dataLocation = onnx.TensorProto.DataLocation.EXTERNAL;
@@ -77,6 +88,7 @@ export function toOnnxBytes(g: Graph, opts: { name?: string; docString?: string 
       input: g.inputs.map((v) => valueInfo(v.name)),
       output: g.outputs.map((v) => valueInfo(v.name)),
     },
+    metadataProps: stored.length === 0 ? [] : [{ key: STORED_TENSORS_KEY, value: JSON.stringify(stored.map((t): StoredTensorEntry => [t.name, t.dtype, [...t.shape], t.external!.offset, t.external!.length])) }],
   });
   return onnx.ModelProto.encode(model).finish();
 }

@@ -101,6 +101,11 @@ export interface WeightProvider {
   float(g: Graph, name: string, shape: number[]): Promise<Value>;
   /** A vocabulary table [V, C] by Hugging Face name (model.embed_tokens.weight, lm_head.weight), added to `g`. */
   table(g: Graph, name: string, shape: [number, number]): Promise<TableWeight>;
+  /**
+   * For a provider that writes the external data file (quantize): the order in which one projection group's
+   * tensors are stored, by name (lower first): all codes, then all scales, so each is one span of the file.
+   */
+  readonly storageRank?: (name: string) => number;
 }
 
 /** The rows of `table` for `ids` [.., n] → [.., n, C] float (the lookup; also a quantized table's dequantizer). */
@@ -119,10 +124,54 @@ export function tableRows(g: Graph, table: TableWeight, ids: Value, C: number): 
   return g.reshape(rows, [...ids.shape, C]);
 }
 
+/**
+ * Inference's lookup of a quantized table: the runtime reads each distinct token's stored row (codes and scales)
+ * from model.onnx.data itself (src/runtime/table-rows.ts) and feeds them, and GatherBlockQuantized dequantizes
+ * them here exactly as it would gather them from the table. The table's only reader in the graph is then the
+ * lm_head, which ORT prepacks and releases, so no mapping of the table stays in memory: a lookup over a mapped
+ * table kept 75 MiB of Qwen2.5-0.5B's 130 MiB int8 table resident after 256 tokens (page fault-around), and all
+ * of it once enough distinct tokens had been seen.
+ */
+function fedTableRows(g: Graph, table: Extract<TableWeight, { kind: 'quantized' }>, C: number): Value {
+  const kb = C / table.blockSize;
+  const blob = table.packed.shape[2] as number;
+  const rows = g.input(INPUT.tokenRows, 'uint8', ['U', kb, blob]);
+  const scales = g.input(INPUT.tokenRowScales, 'float32', ['U', kb, 1]);
+  const index = g.input(INPUT.tokenRowIndex, 'int64', ['B', 'T']);
+  const out = g.contrib('GatherBlockQuantized', [rows, index, scales], 'float32', ['B', 'T', kb, table.blockSize], {
+    bits: int(table.bits),
+    block_size: int(table.blockSize),
+    gather_axis: int(0),
+    quantize_axis: int(2),
+  }); // [B, T, C/bs, bs]
+  return g.reshape(out, ['B', 'T', C]);
+}
+
+/**
+ * Rows of the quantized table per lm_head MatMulNBits in inference: ORT prepacks one node's weight at a time and
+ * then releases its mapping, so while the table is prepacked only one slice of its stored bytes is resident (a
+ * whole-table node held Qwen2.5-0.5B's 130 MiB int8 table beside everything already prepacked: +112 MiB peak).
+ */
+export const LM_HEAD_SLICE_BYTES = 32 * 2 ** 20;
+
 /** logits = x · tableᵀ: x [M, C] → [M, V], reading the table in its stored layout (never a transposed copy). */
-export function lmHead(g: Graph, x: Value, table: TableWeight, V: number, C: number): Value {
+export function lmHead(g: Graph, x: Value, table: TableWeight, V: number, C: number, opts: { sliceBytes?: number } = {}): Value {
   if (table.kind === 'float') return g.gemm(x, table.w, { transB: true });
-  return matMulNBits(g, x, table, { N: V, K: C }, [x.shape[0]!, V]);
+  const kb = C / table.blockSize;
+  const rowBytes = kb * ((table.packed.shape[2] as number) + 4);
+  const sliceRows = Math.max(64, Math.floor((opts.sliceBytes ?? 0) / rowBytes / 64) * 64);
+  const M = x.shape[0]!;
+  if (opts.sliceBytes === undefined || sliceRows >= V || !g.externalSpan([table.packed.name]) || !g.externalSpan([table.scales.name])) {
+    return matMulNBits(g, x, table, { N: V, K: C }, [M, V]);
+  }
+  const parts: Value[] = [];
+  for (let r0 = 0; r0 < V; r0 += sliceRows) {
+    const r1 = Math.min(V, r0 + sliceRows);
+    const packed = g.rowsInitializer(table.packed.name, `${table.packed.name}.rows${r0}`, r0, r1);
+    const scales = g.rowsInitializer(table.scales.name, `${table.scales.name}.rows${r0}`, r0, r1);
+    parts.push(matMulNBits(g, x, { ...table, packed, scales }, { N: r1 - r0, K: C }, [M, r1 - r0]));
+  }
+  return g.concat(parts, -1, V);
 }
 
 /** LoRA operands of one linear: aT [K, R], bT [R, N] with the adapter scale already folded into bT. */
@@ -232,6 +281,8 @@ export interface BuildOptions {
   readonly inferLora?: boolean;
   /** Training: which projections get LoRA inputs and with what rank dimension. */
   readonly lora?: (layer: number, proj: Proj) => { rank: Dim; dropout?: boolean } | null;
+  /** Inference over a quantized table: bytes of the table per lm_head MatMulNBits (default LM_HEAD_SLICE_BYTES). */
+  readonly lmHeadSliceBytes?: number;
   /** Emit the lm_head and the logits output (default true); the trainer computes them chunk by chunk itself. */
   readonly lmHead?: boolean;
 }
@@ -249,7 +300,10 @@ export interface LlamaGraph {
 
 /** Graph input names, shared by the runtime and the trainer. */
 export const INPUT = {
-  ids: 'input_ids', // int64 [B, T]
+  ids: 'input_ids', // int64 [B, T] (an inference graph over a quantized table takes the three below instead)
+  tokenRows: 'token_rows', // uint8 [U, C/bs, bs·bits/8]: the stored table rows of the U distinct tokens
+  tokenRowScales: 'token_row_scales', // float32 [U, C/bs, 1]: their scales
+  tokenRowIndex: 'token_row_index', // int64 [B, T]: which of the U rows each token is
   // Training graph:
   bias: 'attention_bias', // float32 [B, T, S]: 0 where attending, large negative elsewhere
   cos: 'rope_cos', // float32 [B, T, D]
@@ -307,7 +361,18 @@ function rotateHalfMatrix(g: Graph, D: number): Value {
  * where the layouts do not allow it (then the group runs its matmuls separately and concatenates the
  * outputs). The Concat nodes act on initializers only, so ORT folds them once at session creation.
  */
-function fuseBases(g: Graph, specs: LinearSpec[], bases: BaseWeight[]): BaseWeight | null {
+/**
+ * The group's tensors `parts` joined along axis 0 as `name` [rows, ...]: one initializer over the data file where
+ * they are stored back to back (no copy: ORT maps it, prepacks it and releases it like any weight), else a Concat
+ * (a model quantized before groups were stored together; ORT's optimizer folds it into an in-memory copy).
+ */
+function joinRows(g: Graph, parts: Value[], name: string, rows: number): Value {
+  const span = g.externalSpan(parts.map((p) => p.name));
+  if (span) return g.externalInitializer(name, parts[0]!.dtype, [rows, ...(parts[0]!.shape.slice(1) as number[])], span);
+  return g.concat(parts, 0, rows);
+}
+
+function fuseBases(g: Graph, specs: LinearSpec[], bases: BaseWeight[], name: string): BaseWeight | null {
   if (bases.length === 1) return bases[0]!;
   const N = specs.reduce((a, s) => a + s.N, 0);
   const first = bases[0]!;
@@ -326,8 +391,8 @@ function fuseBases(g: Graph, specs: LinearSpec[], bases: BaseWeight[]): BaseWeig
         kind: 'bnb4',
         quantType: first.quantType,
         blockSize: first.blockSize,
-        packed: g.concat(ws.map((b) => b.packed), 0, total / 2),
-        absmax: g.concat(ws.map((b) => b.absmax), 0, total / first.blockSize),
+        packed: joinRows(g, ws.map((b) => b.packed), `${name}.bnb4`, total / 2),
+        absmax: joinRows(g, ws.map((b) => b.absmax), `${name}.absmax`, total / first.blockSize),
       };
     }
     case 'int4': {
@@ -344,9 +409,9 @@ function fuseBases(g: Graph, specs: LinearSpec[], bases: BaseWeight[]): BaseWeig
         kind: 'int4',
         bits: first.bits,
         blockSize: first.blockSize,
-        packed: g.concat(ws.map((b) => b.packed), 0, N),
-        scales: g.concat(ws.map((b) => b.scales), 0, N * kb),
-        zeroPoints: zp ? g.concat(ws.map((b) => b.zeroPoints!), 0, N * zpRow) : null,
+        packed: joinRows(g, ws.map((b) => b.packed), `${name}.int4`, N),
+        scales: joinRows(g, ws.map((b) => b.scales), `${name}.scales`, N * kb),
+        zeroPoints: zp ? joinRows(g, ws.map((b) => b.zeroPoints!), `${name}.zero_points`, N * zpRow) : null,
         accuracyLevel: first.accuracyLevel,
       };
     }
@@ -358,9 +423,9 @@ export async function buildLlama(g: Graph, cfg: ModelConfig, weights: WeightProv
   const { hiddenSize: C, numHeads: H, numKvHeads: G, headDim: D, vocabSize: V } = cfg;
   if (H % G !== 0) g.fail(`num_attention_heads ${H} is not a multiple of num_key_value_heads ${G}`);
   const loraInputs = new Map<string, { aT: Value; bT: Value; dropout?: Value }>();
-  const ids = g.input(INPUT.ids, 'int64', ['B', 'T']);
   const embTable = await weights.table(g, 'model.embed_tokens.weight', [V, C]);
-  const h = tableRows(g, embTable, ids, C); // [B, T, C]
+  const fedRows = opts.mode === 'infer' && embTable.kind === 'quantized';
+  const h = fedRows ? fedTableRows(g, embTable, C) : tableRows(g, embTable, g.input(INPUT.ids, 'int64', ['B', 'T']), C); // [B, T, C]
   const normW = (name: string) => weights.float(g, name, [C]);
   let hn: Value;
   if (opts.mode === 'infer') hn = await inferLayers(g, cfg, weights, h, normW, opts.inferLora === false ? null : loraInputs);
@@ -374,7 +439,7 @@ export async function buildLlama(g: Graph, cfg: ModelConfig, weights: WeightProv
   // lm_head in the Hugging Face layout [V, C], so a tied embedding is not copied.
   const flat = g.reshape(rows, ['BL', C]);
   const outShape = g.concat([g.shapeOf(rows, 0, 2), g.constI64([V])], 0, 3); // [B, L, V] at run time
-  const logits = g.reshapeTo(lmHead(g, flat, head, V, C), outShape, ['B', L, V]);
+  const logits = g.reshapeTo(lmHead(g, flat, head, V, C, opts.mode === 'infer' ? { sliceBytes: opts.lmHeadSliceBytes ?? LM_HEAD_SLICE_BYTES } : {}), outShape, ['B', L, V]);
   const out = g.output(logits, OUTPUT.logits);
   return { logits: out, hidden: hn, head, loraInputs };
 }
@@ -411,10 +476,14 @@ async function inferLayers(
       const specs = projs.map((proj): LinearSpec => ({ layer, proj, ...linearShape(cfg, proj) }));
       const bases: BaseWeight[] = [];
       const biases: (Value | null)[] = [];
-      for (const s of specs) {
-        bases.push(await weights.linear(g, s));
-        biases.push(await projBias(g, cfg, weights, layer, s.proj, s.N));
-      }
+      // A provider that writes the data file stores the group's codes back to back, then its scales, so
+      // fuseBases can take each as one span of the file.
+      await g.withExternalOrder(weights.storageRank ?? (() => 0), async () => {
+        for (const s of specs) {
+          bases.push(await weights.linear(g, s));
+          biases.push(await projBias(g, cfg, weights, layer, s.proj, s.N));
+        }
+      });
       const { N, K } = groupShape(cfg, name);
       let lora: LoraOperands | null = null;
       if (loraInputs) {
@@ -426,7 +495,7 @@ async function inferLayers(
         };
         loraInputs.set(`${layer}.${name}`, lora);
       }
-      const fused = fuseBases(g, specs, bases);
+      const fused = fuseBases(g, specs, bases, `model.layers.${layer}.${name}`);
       const zeros = (n: number) => g.constF32(new Float32Array(n), [n]);
       const bias = biases.every((b) => b === null) ? null : biases.length === 1 ? biases[0]! : g.concat(biases.map((b, i) => b ?? zeros(specs[i]!.N)), 0, N);
       if (fused) return linear(g, x, { N, K }, fused, bias, lora);

@@ -7,6 +7,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import onnxproto from 'onnx-proto';
 import { Graph, type DType, type Value, type TypedData, type ExternalDataSink, ONNX_DTYPE } from '../graph/builder.js';
+import { STORED_TENSORS_KEY, type StoredTensorEntry } from '../graph/onnx.js';
 import { rawToF32, type SafetensorsReader } from '../formats/safetensors.js';
 import type { ModelConfig } from '../formats/hf-config.js';
 import { EdgeloraError } from '../util/errors.js';
@@ -165,6 +166,13 @@ export class CheckpointWeights implements WeightProvider {
     }
   }
 
+  /** Codes first, then scales / absmax, then zero points, then the rest (biases): see WeightProvider.storageRank. */
+  readonly storageRank = (name: string): number => {
+    const order = [[WEIGHT_SUFFIX.int4, WEIGHT_SUFFIX.bnb4], [WEIGHT_SUFFIX.scales, WEIGHT_SUFFIX.absmax], [WEIGHT_SUFFIX.zeroPoints]];
+    const rank = order.findIndex((suffixes) => suffixes.some((x) => name.endsWith(x)));
+    return rank < 0 ? order.length : rank;
+  };
+
   async float(g: Graph, name: string, shape: number[]): Promise<Value> {
     if (g.values.has(name)) return g.value(name);
     this.onTensor?.(name);
@@ -260,6 +268,14 @@ export class QuantizedWeights implements WeightProvider {
       } else {
         tensors.set(t.name, { name: t.name, dtype, shape, raw: t.rawData ?? new Uint8Array(0) });
       }
+    }
+    // Tensors stored in the data file that the decoder graph reads only through a group's span (src/graph/onnx.ts).
+    const stored = model.metadataProps?.find((p) => p.key === STORED_TENSORS_KEY)?.value;
+    if (stored) {
+      for (const [name, dtype, shape, offset, length] of JSON.parse(stored) as StoredTensorEntry[]) {
+        tensors.set(name, { name, dtype: dtype as DType, shape, external: { offset, length } });
+      }
+      dataFile ??= DATA_FILE;
     }
     return new QuantizedWeights(dir, manifest, tensors, dataFile);
   }

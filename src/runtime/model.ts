@@ -12,6 +12,7 @@ import { buildLoraInferenceGraph } from '../model/infer-graph.js';
 import { INPUT, OUTPUT, PROJ_GROUPS, groupShape } from '../model/llama.js';
 import { inverseFrequencies } from '../model/rope.js';
 import { createSession } from './sessions.js';
+import { TableRowReader } from './table-rows.js';
 
 /** The LoRA feeds of an adapter set: one aT/bT pair per (layer, projection) input, plus an identity. */
 export interface LoraFeeds {
@@ -95,6 +96,8 @@ export class ModelRuntime {
     readonly tokenizer: EdgeTokenizer,
     session: ort.InferenceSession,
     private readonly options: ort.InferenceSession.SessionOptions | undefined,
+    /** Reads the token rows a graph over a quantized table is fed (null for a float table). */
+    private readonly tableRows: TableRowReader | null = null,
   ) {
     this.current = session;
     this.inv = inverseFrequencies(cfg);
@@ -152,8 +155,9 @@ export class ModelRuntime {
     const manifest = await readManifest(dir);
     const cfg = parseHfConfig(manifest.sourceConfig, path.join(dir, 'manifest.json'));
     const tokenizer = await loadTokenizer(dir);
+    const rows = await TableRowReader.open(dir, manifest);
     const session = await createSession({ kind: 'decoder', model: path.join(dir, MODEL_FILE), sessionOptions: opts.sessionOptions, format: manifest.quant.format, embeddings: manifest.quant.embeddings, where: path.join(dir, MODEL_FILE) });
-    return new ModelRuntime(dir, manifest, cfg, tokenizer, session, opts.sessionOptions);
+    return new ModelRuntime(dir, manifest, cfg, tokenizer, session, opts.sessionOptions, rows);
   }
 
   /** The ORT session now serving forwards (the plain decoder, or its LoRA-capable twin). */
@@ -303,8 +307,10 @@ export class ModelRuntime {
     // Sized to the cache capacity, not this step: constant input shapes across decode steps let ORT
     // reuse its memory plan (a changing shape makes it plan again every token).
     const rope = this.ropeCaches(Math.max(total, T, store.capacity));
+    // A graph over a quantized table takes its tokens' stored rows (an older model.onnx still takes the ids).
+    const tokens: Record<string, ort.Tensor> = this.inputNames.has(INPUT.tokenRows) ? this.rowReader().feeds(req.ids) : { [INPUT.ids]: new ort.Tensor('int64', ids, [B, T]) };
     const feeds: Record<string, ort.Tensor> = {
-      [INPUT.ids]: new ort.Tensor('int64', ids, [B, T]),
+      ...tokens,
       [INPUT.positions]: new ort.Tensor('int64', positions, [B, T]),
       [INPUT.seqlensK]: new ort.Tensor('int32', seqlens, [B]),
       [INPUT.totalLength]: new ort.Tensor('int32', Int32Array.of(total), []),
@@ -387,7 +393,13 @@ export class ModelRuntime {
 
   async release(): Promise<void> {
     await this.switching?.catch(() => undefined);
+    this.tableRows?.close();
     if (this.suspended) return;
     await this.current.release();
+  }
+
+  private rowReader(): TableRowReader {
+    if (!this.tableRows) throw new EdgeloraError('the model graph takes table rows but the manifest records a float vocabulary table', { where: this.dir, hint: 're-run `edgelora quantize`' });
+    return this.tableRows;
   }
 }
