@@ -9,6 +9,7 @@ import { parseHfConfig, type ModelConfig } from '../formats/hf-config.js';
 import { resolveProfile, parseProfileSets, estimateInferenceMemory, type ResolvedProfile, type MemoryPlan } from '../profiles/index.js';
 import type { FlagSpec } from './command.js';
 import { expectDir } from '../formats/dir-kind.js';
+import { LINEAR_PROJS, linearShape } from '../model/llama.js';
 
 export interface Loaded {
   model: ModelRuntime;
@@ -62,6 +63,8 @@ export function modelMemoryPlan(
         prefillTokens: job.prefillTokens,
         ...(manifest.quant.embeddings ? { embeddings: manifest.quant.embeddings } : {}),
         ...(manifest.quant.embeddingBlockSize ? { embeddingBlockSize: manifest.quant.embeddingBlockSize } : {}),
+        blockSize: manifest.quant.blockSize,
+        linearParams: cfg.numLayers * LINEAR_PROJS.reduce((a, p) => a + linearShape(cfg, p).N * linearShape(cfg, p).K, 0),
       },
     },
     opts,

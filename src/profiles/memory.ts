@@ -90,17 +90,22 @@ export interface InferenceMemoryInput {
     embeddings?: 'float' | 'int8' | 'int4';
     /** Elements of C per table scale (quantized tables). */
     embeddingBlockSize?: number;
+    /** Elements of K per scale of the 4-bit linears (manifest quant.blockSize); default 32. */
+    blockSize?: number;
+    /** Weights in all linear projections (Σ N·K), which splits int4 bytes into codes and scales. */
+    linearParams?: number;
   };
 }
 
 /**
- * Bytes ORT's MatMulNBits prepacking holds for a weight whose packed codes are `data` bytes and float scales
- * `scales` bytes (x86-64, accuracy_level 4): the codes, plus ~3.5× the scales (scales and per-block sums in its
- * own layout). Measured on Qwen2.5-0.5B's 151,936 × 896 table: 186 MiB at 8 bits (130 + 16.2), 121 MiB at 4 bits
- * (65 + 16.2), RSS after load less the process.
+ * Bytes a MatMulNBits weight costs once ORT has prepacked it (x86-64, accuracy_level 4), for packed codes of `data`
+ * bytes and float scales of `scales` bytes: the packed codes and two more scales' worth in anonymous memory (its
+ * scale copy and per-block sums), while the kernel keeps reading the original scales from the mapped file. Measured
+ * with weights of Llama-3.2-1B's shapes, 4-bit and 8-bit, blocks 32 to 128 (marginal RSS per weight): codes + 2.0–2.3 ×
+ * scales anonymous, + 1 × scales file-backed.
  */
 export function prepackedNBitsBytes(data: number, scales: number): number {
-  return data + 3.5 * scales;
+  return data + 3 * scales;
 }
 
 /**
@@ -113,7 +118,13 @@ export const RUNTIME_BASE_BYTES = 64 * 2 ** 20;
  * The ORT session's own structures, its arena and the JS heap's garbage between collections: 30–45
  * MiB beyond weights, caches and activations on the small preset (bench:inference, all formats).
  */
-export const SESSION_OVERHEAD_BYTES = 40 * 2 ** 20;
+export const SESSION_OVERHEAD_BYTES = 30 * 2 ** 20;
+
+/**
+ * The tokenizer's JS heap per vocabulary entry (@huggingface/tokenizers' maps and strings): RSS after loading a
+ * byte-level BPE tokenizer.json of 151,936 entries rose 64–100 MiB, of 128,256 entries 68 MiB.
+ */
+export const TOKENIZER_BYTES_PER_ENTRY = 500;
 
 /** The runtime's items beyond weights and KV buffers (see InferenceMemoryInput.runtime). */
 function runtimeItems(input: InferenceMemoryInput, kvBytes: number): Record<string, number> {
@@ -122,23 +133,38 @@ function runtimeItems(input: InferenceMemoryInput, kvBytes: number): Record<stri
   const batch = input.batch ?? 1;
   const floatHead = r.vocab * r.hidden * 4; // the lm_head, float32 [V, C]
   const floats = floatHead * (r.tiedEmbeddings ? 1 : 2);
-  const items: Record<string, number> = { 'runtime (Node + onnxruntime)': RUNTIME_BASE_BYTES, 'session, arena, JS heap': SESSION_OVERHEAD_BYTES };
+  const items: Record<string, number> = {
+    'runtime (Node + onnxruntime)': RUNTIME_BASE_BYTES,
+    'session, arena, JS heap': SESSION_OVERHEAD_BYTES,
+    tokenizer: r.vocab * TOKENIZER_BYTES_PER_ENTRY,
+  };
   const emb = r.embeddings ?? 'float';
+  // What ORT prepacks leaves the file's pages once packed (their mapping is released), so it is taken off the
+  // on-disk figure ('model weights' below) and counted at its packed size instead.
+  let released = 0;
   if (emb !== 'float') {
-    // A quantized table: MatMulNBits prepacks the lm_head's copy and releases it; the lookup's alias mapping keeps
-    // only the rows it reads resident. So the table counts once, as its prepacked size, not as on-disk bytes.
+    // A quantized table: the lm_head's MatMulNBits slices are prepacked and released, and the lookup reads its
+    // rows from the file without mapping it (src/runtime/table-rows.ts). So the table counts once, prepacked.
     const bs = r.embeddingBlockSize ?? 32;
     const data = (r.vocab * r.hidden * (emb === 'int8' ? 8 : 4)) / 8;
     const scales = (r.vocab * r.hidden * 4) / bs;
     const tables = r.tiedEmbeddings ? 1 : 2;
-    items['model weights'] = -tables * (data + scales); // taken off the on-disk figure below
+    released += tables * (data + scales);
     items['prepacked lm_head'] = tables * prepackedNBitsBytes(data, scales);
-    if (r.format === 'int4') items['prepacked int4 weights'] = Math.max(0, input.modelBytes - tables * (data + scales));
   }
-  // ORT prepacks the lm_head Gemm (a second copy of the float table) and, for int4, every
-  // MatMulNBits weight; nf4/fp4 sessions skip prepacking (MatMulBnb4 does not use it).
+  if (r.format === 'int4') {
+    // Every int4 linear is prepacked: 4-bit codes, float scales and packed zero points per block of `blockSize`.
+    const tableBytes = emb === 'float' ? floats : released;
+    const lin = Math.max(0, input.modelBytes - tableBytes);
+    const bs = r.blockSize ?? 32;
+    const scales = r.linearParams !== undefined ? (r.linearParams * 4) / bs : (lin * (4 / bs)) / (0.5 + 4.5 / bs);
+    const data = Math.max(0, lin - scales - scales / 8);
+    released += data + scales;
+    items['prepacked int4 weights'] = prepackedNBitsBytes(data, scales);
+  }
+  // ORT prepacks the lm_head Gemm: a second copy of the float table (nf4/fp4 sessions skip prepacking).
   if (emb === 'float' && (r.format === 'fp32' || r.format === 'int4')) items['prepacked lm_head'] = floatHead;
-  if (emb === 'float' && r.format === 'int4') items['prepacked int4 weights'] = Math.max(0, input.modelBytes - floats);
+  items['model weights'] = -released; // taken off the on-disk figure in estimateInferenceMemory
   // GroupQueryAttention builds its present cache (past + new) inside the graph each forward.
   items['KV cache, in-graph copy'] = kvBytes;
   // A prefill's activations: hidden states, the q/k/v and gate/up group outputs, attention; for
