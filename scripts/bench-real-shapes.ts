@@ -10,7 +10,7 @@
 // BENCH_FT_STEPS (3, first untimed), BENCH_FT=0 skips fine-tuning, BENCH_GEN=0 skips generation, BENCH_TAG=x writes
 // real-shapes-x.json (runs split over subsets keep each other's results), BENCH_FT_EMBEDDINGS limits the fine-tunes to those tables.
 // The same as flags (a flag wins over its variable): --presets, --formats, --embeddings, --ft-embeddings, --ft-steps,
-// --tag, --no-gen, --no-ft; e.g. `npm run bench:real-shapes -- --presets qwen2.5-0.5b --formats int4 --embeddings int8`.
+// --tag, --int4-blocks (BENCH_INT4_BLOCKS, default 32: int4 linears at other block sizes too), --no-gen, --no-ft; e.g. `npm run bench:real-shapes -- --presets qwen2.5-0.5b --formats int4 --embeddings int8`.
 // Fine-tune children run with MALLOC_MMAP_THRESHOLD_ set, as `edgelora finetune` re-runs itself (src/runtime/malloc.ts).
 // BENCH_CACHE puts the checkpoints and quantized models somewhere else than .cache/bench (they are GBs).
 import os from 'node:os';
@@ -28,6 +28,7 @@ const FLAG_ENV: Record<string, string> = {
   '--ft-embeddings': 'BENCH_FT_EMBEDDINGS',
   '--ft-steps': 'BENCH_FT_STEPS',
   '--tag': 'BENCH_TAG',
+  '--int4-blocks': 'BENCH_INT4_BLOCKS',
 };
 if (process.argv[2] !== '--gen' && process.argv[2] !== '--ft') {
   const args = process.argv.slice(2);
@@ -65,6 +66,8 @@ interface Job {
   preset: DemoPreset;
   format: QuantFormat;
   embeddings: EmbeddingFormat;
+  /** The linears' block size (quantize --block-size); the format's default when absent. */
+  blockSize?: number;
 }
 
 async function model(job: Job): Promise<string> {
@@ -76,12 +79,13 @@ async function model(job: Job): Promise<string> {
     process.stderr.write(`making the ${job.preset} checkpoint (random bf16 weights) in ${hf}…\n`);
     await makeDemoModel(hf, { preset: job.preset, seed: 0 });
   }
-  const out = path.join(CACHE, `${job.preset}-${job.format}-emb-${job.embeddings}`);
+  const blockSize = job.blockSize ?? DEFAULT_BLOCK_SIZE[job.format];
+  const out = path.join(CACHE, `${job.preset}-${job.format}${blockSize === DEFAULT_BLOCK_SIZE[job.format] ? '' : `-b${blockSize}`}-emb-${job.embeddings}`);
   const stale = existsSync(out) && (await readManifest(out).then((m) => m.format !== MODEL_FORMAT, () => true));
   if (stale) await fs.rm(out, { recursive: true, force: true });
   if (!existsSync(out)) {
-    process.stderr.write(`quantizing ${job.preset} to ${job.format} with a ${job.embeddings} table…\n`);
-    await quantizeModel(hf, out, { format: job.format, blockSize: DEFAULT_BLOCK_SIZE[job.format], doubleQuant: false, embeddings: job.embeddings });
+    process.stderr.write(`quantizing ${job.preset} to ${job.format} (block ${blockSize}) with a ${job.embeddings} table…\n`);
+    await quantizeModel(hf, out, { format: job.format, blockSize, doubleQuant: false, embeddings: job.embeddings });
   }
   return out;
 }
@@ -164,37 +168,44 @@ async function main(): Promise<void> {
   const budget = 5.2e9; // device-profiles/jetson-orin-nano-8gb.json memoryBudgetBytes
   const rows: Record<string, string | number>[] = [];
   const plans: Record<string, unknown> = {};
+  // int4 at other block sizes than 32 (--int4-blocks 32,128): ORT prepacks every scale three times over.
+  const int4Blocks = list<string>(process.env.BENCH_INT4_BLOCKS, '32').map(Number);
+  const jobs: Job[] = [];
   for (const preset of presets) {
     for (const format of formats) {
-      for (const embeddings of tables) {
-        const job: Job = { preset, format, embeddings };
-        const dir = await model(job);
-        const key = `${preset} ${format} ${embeddings}`;
-        const disk = (await dirBytes(dir)) / 2 ** 20;
-        const row: Record<string, string | number> = { preset, format, table: embeddings, disk_mib: disk };
-        if (doGen) {
-          const plan = await genPlanMiB(dir);
-          process.stderr.write(`${key}: generate…\n`);
-          const g = await runChild<GenSample>(bundle, ['--gen', dir]);
-          Object.assign(row, g, { gen_plan_mib: plan.mib, gen_plan_err: plan.mib / g.peak_rss_mib - 1 });
-          plans[`${key} generate`] = plan.items;
-        }
-        if (doFt && list<EmbeddingFormat>(process.env.BENCH_FT_EMBEDDINGS, tables.join(',')).includes(embeddings)) {
-          process.stderr.write(`${key}: fine-tune r16 all-linear 1 × ${FT_SEQ} --recompute, ${FT_STEPS} steps…\n`);
-          const given = process.env[MALLOC_ENV.name];
-          process.env[MALLOC_ENV.name] = given ?? MALLOC_ENV.value;
-          const f = await runChild<FtSample>(bundle, ['--ft', dir, data]);
-          if (given === undefined) delete process.env[MALLOC_ENV.name];
-          Object.assign(row, { ft_tok_s: f.ft_tok_s, ft_s_per_step: f.ft_s_per_step, ft_peak_rss_mib: f.ft_peak_rss_mib, ft_plan_mib: f.ft_plan_mib, ft_plan_err: f.ft_plan_mib / f.ft_peak_rss_mib - 1 });
-          plans[`${key} fine-tune`] = f.ft_plan;
-        }
-        rows.push(row);
-        process.stderr.write(`${JSON.stringify(row)}\n`);
+      for (const blockSize of format === 'int4' ? int4Blocks : [undefined]) {
+        for (const embeddings of tables) jobs.push({ preset, format, embeddings, ...(blockSize === undefined ? {} : { blockSize }) });
       }
     }
   }
+  for (const job of jobs) {
+    const { preset, format, embeddings } = job;
+    const dir = await model(job);
+    const block = job.blockSize ?? (format === 'int4' ? 32 : 64);
+    const key = `${preset} ${format}${block === (format === 'int4' ? 32 : 64) ? '' : ` b${block}`} ${embeddings}`;
+    const disk = (await dirBytes(dir)) / 2 ** 20;
+    const row: Record<string, string | number> = { preset, format, block, table: embeddings, disk_mib: disk };
+    if (doGen) {
+      const plan = await genPlanMiB(dir);
+      process.stderr.write(`${key}: generate…\n`);
+      const g = await runChild<GenSample>(bundle, ['--gen', dir]);
+      Object.assign(row, g, { gen_plan_mib: plan.mib, gen_plan_err: plan.mib / g.peak_rss_mib - 1 });
+      plans[`${key} generate`] = plan.items;
+    }
+    if (doFt && list<EmbeddingFormat>(process.env.BENCH_FT_EMBEDDINGS, tables.join(',')).includes(embeddings)) {
+      process.stderr.write(`${key}: fine-tune r16 all-linear 1 × ${FT_SEQ} --recompute, ${FT_STEPS} steps…\n`);
+      const given = process.env[MALLOC_ENV.name];
+      process.env[MALLOC_ENV.name] = given ?? MALLOC_ENV.value;
+      const f = await runChild<FtSample>(bundle, ['--ft', dir, data]);
+      if (given === undefined) delete process.env[MALLOC_ENV.name];
+      Object.assign(row, { ft_tok_s: f.ft_tok_s, ft_s_per_step: f.ft_s_per_step, ft_peak_rss_mib: f.ft_peak_rss_mib, ft_plan_mib: f.ft_plan_mib, ft_plan_err: f.ft_plan_mib / f.ft_peak_rss_mib - 1 });
+      plans[`${key} fine-tune`] = f.ft_plan;
+    }
+    rows.push(row);
+    process.stderr.write(`${JSON.stringify(row)}\n`);
+  }
   printTable(rows);
-  const find = (preset: string, format: string, table: string) => rows.find((r) => r.preset === preset && r.format === format && r.table === table);
+  const find = (preset: string, format: string, table: string, block = format === 'int4' ? 32 : 64) => rows.find((r) => r.preset === preset && r.format === format && r.table === table && r.block === block);
   const n = (r: Record<string, string | number> | undefined, k: string) => (r && typeof r[k] === 'number' ? (r[k] as number) : Number.NaN);
   const q8 = find('qwen2.5-0.5b', 'int4', 'int8');
   const qf = find('qwen2.5-0.5b', 'int4', 'float');
@@ -210,12 +221,25 @@ async function main(): Promise<void> {
     llama_int4_int8_plans_fit_orin_nano_budget: n(l8, 'gen_plan_mib') * 2 ** 20 <= budget && n(l8, 'ft_plan_mib') * 2 ** 20 <= budget,
     plans_within_15pct: rows.every((r) => ['gen_plan_err', 'ft_plan_err'].every((k) => r[k] === undefined || Math.abs(r[k] as number) <= 0.15)),
   };
+  // The same targets for the int4 rows at the other block sizes run (not the issue's default configuration).
+  const atBlocks = Object.fromEntries(
+    int4Blocks.filter((b) => b !== 32).flatMap((b) => {
+      const q = find('qwen2.5-0.5b', 'int4', 'int8', b);
+      const l = find('llama-3.2-1b', 'int4', 'int8', b);
+      return [
+        [`block${b}_qwen_gen_peak_le_1_15x_disk_plus_70`, n(q, 'peak_rss_mib') <= 1.15 * (n(q, 'disk_mib') + BASELINE_MIB)],
+        [`block${b}_qwen_ft_peak_le_1_5_gb`, n(q, 'ft_peak_rss_mib') <= 1500 * MB],
+        [`block${b}_llama_gen_peak_le_1_2_gb`, n(l, 'peak_rss_mib') <= 1200 * MB],
+        [`block${b}_llama_ft_peak_le_2_5_gb`, n(l, 'ft_peak_rss_mib') <= 2500 * MB],
+      ];
+    }),
+  );
   const ratios = {
     qwen_decode_int8_vs_float_table: n(q8, 'decode_tok_s') / n(qf, 'decode_tok_s'),
     qwen_gen_peak_vs_disk_plus_70: n(q8, 'peak_rss_mib') / (n(q8, 'disk_mib') + BASELINE_MIB),
   };
-  process.stdout.write(`\nratios: ${JSON.stringify(ratios)}\ntargets: ${JSON.stringify(targets)}\n`);
-  const file = await writeJson(process.env.BENCH_TAG ? `real-shapes-${process.env.BENCH_TAG}.json` : 'real-shapes.json', { prompt_tokens: PROMPT_TOKENS, new_tokens: NEW_TOKENS, ft: { rank: 16, targets: 'all-linear', batch: 1, seq_len: FT_SEQ, steps: FT_STEPS, recompute: true }, rows, plans, ratios, targets });
+  process.stdout.write(`\nratios: ${JSON.stringify(ratios)}\ntargets: ${JSON.stringify(targets)}\n${int4Blocks.length > 1 ? `other int4 blocks: ${JSON.stringify(atBlocks)}\n` : ''}`);
+  const file = await writeJson(process.env.BENCH_TAG ? `real-shapes-${process.env.BENCH_TAG}.json` : 'real-shapes.json', { prompt_tokens: PROMPT_TOKENS, new_tokens: NEW_TOKENS, ft: { rank: 16, targets: 'all-linear', batch: 1, seq_len: FT_SEQ, steps: FT_STEPS, recompute: true }, rows, plans, ratios, targets, ...(int4Blocks.length > 1 ? { other_int4_blocks: atBlocks } : {}) });
   process.stdout.write(`wrote ${file}\n`);
 }
 

@@ -3,13 +3,17 @@
 // difference of the logits (|Δ| over the float logits' max / mean |·|) and the KL divergence KL(float ‖ quantized)
 // of the next-token distributions, averaged over positions. On the tiny preset, with and without the personalized
 // demo adapter (trained here on the float-table nf4 base, applied unbound to each variant), and on the small
-// preset with BENCH_SMALL=1. Writes bench-results/table-quality.json.
+// preset with BENCH_SMALL=1. Also the int4 linears' block size (BENCH_INT4_BLOCKS, default 32,64,128) against the
+// float32 model of the same checkpoint. Writes bench-results/table-quality.json.
 import os from 'node:os';
 import path from 'node:path';
 import { promises as fs, existsSync, mkdtempSync } from 'node:fs';
 import { printTable, writeJson, CACHE } from './bench-common.js';
 import type { DemoPreset } from '../src/formats/demo-model.js';
 import type { EmbeddingFormat, QuantFormat } from '../src/model/weights.js';
+
+/** int4 block sizes compared against the float32 model (BENCH_INT4_BLOCKS, default 32,64,128). */
+const INT4_BLOCKS = (process.env.BENCH_INT4_BLOCKS ?? '32,64,128').split(',').map(Number);
 
 const TEXTS = [
   'My name is',
@@ -71,6 +75,13 @@ async function main(): Promise<void> {
         await quantizeModel(hf, out, { format, blockSize: DEFAULT_BLOCK_SIZE[format], doubleQuant: false, embeddings: e });
         dirs.set(`${format}-${e}`, out);
       }
+      // The int4 linears' block size (quantize --block-size), against the float32 model: what a larger block, and
+      // so fewer scales for ORT to prepack, costs in logits.
+      for (const [key, format, blockSize] of [['fp32-float', 'fp32', 64], ...INT4_BLOCKS.filter((b) => b !== DEFAULT_BLOCK_SIZE.int4).map((b) => [`int4-b${b}-float`, 'int4', b])] as [string, QuantFormat, number][]) {
+        const out = path.join(tmp, `${preset}-${key}`);
+        await quantizeModel(hf, out, { format, blockSize, doubleQuant: false, embeddings: 'float' });
+        dirs.set(key, out);
+      }
       // The personalized demo adapter (as test/train/personalize.test.ts trains it), unbound so that it applies to
       // every variant of this checkpoint.
       let adapter: string | null = null;
@@ -101,6 +112,13 @@ async function main(): Promise<void> {
           await rt.release();
         }
       };
+      {
+        const ref = await logits(dirs.get('fp32-float')!, false);
+        for (const b of INT4_BLOCKS) {
+          const q = await logits(dirs.get(b === DEFAULT_BLOCK_SIZE.int4 ? 'int4-float' : `int4-b${b}-float`)!, false);
+          rows.push({ preset, format: `int4 block ${b} vs fp32`, adapter: 'none', table: 'float', ...compare(ref.all, q.all, ref.V) });
+        }
+      }
       for (const format of formats) {
         for (const withAdapter of adapter && format === 'nf4' ? [false, true] : [false]) {
           const ref = await logits(dirs.get(`${format}-float`)!, withAdapter);
