@@ -43,7 +43,12 @@ const RULES: Readonly<Record<SessionKind, KindRule>> = {
   // creation 356 → 196 MiB, step peak at 256 tokens 911 → 817 MiB, step time 27.4 vs 28.8 s on a loaded machine).
   // A quantized table never reaches MatMulNBits in the training graph (src/train/graph.ts reads it in slices).
   // nf4/fp4 (MatMulBnb4 is not prepacked) keep prepacking, as before.
-  train: { what: 'the training graph', hint: 'is the quantized model directory complete?', defaults: { ...CPU_ALL_CORES, enableCpuMemArena: false }, prepack: (f) => f === 'nf4' || f === 'fp4' },
+  //
+  // No memory pattern either: from the second run on, ORT would place every planned tensor of the step at the offsets
+  // it traced in the first, in one block sized by that trace's packing, which is larger than the tensors alive at
+  // once (Qwen2.5-0.5B int4, r16 all-linear, 1 × 512, --recompute: step peak 1276 MiB on the first run, 1652 on the
+  // second with the pattern, 1342 without).
+  train: { what: 'the training graph', hint: 'is the quantized model directory complete?', defaults: { ...CPU_ALL_CORES, enableCpuMemArena: false, enableMemPattern: false }, prepack: (f) => f === 'nf4' || f === 'fp4' },
   merge: { what: 'the merge graph', hint: 'this is a bug in edgelora; please report it', defaults: { executionProviders: ['cpu'] }, prepack: () => true },
 };
 

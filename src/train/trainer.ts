@@ -8,7 +8,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { readManifest, MODEL_FILE, DATA_FILE, type Manifest } from '../model/manifest.js';
 import { parseHfConfig, type ModelConfig } from '../formats/hf-config.js';
-import { loadTokenizer, type EdgeTokenizer } from '../formats/tokenizer.js';
+import { loadTokenizer } from '../formats/tokenizer.js';
 import { loadJsonl, type Example } from '../data/jsonl.js';
 import { LINEAR_PROJS, linearShape, siteKey } from '../model/llama.js';
 import { baseOf, bindingFor, loadAdapter, makePeftConfig, saveAdapter, loraScale, ADAPTER_CONFIG, type LoraModule, type PeftConfig } from '../adapters/peft.js';
@@ -91,34 +91,39 @@ export async function finetune(o: FinetuneOptions): Promise<FinetuneResult> {
   };
 }
 
-/** The frozen base: its manifest, config and tokenizer, and the sequence length (checked against its context). */
+/** The frozen base: its manifest and config, and the sequence length (checked against its context). */
 interface Base {
   readonly manifest: Manifest;
   readonly cfg: ModelConfig;
-  readonly tok: EdgeTokenizer;
   readonly seqLen: number;
 }
 
 async function loadBase(plan: FinetunePlan): Promise<Base> {
   const manifest = await readManifest(plan.model);
   const cfg = parseHfConfig(manifest.sourceConfig, path.join(plan.model, 'manifest.json'));
-  const tok = await loadTokenizer(plan.model);
   const seqLen = plan.seqLen ?? checkFinetuneNumber('seqLen', Math.min(512, cfg.maxPositionEmbeddings));
   if (seqLen > cfg.maxPositionEmbeddings) throw new EdgeloraError(`--seq-len ${seqLen} exceeds the model's context (${cfg.maxPositionEmbeddings})`, { where: '--seq-len' });
-  return { manifest, cfg, tok, seqLen };
+  return { manifest, cfg, seqLen };
 }
 
 interface Data {
   readonly examples: Example[];
   readonly evalExamples: Example[] | null;
+  /** The tokenizer's pad id (the session pads ragged micro-batches with it). */
+  readonly padTokenId: number;
 }
 
+/**
+ * Tokenizes the data. The tokenizer is loaded here and not kept: the steps need only its pad id, and a 151,936-token
+ * vocabulary's tokenizer holds ~70 MB of JS heap (Qwen2.5), which V8 can give back once nothing references it.
+ */
 async function loadData(plan: FinetunePlan, base: Base): Promise<Data> {
+  const tok = await loadTokenizer(plan.model);
   const opts = { seqLen: base.seqLen, onWarning: plan.warn };
-  const examples = await loadJsonl(plan.data, base.tok, opts);
+  const examples = await loadJsonl(plan.data, tok, opts);
   if (examples.length === 0) throw new EdgeloraError('no row of the data set has tokens to learn from', { where: plan.data, hint: 'check the warnings above' });
-  const evalExamples = plan.evalData ? await loadJsonl(plan.evalData, base.tok, opts) : null;
-  return { examples, evalExamples };
+  const evalExamples = plan.evalData ? await loadJsonl(plan.evalData, tok, opts) : null;
+  return { examples, evalExamples, padTokenId: tok.padTokenId };
 }
 
 /** The adapter being trained: its PEFT config, its parameters by site, the graph's targets. */
@@ -276,7 +281,7 @@ async function trainSteps(plan: FinetunePlan, base: Base, data: Data, adapter: A
     bnb4Backward: plan.bnb4Backward,
     // Every micro-batch (training and eval) is at most batchSize rows of at most seqLen tokens.
     maxTokens: batchSize * base.seqLen,
-    padTokenId: base.tok.padTokenId,
+    padTokenId: data.padTokenId,
     ...(plan.sessionOptions ? { sessionOptions: plan.sessionOptions } : {}),
   });
   const dropoutMasks = (m: number) => {

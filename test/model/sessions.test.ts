@@ -20,6 +20,9 @@ test("a profile's options reach every kind of session; session config entries me
   // The training session's own default (no arena) applies unless the profile says otherwise.
   assert.equal(sessionOptionsFor({ kind: 'train' }).enableCpuMemArena, false);
   assert.equal(sessionOptionsFor({ kind: 'train', sessionOptions: { enableCpuMemArena: true } }).enableCpuMemArena, true);
+  // Nor a memory pattern (one block for the whole step, sized by the first run's packing), unless the profile asks.
+  assert.equal(sessionOptionsFor({ kind: 'train' }).enableMemPattern, false);
+  assert.equal(sessionOptionsFor({ kind: 'train', sessionOptions: { enableMemPattern: true } }).enableMemPattern, true);
 });
 
 test('prepacking is off for nf4/fp4 inference sessions only', () => {
