@@ -85,7 +85,9 @@ async function model(job: Job): Promise<string> {
   if (stale) await fs.rm(out, { recursive: true, force: true });
   if (!existsSync(out)) {
     process.stderr.write(`quantizing ${job.preset} to ${job.format} (block ${blockSize}) with a ${job.embeddings} table…\n`);
-    await quantizeModel(hf, out, { format: job.format, blockSize, doubleQuant: false, embeddings: job.embeddings });
+    // A larger int4 block applies to a quantized table too (its scales are prepacked three times over as well).
+    const tableBlock = job.embeddings !== 'float' && blockSize > 32 ? { embeddingBlockSize: blockSize } : {};
+    await quantizeModel(hf, out, { format: job.format, blockSize, doubleQuant: false, embeddings: job.embeddings, ...tableBlock });
   }
   return out;
 }

@@ -82,6 +82,12 @@ async function main(): Promise<void> {
         await quantizeModel(hf, out, { format, blockSize, doubleQuant: false, embeddings: 'float' });
         dirs.set(key, out);
       }
+      // An int8 table at the larger blocks (quantize --embedding-block-size), against the float table.
+      for (const b of INT4_BLOCKS.filter((x) => x !== 32)) {
+        const out = path.join(tmp, `${preset}-int4-int8-b${b}`);
+        await quantizeModel(hf, out, { format: 'int4', blockSize: DEFAULT_BLOCK_SIZE.int4, doubleQuant: false, embeddings: 'int8', embeddingBlockSize: b });
+        dirs.set(`int4-int8-b${b}`, out);
+      }
       // The personalized demo adapter (as test/train/personalize.test.ts trains it), unbound so that it applies to
       // every variant of this checkpoint.
       let adapter: string | null = null;
@@ -117,6 +123,11 @@ async function main(): Promise<void> {
         for (const b of INT4_BLOCKS) {
           const q = await logits(dirs.get(b === DEFAULT_BLOCK_SIZE.int4 ? 'int4-float' : `int4-b${b}-float`)!, false);
           rows.push({ preset, format: `int4 block ${b} vs fp32`, adapter: 'none', table: 'float', ...compare(ref.all, q.all, ref.V) });
+        }
+        const floatTable = await logits(dirs.get('int4-float')!, false);
+        for (const b of INT4_BLOCKS.filter((x) => x !== 32)) {
+          const q = await logits(dirs.get(`int4-int8-b${b}`)!, false);
+          rows.push({ preset, format: 'int4', adapter: 'none', table: `int8 block ${b}`, ...compare(floatTable.all, q.all, floatTable.V) });
         }
       }
       for (const format of formats) {

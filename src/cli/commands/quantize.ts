@@ -2,7 +2,7 @@
 import type { Command } from '../command.js';
 import { parseFlags, numberFlag, requirePositional, choiceFlag, checkOutputPath } from '../command.js';
 import { quantizeModel, DEFAULT_BLOCK_SIZE } from '../../model/quantize.js';
-import { EMBEDDING_FORMATS, QUANT_FORMATS, type EmbeddingFormat, type QuantFormat } from '../../model/weights.js';
+import { DEFAULT_EMBEDDING_BLOCK_SIZE, EMBEDDING_FORMATS, QUANT_FORMATS, type EmbeddingFormat, type QuantFormat } from '../../model/weights.js';
 import { EdgeloraError } from '../../util/errors.js';
 import { Progress } from '../../util/progress.js';
 import { expectDir } from '../../formats/dir-kind.js';
@@ -13,9 +13,11 @@ Quantizes the seven projections of every layer (q, k, v, o, gate, up, down) of a
 Hugging Face checkpoint (or converts a pre-quantized bitsandbytes *-bnb-4bit checkpoint without
 re-quantizing) and writes model.onnx (+ model.onnx.data) and manifest.json to <out-dir>.
 Norms and biases stay float32. The vocabulary table (the embedding and, tied or not, the lm_head) is
-stored as --embeddings says: int8/int4 keep ONE block-quantized copy that the token lookup
-(GatherBlockQuantized) and the lm_head (MatMulNBits) both read; float keeps today's float32 table
-(the bitsandbytes-exact configuration).
+stored as --embeddings says: int8/int4 keep ONE block-quantized copy that the lm_head (MatMulNBits)
+reads and the token lookup reads row by row; float keeps today's float32 table (the
+bitsandbytes-exact configuration). ORT holds a prepacked 4- or 8-bit weight as its codes plus three
+copies' worth of its scales, so larger blocks cost less memory (int4 at block 128: 0.59 bytes a
+weight in memory, at 32: 0.875) and some accuracy (npm run bench:table-quality).
 
 Flags:
   --format nf4|fp4|int4|fp32  nf4/fp4: bitsandbytes layout, run by MatMulBnb4; int4: MatMulNBits
@@ -25,6 +27,8 @@ Flags:
   --embeddings int8|int4|float
                               the vocabulary table(s): symmetric 8- or 4-bit blocks of 32 along the
                               hidden size, or float32. Default int8 for nf4/fp4/int4, float for fp32
+  --embedding-block-size N    elements per scale of a quantized table (a power of two ≥ 16 dividing
+                              the hidden size; default 32)
   --int4-accuracy 0|4         MatMulNBits accuracy_level: 4 quantizes activations to int8 (fast on
                               CPU, default), 0 keeps them float32
   --force                     replace <out-dir> if it exists
@@ -43,6 +47,7 @@ export const quantizeCommand: Command = {
       force: { type: 'boolean' },
       'int4-accuracy': { type: 'string' },
       embeddings: { type: 'string' },
+      'embedding-block-size': { type: 'string' },
       json: { type: 'boolean' },
     }, { positionals: ['hf-dir', 'out-dir'] });
     if (h) {
@@ -59,6 +64,11 @@ export const quantizeCommand: Command = {
     if ((blockSize & (blockSize - 1)) !== 0) throw new EdgeloraError(`must be a power of two (16, 32, 64, …), not ${blockSize}`, { where: '--block-size' });
     const int4AccuracyLevel = numberFlag('int4-accuracy', values['int4-accuracy'], 4, { integer: true, min: 0, max: 4 });
     const embeddings: EmbeddingFormat = choiceFlag('embeddings', values.embeddings, EMBEDDING_FORMATS) ?? (format === 'fp32' ? 'float' : 'int8');
+    const embeddingBlockSize = numberFlag('embedding-block-size', values['embedding-block-size'], DEFAULT_EMBEDDING_BLOCK_SIZE, { integer: true, min: 16 });
+    if ((embeddingBlockSize & (embeddingBlockSize - 1)) !== 0) throw new EdgeloraError(`must be a power of two (16, 32, 64, …), not ${embeddingBlockSize}`, { where: '--embedding-block-size' });
+    if (values['embedding-block-size'] !== undefined && embeddings === 'float') {
+      throw new EdgeloraError('applies to a quantized table, not --embeddings float', { where: '--embedding-block-size', hint: 'drop it, or pass --embeddings int8' });
+    }
     if (values['double-quant'] && !(format === 'nf4' || format === 'fp4')) {
       throw new EdgeloraError(`applies to nf4/fp4, not ${format}`, { where: '--double-quant', hint: 'drop --double-quant, or pass --format nf4' });
     }
@@ -71,6 +81,7 @@ export const quantizeCommand: Command = {
       blockSize,
       doubleQuant: Boolean(values['double-quant']),
       embeddings,
+      ...(embeddings === 'float' ? {} : { embeddingBlockSize }),
       int4AccuracyLevel,
       force: Boolean(values.force),
       onTensor: (name, i, total) => {
