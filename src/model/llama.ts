@@ -357,11 +357,6 @@ function rotateHalfMatrix(g: Graph, D: number): Value {
 }
 
 /**
- * One base weight for several projections that read the same input, concatenated along N, or null
- * where the layouts do not allow it (then the group runs its matmuls separately and concatenates the
- * outputs). The Concat nodes act on initializers only, so ORT folds them once at session creation.
- */
-/**
  * The group's tensors `parts` joined along axis 0 as `name` [rows, ...]: one initializer over the data file where
  * they are stored back to back (no copy: ORT maps it, prepacks it and releases it like any weight), else a Concat
  * (a model quantized before groups were stored together; ORT's optimizer folds it into an in-memory copy).
@@ -372,6 +367,11 @@ function joinRows(g: Graph, parts: Value[], name: string, rows: number): Value {
   return g.concat(parts, 0, rows);
 }
 
+/**
+ * One base weight for several projections that read the same input, concatenated along N, or null
+ * where the layouts do not allow it (then the group runs its matmuls separately and concatenates the
+ * outputs). Each part is one span of the data file where quantize stored the group together (joinRows).
+ */
 function fuseBases(g: Graph, specs: LinearSpec[], bases: BaseWeight[], name: string): BaseWeight | null {
   if (bases.length === 1) return bases[0]!;
   const N = specs.reduce((a, s) => a + s.N, 0);
