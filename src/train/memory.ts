@@ -49,12 +49,16 @@ function layerFloatsPerToken(cfg: ModelConfig, T: number, targets: readonly Lora
 const TABLE_ROWS = 8192;
 
 /**
- * What ORT holds beyond the tensors counted below, as a fraction of one layer's activations, per layer: measured peaks
- * at 1 × 512, r16 all-linear, --recompute, less every other item, were 0.23 × (24 layers × 103 MiB) on Qwen2.5-0.5B and
- * 0.20 × (16 × 208 MiB) on Llama-3.2-1B (int4 + int8 tables; docs/architecture.md "Training memory"). Its tensors are
- * not in ORT's plan as replayed from its profile (that peaks at one layer), so it is calibrated, not derived.
+ * What the process holds beyond the tensors counted below, as a fraction of one layer's activations, per layer. It was
+ * 0.22 while recomputed layers left unread copies that ORT ran last, each keeping its MLP activation alive to the end
+ * of the step (pruned now: src/train/graph.ts pruneDeadNodes), and while ORT's memory pattern sized one block per run.
+ * What is left (ORT's session state for a ~17,000-node graph, kernel scratch such as an unpacked MatMulNBits'
+ * dequantized B, allocator slack) is calibrated, not derived: measured peaks less every other item, r16 all-linear,
+ * --recompute, malloc-tuned (src/runtime/malloc.ts): Qwen2.5-0.5B int4 + int8 table 1 × 512, 269 MiB = 0.11 of 24 ×
+ * 103 MiB; Llama-3.2-1B the same, 193 MiB = 0.06 of 16 × 208 MiB; small nf4 4 × 256, 234 MiB = 0.17 of 12 × 113 MiB.
+ * 0.115 puts the three plans within 9% of their peaks (−8%, +1%, +8%).
  */
-const RESIDUE_PER_LAYER = 0.22;
+const RESIDUE_PER_LAYER = 0.115;
 
 export function estimateTrainingMemory(input: TrainMemoryInput): TrainMemoryEstimate {
   const { cfg, batch: B, seqLen: T, targets } = input;
@@ -82,7 +86,7 @@ export function estimateTrainingMemory(input: TrainMemoryInput): TrainMemoryEsti
     breakdown['working set: max(one layer and its backward, one loss chunk)'] = Math.max(2 * maxLayer, lossChunk);
     let layers = 0;
     for (let l = 0; l < cfg.numLayers; l++) layers += perPlain(l);
-    breakdown[`ORT residue, ${RESIDUE_PER_LAYER} of each layer's activations (calibrated)`] = RESIDUE_PER_LAYER * layers;
+    breakdown[`ORT session and allocator overhead, ${RESIDUE_PER_LAYER} of each layer's activations (calibrated)`] = RESIDUE_PER_LAYER * layers;
   } else {
     breakdown[act] = input.recompute ? cfg.numLayers * boundary + 2 * maxLayer : all + 2 * maxLayer / cfg.numLayers;
     // Full: logits, log-probabilities and their gradient, [B·T, V] each. Chunked: one chunk's logits,
