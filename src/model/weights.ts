@@ -53,6 +53,16 @@ export const WEIGHT_SUFFIX = {
   tableScales: '.qscales', // float32 [V, C/bs]
 };
 
+/**
+ * The order a projection group's tensors are stored in (WeightProvider.storageRank): codes, then scales / absmax,
+ * then zero points, then the rest (biases), so each kind is one span of the data file.
+ */
+export function storedGroupRank(name: string): number {
+  const order = [[WEIGHT_SUFFIX.int4, WEIGHT_SUFFIX.bnb4], [WEIGHT_SUFFIX.scales, WEIGHT_SUFFIX.absmax], [WEIGHT_SUFFIX.zeroPoints]];
+  const rank = order.findIndex((suffixes) => suffixes.some((x) => name.endsWith(x)));
+  return rank < 0 ? order.length : rank;
+}
+
 /** Adds an initializer and folds it into the fingerprint hash (name, dtype, shape, bytes). */
 export function addHashed(g: Graph, hash: Hash | null, name: string, dtype: DType, shape: number[], data: TypedData): Value {
   if (hash) {
@@ -166,12 +176,7 @@ export class CheckpointWeights implements WeightProvider {
     }
   }
 
-  /** Codes first, then scales / absmax, then zero points, then the rest (biases): see WeightProvider.storageRank. */
-  readonly storageRank = (name: string): number => {
-    const order = [[WEIGHT_SUFFIX.int4, WEIGHT_SUFFIX.bnb4], [WEIGHT_SUFFIX.scales, WEIGHT_SUFFIX.absmax], [WEIGHT_SUFFIX.zeroPoints]];
-    const rank = order.findIndex((suffixes) => suffixes.some((x) => name.endsWith(x)));
-    return rank < 0 ? order.length : rank;
-  };
+  readonly storageRank = storedGroupRank;
 
   async float(g: Graph, name: string, shape: number[]): Promise<Value> {
     if (g.values.has(name)) return g.value(name);

@@ -12,7 +12,7 @@ import { parseHfConfig, expectedWeightShapes, type ModelConfig } from '../hf-con
 import { EdgeloraError } from '../../util/errors.js';
 import { writeDirAtomic } from '../../util/atomic.js';
 import { buildLlama, linearWeightName, type BaseWeight, type LinearSpec, type TableWeight, type WeightProvider } from '../../model/llama.js';
-import { addHashed, startFingerprint, WEIGHT_SUFFIX } from '../../model/weights.js';
+import { addHashed, startFingerprint, storedGroupRank, WEIGHT_SUFFIX } from '../../model/weights.js';
 import { sourceFingerprintOfGguf } from '../../model/source-fingerprint.js';
 import { int4Layout } from '../../quant/int4.js';
 import { DATA_FILE, MANIFEST_FILE, MODEL_FILE, MODEL_FORMAT, type Manifest } from '../../model/manifest.js';
@@ -46,6 +46,7 @@ async function sha256File(file: string): Promise<string> {
 /** Weights straight from a GGUF file, converted and hashed as the graph asks for them. */
 class GgufWeights implements WeightProvider {
   readonly types = new Map<string, number>();
+  readonly storageRank = storedGroupRank;
   constructor(
     private readonly reader: GgufReader,
     private readonly cfg: ModelConfig,
