@@ -173,13 +173,15 @@ function runtimeItems(input: InferenceMemoryInput, kvBytes: number): Record<stri
   // A prefill's activations: hidden states, the q/k/v and gate/up group outputs, attention; for
   // nf4/fp4 MatMulBnb4 dequantizes the largest group's weights to float32 when T > 1.
   const T = r.prefillTokens * batch;
-  let act = T * (6 * r.hidden + 3 * r.intermediate) * 4 + batch * r.vocab * 4;
+  const hidden = T * (6 * r.hidden + 3 * r.intermediate) * 4 + batch * r.vocab * 4;
+  let act = hidden;
   if (r.format === 'nf4' || r.format === 'fp4') act += 2 * r.intermediate * r.hidden * 4;
   items['activations (prefill)'] = act;
   // What RSS gains between load and the end of a 128 + 128 generation beyond the items above (ORT's arena and
   // run-time buffers, onnxruntime-node's output copies): measured +52 MiB (small), +60 (Qwen2.5-0.5B), +128
-  // (Llama-3.2-1B) after load, fitted as a fixed part and 4× the prefill activations. Calibrated, not itemized.
-  items['run-time growth (calibrated)'] = RUN_TIME_GROWTH_BYTES + 4 * act;
+  // (Llama-3.2-1B) after load (int4), fitted as a fixed part and 4× the prefill's hidden activations (not nf4's
+  // dequantized weight, which does not grow with the run). Calibrated, not itemized.
+  items['run-time growth (calibrated)'] = RUN_TIME_GROWTH_BYTES + 4 * hidden;
   return items;
 }
 
