@@ -18,6 +18,7 @@ import path from 'node:path';
 import { existsSync, promises as fs, mkdtempSync } from 'node:fs';
 import { benchPrompt, bundleScript, runChild, printTable, writeJson, dirBytes, peakRssMiB, timeGreedyRun, CACHE as DEFAULT_CACHE } from './bench-common.js';
 import { MALLOC_ENV } from '../src/runtime/malloc.js';
+import { DEFAULT_BLOCK_SIZE } from '../src/model/quantize.js';
 import type { DemoPreset } from '../src/formats/demo-model.js';
 import type { EmbeddingFormat, QuantFormat } from '../src/model/weights.js';
 
@@ -72,7 +73,7 @@ interface Job {
 
 async function model(job: Job): Promise<string> {
   const { makeDemoModel } = await import('../src/formats/demo-model.js');
-  const { quantizeModel, DEFAULT_BLOCK_SIZE } = await import('../src/model/quantize.js');
+  const { quantizeModel } = await import('../src/model/quantize.js');
   const { readManifest, MODEL_FORMAT } = await import('../src/model/manifest.js');
   const hf = path.join(CACHE, `${job.preset}-hf`);
   if (!existsSync(hf)) {
@@ -195,8 +196,8 @@ async function main(): Promise<void> {
   for (const job of jobs) {
     const { preset, format, embeddings } = job;
     const dir = await model(job);
-    const block = job.blockSize ?? (format === 'int4' ? 32 : 64);
-    const key = `${preset} ${format}${block === (format === 'int4' ? 32 : 64) ? '' : ` b${block}`} ${embeddings}`;
+    const block = job.blockSize ?? DEFAULT_BLOCK_SIZE[format];
+    const key = `${preset} ${format}${block === DEFAULT_BLOCK_SIZE[format] ? '' : ` b${block}`} ${embeddings}`;
     const disk = (await dirBytes(dir)) / 2 ** 20;
     const row: Record<string, string | number> = { preset, format, block, table: embeddings, disk_mib: disk };
     if (doGen) {
@@ -224,7 +225,7 @@ async function main(): Promise<void> {
     process.stderr.write(`${JSON.stringify(row)}\n`);
   }
   printTable(rows);
-  const find = (preset: string, format: string, table: string, block = format === 'int4' ? 32 : 64) => rows.find((r) => r.preset === preset && r.format === format && r.table === table && r.block === block);
+  const find = (preset: string, format: QuantFormat, table: string, block = DEFAULT_BLOCK_SIZE[format]) => rows.find((r) => r.preset === preset && r.format === format && r.table === table && r.block === block);
   const n = (r: Record<string, string | number> | undefined, k: string) => (r && typeof r[k] === 'number' ? (r[k] as number) : Number.NaN);
   const q8 = find('qwen2.5-0.5b', 'int4', 'int8');
   const qf = find('qwen2.5-0.5b', 'int4', 'float');

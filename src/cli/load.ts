@@ -64,7 +64,10 @@ export function modelMemoryPlan(
         ...(manifest.quant.embeddings ? { embeddings: manifest.quant.embeddings } : {}),
         ...(manifest.quant.embeddingBlockSize ? { embeddingBlockSize: manifest.quant.embeddingBlockSize } : {}),
         blockSize: manifest.quant.blockSize,
-        linearParams: cfg.numLayers * LINEAR_PROJS.reduce((a, p) => a + linearShape(cfg, p).N * linearShape(cfg, p).K, 0),
+        linearParams: cfg.numLayers * LINEAR_PROJS.reduce((a, p) => {
+          const { N, K } = linearShape(cfg, p);
+          return a + N * K;
+        }, 0),
       },
     },
     opts,

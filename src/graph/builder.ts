@@ -183,6 +183,11 @@ export class Graph {
     return out;
   }
 
+  /** Every value name some node takes as an input or the graph outputs. */
+  readNames(): Set<string> {
+    return new Set([...this.nodes.flatMap((n) => n.inputs), ...this.outputs.map((v) => v.name)]);
+  }
+
   /**
    * Where the initializers `names` lie in the external data file if they are stored back to back in this order
    * (the byte range that holds exactly their concatenation along axis 0), else null.

@@ -48,7 +48,7 @@ export function toOnnxBytes(g: Graph, opts: { name?: string; docString?: string 
   // An external initializer no node reads (a projection stored inside its group's span) is not emitted as one:
   // ORT would drop it with a warning per tensor. Its location goes into the model's metadata instead
   // (STORED_TENSORS_KEY), where QuantizedWeights finds it for the graphs that read projections one by one.
-  const read = new Set([...g.nodes.flatMap((n) => n.inputs), ...g.outputs.map((v) => v.name)]);
+  const read = g.readNames();
   const stored = [...g.initializers.values()].filter((init) => init.external !== undefined && !read.has(init.name));
   const emitted = [...g.initializers.values()].filter((init) => !stored.includes(init));
   const initializer = emitted.map((init) => {

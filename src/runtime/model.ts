@@ -296,19 +296,17 @@ export class ModelRuntime {
     }
     const total = first ? T : longest;
     const store = this.storeFor(cache, Math.max(total, T), req.reserve ?? 0);
-    const ids = new BigInt64Array(B * T);
     const positions = new BigInt64Array(B * T);
     for (let b = 0; b < B; b++) {
-      for (let t = 0; t < T; t++) {
-        ids[b * T + t] = BigInt(req.ids[b]![t]!);
-        positions[b * T + t] = BigInt(cache.lengths[b]! + t);
-      }
+      for (let t = 0; t < T; t++) positions[b * T + t] = BigInt(cache.lengths[b]! + t);
     }
     // Sized to the cache capacity, not this step: constant input shapes across decode steps let ORT
     // reuse its memory plan (a changing shape makes it plan again every token).
     const rope = this.ropeCaches(Math.max(total, T, store.capacity));
     // A graph over a quantized table takes its tokens' stored rows (an older model.onnx still takes the ids).
-    const tokens: Record<string, ort.Tensor> = this.inputNames.has(INPUT.tokenRows) ? this.rowReader().feeds(req.ids) : { [INPUT.ids]: new ort.Tensor('int64', ids, [B, T]) };
+    const tokens: Record<string, ort.Tensor> = this.inputNames.has(INPUT.tokenRows)
+      ? this.rowReader().feeds(req.ids)
+      : { [INPUT.ids]: new ort.Tensor('int64', BigInt64Array.from(req.ids.flat(), (id) => BigInt(id)), [B, T]) };
     const feeds: Record<string, ort.Tensor> = {
       ...tokens,
       [INPUT.positions]: new ort.Tensor('int64', positions, [B, T]),

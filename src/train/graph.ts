@@ -140,8 +140,7 @@ export async function buildTrainGraph(dir: string, manifest: Manifest, cfg: Mode
   pruneDeadNodes(g);
   // The quantized table's own initializers are declared by the weight provider but read here only through their
   // lookup aliases (tableRows); dropped, so ORT does not warn about them on every run.
-  const used = new Set(g.nodes.flatMap((n) => n.inputs));
-  for (const v of g.outputs) used.add(v.name);
+  const used = g.readNames();
   for (const name of [...g.initializers.keys()]) if (!used.has(name)) g.initializers.delete(name);
   const bytes = toOnnxBytes(g, { name: `edgelora train ${cfg.architecture}` });
   return {
